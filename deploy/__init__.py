@@ -1,0 +1,1 @@
+"""Deploy: vLLM serving and dense-vs-pruned benchmarks (see the deploy issue)."""

@@ -1,0 +1,1 @@
+"""Exporters: pruned model -> vLLM-loadable checkpoint and ONNX (see the export issue)."""

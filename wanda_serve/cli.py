@@ -1,0 +1,139 @@
+"""The `wanda-serve` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from wanda_serve.errors import WandaServeError
+from wanda_serve.jobs import EvalOptions, PruneJob, run_eval, run_prune
+from wanda_serve.methods import METHODS
+
+
+def _user_errors_as_one_line(command):
+    """Library errors about the user's input become one `Error: ...` line and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except WandaServeError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted; nothing was written") from None
+
+    return wrapper
+
+
+def _exit_on_sigterm(signum, frame):
+    # SystemExit unwinds like an exception, so temporary outputs are removed.
+    sys.exit(128 + signum)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def cli(verbose):
+    """Prune LLMs with Wanda to 2:4 sparsity, export them, and measure what it buys.
+
+    \b
+    Examples:
+      wanda-serve prune --out runs/wanda-2of4            # embedded SmolLM2, Wanda 2:4
+      wanda-serve prune ./my-llama --method sparsegpt --structure 0.5 --out runs/sg50
+      wanda-serve eval runs/wanda-2of4
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def eval_options(command):
+    options = [
+        click.option("--eval-seqlen", default=1024, show_default=True, help="Tokens per evaluation window."),
+        click.option("--eval-windows", type=int, default=None, help="Evaluate at most this many windows (default: all)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def device_option(command):
+    return click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")(command)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory for the pruned model.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="wanda", show_default=True)
+@click.option("--structure", default="2:4", show_default=True, help="N:M (N zeros in every M inputs) or a ratio such as 0.5.")
+@click.option("--calib", default="wiki", show_default=True, help="Calibration text: wiki (embedded), c4, wikitext2, a .txt or .jsonl file.")
+@click.option("--nsamples", default=64, show_default=True, help="Calibration samples.")
+@click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration sample.")
+@click.option("--seed", default=0, show_default=True, help="Seed for drawing calibration windows.")
+@click.option("--batch-size", default=8, show_default=True, help="Calibration samples per forward pass.")
+@device_option
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--eval-data", default="wiki", show_default=True, help="Evaluation text (same choices as --calib).")
+@eval_options
+@click.option("--no-eval", is_flag=True, help="Skip perplexity before and after pruning.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@_user_errors_as_one_line
+def prune(model, out, method, structure, calib, nsamples, seqlen, seed, batch_size, device, dtype, eval_data, eval_seqlen, eval_windows, no_eval, overwrite):
+    """Prune MODEL layer by layer and write it as a Hugging Face directory with prune_report.json.
+
+    \b
+    MODEL: a local Hugging Face directory, a hub id, a .gguf file; omitted, the
+    embedded SmolLM2-135M-Instruct.
+
+    \b
+    Examples:
+      wanda-serve prune --out runs/wanda-2of4
+      wanda-serve prune --method sparsegpt --structure 4:8 --nsamples 128 --out runs/sg-4of8
+      wanda-serve prune ./model --structure 50% --calib notes.jsonl --out runs/u50
+    """
+    job = PruneJob(
+        out=out, model=model, method=method, structure=structure, calib=calib, nsamples=nsamples, seqlen=seqlen,
+        seed=seed, batch_size=batch_size, device=device, dtype=dtype, overwrite=overwrite,
+        evaluation=None if no_eval else EvalOptions(eval_data, eval_seqlen, eval_windows),
+    )
+    report = run_prune(job)
+    click.echo(f"wrote {out}  ({report['method']} {report['structure']}, sparsity {report['sparsity']['overall_sparsity']:.4f})")
+    click.echo(f"mask computation {report['mask_seconds']:.1f} s, forward passes {report['forward_seconds']:.1f} s, total {report['total_seconds']:.1f} s")
+    if report["perplexity"]:
+        before, after = report["perplexity"]["dense"], report["perplexity"]["pruned"]
+        click.echo(f"perplexity on {after['data']} ({after['windows']} x {after['seqlen']} tokens): dense {before['perplexity']:.3f} -> pruned {after['perplexity']:.3f}")
+
+
+@cli.command("eval")
+@click.argument("model", required=False)
+@click.option("--data", default="wiki", show_default=True, help="Evaluation text: wiki (embedded held-out region), c4, wikitext2, a .txt or .jsonl file.")
+@eval_options
+@device_option
+@click.option("--structure", default=None, help="Also audit this N:M pattern (2:4 and 4:8 are always audited).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full result as JSON here.")
+@_user_errors_as_one_line
+def eval_command(model, data, eval_seqlen, eval_windows, device, structure, json_path):
+    """Perplexity of MODEL on held-out text, and a per-layer sparsity audit.
+
+    \b
+    MODEL: as for prune; omitted, the embedded SmolLM2-135M-Instruct.
+
+    \b
+    Examples:
+      wanda-serve eval                        # the dense embedded model
+      wanda-serve eval runs/wanda-2of4 --json runs/wanda-2of4-eval.json
+    """
+    result = run_eval(model, EvalOptions(data, eval_seqlen, eval_windows), device, structure)
+    ppl, audit = result["perplexity"], result["sparsity"]
+    click.echo(f"{result['model']}: perplexity {ppl['perplexity']:.3f} on {ppl['data']} ({ppl['windows']} x {ppl['seqlen']} tokens)")
+    click.echo(f"sparsity {audit['overall_sparsity']:.4f} over {len(audit['layers'])} linear layers; "
+               + ", ".join(f"all {p} valid: {'yes' if ok else 'no'}" for p, ok in audit["all_nm_valid"].items()))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_path.with_name(f".{json_path.name}.partial")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.rename(json_path)

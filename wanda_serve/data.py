@@ -1,0 +1,151 @@
+"""Calibration and evaluation text: the embedded Wikipedia sample, local files, or hub datasets."""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import json
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from wanda_serve.errors import WandaServeError
+
+EMBEDDED_TEXT = "wiki"
+HUB_DATASETS = ("c4", "wikitext2")
+WIKI_SAMPLE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+# The last articles of the dump, holding at least this share of its text, are held out for evaluation.
+WIKI_EVAL_SHARE = 0.10
+
+
+@dataclass
+class Corpus:
+    """calibration: one text to draw windows from, or a list of ready samples (JSONL lines)."""
+
+    name: str
+    calibration: str | list[str]
+    evaluation: str
+
+
+def load_corpus(spec: str) -> Corpus:
+    """'wiki' (embedded), 'c4', 'wikitext2', a .jsonl file with a `text` field per line, or a plain-text file."""
+    if spec == EMBEDDED_TEXT:
+        calibration, evaluation = _wiki_regions()
+        return Corpus("wiki (embedded English Wikipedia sample)", calibration, evaluation)
+    if spec in HUB_DATASETS:
+        return _hub_corpus(spec)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise WandaServeError(f"no such text file: {spec} (or use wiki, c4, wikitext2)")
+    if path.suffix == ".jsonl":
+        samples = _read_jsonl(path)
+        return Corpus(str(path), samples, "\n\n".join(samples))
+    text = path.read_text(encoding="utf-8")
+    return Corpus(str(path), text, text)
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    samples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise WandaServeError(f"{path}:{number}: each line must be a JSON object with a 'text' field") from None
+        if not isinstance(text, str) or not text:
+            raise WandaServeError(f"{path}:{number}: 'text' must be a non-empty string")
+        samples.append(text)
+    if not samples:
+        raise WandaServeError(f"{path} holds no samples")
+    return samples
+
+
+@lru_cache(maxsize=1)
+def _wiki_regions() -> tuple[str, str]:
+    """The gensim wheel's Wikipedia sample, markup stripped, split by article into calibration and evaluation."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise WandaServeError("the embedded text needs the package gensim: pip install --no-deps gensim")
+    articles = _wiki_articles(Path(spec.submodule_search_locations[0]) / WIKI_SAMPLE)
+    total = sum(len(a) for a in articles)
+    held_out, split = 0, len(articles)
+    while held_out < WIKI_EVAL_SHARE * total:
+        split -= 1
+        held_out += len(articles[split])
+    return "\n\n".join(articles[:split]), "\n\n".join(articles[split:])
+
+
+def _wiki_articles(path: Path) -> list[str]:
+    import mwparserfromhell
+
+    articles = []
+    with bz2.open(path) as stream:
+        for _, element in ET.iterparse(stream):
+            if not element.tag.endswith("}page"):
+                continue
+            text = element.findtext("{*}revision/{*}text") or ""
+            if element.findtext("{*}ns") == "0" and not text.lstrip().upper().startswith("#REDIRECT"):
+                plain = mwparserfromhell.parse(text).strip_code()
+                plain = re.sub(r"\n\s*\n+", "\n\n", plain).strip()
+                title = element.findtext("{*}title")
+                articles.append(f"{title}\n\n{plain}")
+            element.clear()
+    return articles
+
+
+def _hub_corpus(name: str) -> Corpus:
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise WandaServeError(f"{name} needs the 'datasets' package: pip install 'wanda-serve[hub-data]'") from None
+    try:
+        if name == "wikitext2":
+            train = load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
+            test = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+            return Corpus(name, "\n\n".join(train["text"]), "\n\n".join(test["text"]))
+        # The shards the Wanda reference code uses.
+        train = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+        valid = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation")
+        return Corpus(name, "\n\n".join(train["text"][:20000]), " ".join(valid["text"][:1100]))
+    except Exception as e:  # datasets raises many kinds for an unreachable hub
+        raise WandaServeError(f"cannot load {name} from the Hugging Face hub: {str(e).strip().splitlines()[0]}") from None
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+
+
+def calibration_batches(
+    corpus: Corpus, tokenizer, nsamples: int, seqlen: int, seed: int, batch_size: int = 8
+) -> list[torch.Tensor]:
+    """`nsamples` samples of at most `seqlen` tokens, seeded, grouped into batches of equal length."""
+    if nsamples < 1 or seqlen < 2:
+        raise WandaServeError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(corpus.calibration, list):
+        if nsamples > len(corpus.calibration):
+            raise WandaServeError(f"{corpus.name} holds {len(corpus.calibration)} samples, fewer than --nsamples {nsamples}")
+        order = range(nsamples) if nsamples == len(corpus.calibration) else torch.randperm(len(corpus.calibration), generator=generator)[:nsamples].tolist()
+        samples = [_tokenize(tokenizer, corpus.calibration[i])[:seqlen] for i in order]
+    else:
+        ids = _tokenize(tokenizer, corpus.calibration)
+        if ids.numel() < seqlen:
+            raise WandaServeError(f"calibration text {corpus.name} is too short: {ids.numel()} tokens, windows need {seqlen}")
+        starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=generator).tolist()
+        samples = [ids[s : s + seqlen] for s in starts]
+    batches: list[list[torch.Tensor]] = []
+    for sample in samples:
+        if batches and len(batches[-1]) < batch_size and batches[-1][0].numel() == sample.numel():
+            batches[-1].append(sample)
+        else:
+            batches.append([sample])
+    return [torch.stack(batch) for batch in batches]
+
+
+def evaluation_ids(corpus: Corpus, tokenizer) -> torch.Tensor:
+    return _tokenize(tokenizer, corpus.evaluation)

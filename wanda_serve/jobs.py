@@ -1,0 +1,149 @@
+"""The prune and eval jobs behind the CLI: load, calibrate, prune, evaluate, write a report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from wanda_serve.artifacts import atomic_output_dir, check_output_dir, package_versions
+from wanda_serve.data import calibration_batches, evaluation_ids, load_corpus
+from wanda_serve.engine import block_linears, prune_model
+from wanda_serve.errors import WandaServeError
+from wanda_serve.evaluate import perplexity
+from wanda_serve.methods import get_method
+from wanda_serve.models import LoadedModel, load_model, save_model
+from wanda_serve.structure import Structure, audit_linears
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "prune_report.json"
+
+
+@dataclass
+class EvalOptions:
+    data: str = "wiki"
+    seqlen: int = 1024
+    max_windows: int | None = None
+
+
+@dataclass
+class PruneJob:
+    out: Path
+    model: str | None = None  # None: the embedded default model
+    method: str = "wanda"
+    structure: str = "2:4"
+    calib: str = "wiki"
+    nsamples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    evaluation: EvalOptions | None = None  # None: skip perplexity before and after
+    overwrite: bool = False
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise WandaServeError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WandaServeError(f"device {name} requested but CUDA is not available to this torch ({torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise WandaServeError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
+    return device
+
+
+def peak_memory(device: torch.device) -> dict:
+    # ru_maxrss is in KiB on Linux; it covers the whole process, model loading included.
+    memory = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        memory["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return memory
+
+
+def _measure_perplexity(loaded: LoadedModel, options: EvalOptions, device: torch.device, progress: bool) -> dict:
+    corpus = load_corpus(options.data)
+    ids = evaluation_ids(corpus, loaded.tokenizer)
+    result = perplexity(loaded.model, ids, options.seqlen, device, options.max_windows, progress).to_dict()
+    loaded.model.to("cpu")
+    return {"data": corpus.name, **result}
+
+
+def run_prune(job: PruneJob) -> dict:
+    """Prune job.model and write it, with prune_report.json, to job.out. Returns the report."""
+    started = time.perf_counter()
+    structure = Structure.parse(job.structure)
+    method = get_method(job.method)
+    device = resolve_device(job.device)
+    check_output_dir(job.out, job.overwrite)
+    with atomic_output_dir(job.out, job.overwrite) as tmp:
+        loaded = load_model(job.model, job.dtype)
+        linears = block_linears(loaded.model)
+        for name, linear in linears.items():
+            structure.check_width(linear.in_features, name)
+        dense_params = sum(linear.weight.numel() for linear in linears.values())
+
+        calibration = {"used": False}
+        batches = []
+        if method.statistic is not None:
+            corpus = load_corpus(job.calib)
+            batches = calibration_batches(corpus, loaded.tokenizer, job.nsamples, job.seqlen, job.seed, job.batch_size)
+            calibration = {
+                "used": True, "source": corpus.name, "nsamples": job.nsamples, "seqlen": job.seqlen,
+                "seed": job.seed, "tokens": sum(b.numel() for b in batches),
+            }
+
+        before = _measure_perplexity(loaded, job.evaluation, device, job.progress) if job.evaluation else None
+        timings = prune_model(loaded.model, batches, method, structure, device, job.progress)
+        after = _measure_perplexity(loaded, job.evaluation, device, job.progress) if job.evaluation else None
+
+        save_model(loaded, tmp)
+        report = {
+            "method": job.method,
+            "structure": str(structure),
+            "structure_meaning": f"{structure.n} of every {structure.m} consecutive input weights of a row are zero"
+            if structure.is_nm else f"{structure.ratio:g} of each output row's weights are zero",
+            "tie_rule": "stable ascending sort: among equal scores the lower input column is pruned first",
+            "model": {
+                "source": loaded.source,
+                "architecture": type(loaded.model).__name__,
+                "dtype": job.dtype,
+                "parameters": sum(p.numel() for p in loaded.model.parameters()),
+                "pruned_linear_parameters": dense_params,
+                "decoder_blocks": len({name.split(".")[0] for name in linears}),
+            },
+            "calibration": calibration,
+            "device": str(device),
+            "mask_seconds": timings.mask_seconds,
+            "forward_seconds": timings.forward_seconds,
+            "total_seconds": time.perf_counter() - started,
+            "memory": peak_memory(device),
+            "perplexity": {"dense": before, "pruned": after} if job.evaluation else None,
+            "sparsity": audit_linears(linears, structure),
+            "versions": package_versions(),
+        }
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def run_eval(model: str | None, options: EvalOptions, device: str = "cpu", structure: str | None = None, progress: bool = True) -> dict:
+    """Perplexity and a sparsity audit of a model, as it is on disk."""
+    device = resolve_device(device)
+    loaded = load_model(model)
+    audit = audit_linears(block_linears(loaded.model), Structure.parse(structure) if structure else None)
+    return {
+        "model": loaded.source,
+        "perplexity": _measure_perplexity(loaded, options, device, progress),
+        "sparsity": audit,
+        "eval_options": asdict(options),
+        "versions": package_versions(),
+    }

@@ -1,0 +1,130 @@
+"""Pruning methods: each is a small function of a layer's weight and its input statistic.
+
+A method either scores weights (the shared mask builder then zeroes the lowest scores) or
+chooses its mask while updating the surviving weights (SparseGPT). The layer-by-layer engine in
+engine.py is shared by all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from wanda_serve.errors import WandaServeError
+from wanda_serve.structure import Structure, prune_mask
+
+
+class InputNorms:
+    """Squared L2 norm of each input channel over all calibration tokens, in fp32."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.squared_norms = torch.zeros(in_features, dtype=torch.float32, device=device)
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        tokens = inp.reshape(-1, inp.shape[-1]).float()  # (B*T, in)
+        self.squared_norms += tokens.pow(2).sum(0)
+
+
+class InputHessian:
+    """H = 2 X Xᵀ / n over calibration tokens, the layer-wise reconstruction Hessian."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        tokens = inp.reshape(-1, inp.shape[-1]).float()  # (B*T, in)
+        self.xxt += tokens.T @ tokens
+        self.tokens += tokens.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return 2 * self.xxt / max(self.tokens, 1)
+
+
+def magnitude_scores(weight: torch.Tensor, stat: None) -> torch.Tensor:
+    return weight.abs()
+
+
+def wanda_scores(weight: torch.Tensor, stat: InputNorms) -> torch.Tensor:
+    # Wanda: |W_ij| * ||X_j||_2, compared within each output row i.
+    return weight.abs() * stat.squared_norms.sqrt().unsqueeze(0)
+
+
+def prune_by_scores(score_fn: Callable) -> Callable:
+    def prune(weight: torch.Tensor, stat, structure: Structure) -> torch.Tensor:
+        mask = prune_mask(score_fn(weight.float(), stat), structure)
+        return weight.masked_fill(mask, 0)
+
+    return prune
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor, stat: InputHessian, structure: Structure, blocksize: int = 128, percdamp: float = 0.01
+) -> torch.Tensor:
+    """SparseGPT (Frantar & Alistarh 2023): OBS mask selection and weight update, column by column.
+
+    The mask comes from the shared builder on the OBS saliency w² / [H⁻¹]²_jj: per 128-column
+    block and row for unstructured ratios, per group of M columns (chosen lazily, after earlier
+    columns' updates) for N:M.
+    """
+    W = weight.detach().clone().float()
+    rows, cols = W.shape
+    H = stat.hessian.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError as e:
+        raise WandaServeError(f"SparseGPT: the layer Hessian is not positive definite ({e}); use more calibration samples") from None
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        diag1 = torch.diag(Hinv1)
+        if structure.is_nm:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            mask1 = prune_mask(W1.pow(2) / diag1.pow(2).unsqueeze(0), structure)
+        for i in range(i2 - i1):
+            if structure.is_nm and i % structure.m == 0:
+                group = slice(i, i + structure.m)
+                mask1[:, group] = prune_mask(W1[:, group].pow(2) / diag1[group].pow(2).unsqueeze(0), structure)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0)
+            Q1[:, i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W.to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class Method:
+    """statistic: the per-layer input statistic the method needs (None: weights alone)."""
+
+    statistic: type | None
+    prune: Callable[[torch.Tensor, object, Structure], torch.Tensor]
+
+
+METHODS: dict[str, Method] = {
+    "magnitude": Method(statistic=None, prune=prune_by_scores(magnitude_scores)),
+    "wanda": Method(statistic=InputNorms, prune=prune_by_scores(wanda_scores)),
+    "sparsegpt": Method(statistic=InputHessian, prune=sparsegpt_prune),
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise WandaServeError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
