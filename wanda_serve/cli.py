@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import click
+from huggingface_hub.utils import logging as hf_logging
+from transformers.utils import logging as transformers_logging
 
 from wanda_serve.errors import WandaServeError
 from wanda_serve.jobs import EvalOptions, PruneJob, run_eval, run_prune
@@ -48,6 +50,11 @@ def cli(verbose):
       wanda-serve eval runs/wanda-2of4
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # Their retry warnings and loading bars would bury the one line that says what went wrong.
+        hf_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 

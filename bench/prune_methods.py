@@ -1,0 +1,126 @@
+"""Pruning benchmark: dense vs magnitude, wanda and sparsegpt at 2:4, 4:8 and unstructured 50%.
+
+Every configuration runs in its own `wanda-serve` process, so peak memory is per configuration,
+with the same calibration windows and the same evaluation windows. Writes a Markdown table and
+the raw JSON.
+
+    python bench/prune_methods.py --out docs/prune_benchmark.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+STRUCTURES = ("2:4", "4:8", "0.5")
+
+
+def wanda_serve(*args: str) -> None:
+    command = [sys.executable, "-m", "wanda_serve", *args]
+    print("$", shlex.join(["wanda-serve", *args]), flush=True)
+    subprocess.run(command, check=True)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-seqlen", type=int, default=1024)
+    parser.add_argument("--eval-windows", type=int, default=None, help="default: every window of the held-out region")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-prune"))
+    parser.add_argument("--out", type=Path, default=Path("docs/prune_benchmark.md"))
+    parser.add_argument("--keep", action="store_true", help="keep the pruned checkpoints")
+    args = parser.parse_args()
+
+    model = [args.model] if args.model else []
+    evaluation = ["--eval-seqlen", str(args.eval_seqlen), "--device", args.device]
+    if args.eval_windows:
+        evaluation += ["--eval-windows", str(args.eval_windows)]
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    wanda_serve("eval", *model, *evaluation, "--json", str(args.work / "dense.eval.json"))
+    rows = [{"method": "dense", "structure": "-", "eval": json.loads((args.work / "dense.eval.json").read_text())}]
+    for structure in STRUCTURES:
+        for method in METHODS:
+            name = f"{method}-{structure.replace(':', 'of')}"
+            out = args.work / name
+            wanda_serve(
+                "prune", *model, "--method", method, "--structure", structure, "--nsamples", str(args.nsamples),
+                "--seqlen", str(args.seqlen), "--device", args.device, "--no-eval", "--overwrite", "--out", str(out),
+            )
+            report = json.loads((out / "prune_report.json").read_text())
+            wanda_serve("eval", str(out), *evaluation, "--json", str(args.work / f"{name}.eval.json"))
+            rows.append({"method": method, "structure": structure, "report": report,
+                         "eval": json.loads((args.work / f"{name}.eval.json").read_text())})
+            if not args.keep:
+                shutil.rmtree(out)
+
+    command = "python bench/prune_methods.py " + shlex.join(sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    args.out.write_text(render(rows, command, args, time.time() - started))
+    print(args.out.read_text())
+
+
+def render(rows: list[dict], command: str, args, elapsed: float) -> str:
+    dense = rows[0]["eval"]["perplexity"]
+    lines = [
+        "# Pruning benchmark",
+        "",
+        f"Command: `{command}` ({elapsed / 60:.0f} min in all)",
+        "",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, device `{args.device}`; "
+        + ", ".join(f"{k} {v}" for k, v in rows[0]["eval"]["versions"].items()) + ".",
+        "",
+        f"Model: {rows[0]['eval']['model']}. Calibration: {args.nsamples} windows of {args.seqlen} tokens from the "
+        f"calibration region (seed 0, identical for every method). Evaluation: perplexity on {dense['windows']} "
+        f"non-overlapping windows of {dense['seqlen']} tokens of {dense['data']}, held-out region.",
+        "",
+        "Mask s: time spent choosing masks and updating weights, forward passes excluded (as the Wanda paper reports). "
+        "Total s: the whole `wanda-serve prune` process (loading, calibration, forward passes, saving). "
+        "Peak RSS: the process's peak resident memory.",
+        "",
+        "| method | structure | perplexity | vs dense | mask s | forward s | total s | peak RSS MiB | sparsity | N:M valid |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        ppl = row["eval"]["perplexity"]["perplexity"]
+        audit = row["eval"]["sparsity"]
+        if "report" not in row:
+            lines.append(f"| dense | - | {ppl:.2f} | 1.00x | - | - | - | - | {audit['overall_sparsity']:.3f} | - |")
+            continue
+        report = row["report"]
+        structure = row["structure"]
+        valid = audit["all_nm_valid"].get(structure, "-") if ":" in structure else "-"
+        lines.append(
+            f"| {row['method']} | {structure} | {ppl:.2f} | {ppl / dense['perplexity']:.2f}x | {report['mask_seconds']:.2f} | "
+            f"{report['forward_seconds']:.1f} | {report['total_seconds']:.1f} | {report['memory']['peak_rss_mib']:.0f} | "
+            f"{audit['overall_sparsity']:.3f} | {valid if valid == '-' else ('yes' if valid else 'NO')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

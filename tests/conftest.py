@@ -1,0 +1,59 @@
+"""Tiny randomly initialised decoder models of several architectures, and a tiny tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config
+
+VOCAB = 256
+TEXT = " ".join(
+    f"The {animal} number {i} walked {distance} miles to see the {place} before dinner."
+    for i in range(400)
+    for animal, distance, place in [(["cat", "dog", "fox", "owl"][i % 4], i % 7 + 1, ["river", "hill", "town"][i % 3])]
+)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    ),
+    "mistral": lambda: MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=64,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    ),
+    "opt": lambda: OPTConfig(
+        vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, word_embed_proj_dim=64,
+    ),
+}
+ARCHITECTURES = list(CONFIGS)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    """A saved tiny LLaMA with its tokenizer, and a text file to calibrate and evaluate on."""
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    (tmp_path / "text.txt").write_text(TEXT)
+    return path

@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, T5Config
+
+from wanda_serve.cli import cli
+from wanda_serve.engine import block_linears
+from wanda_serve.structure import audit_linears
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def small_prune_args(model_dir, out, *extra):
+    text = model_dir.parent / "text.txt"
+    return ["prune", model_dir, "--out", out, "--calib", text, "--eval-data", text, "--nsamples", 4, "--seqlen", 32,
+            "--eval-seqlen", 64, "--eval-windows", 2, *extra]
+
+
+def test_prune_writes_a_loadable_model_and_report(tiny_model_dir, tmp_path):
+    out = tmp_path / "pruned"
+    result = run(*small_prune_args(tiny_model_dir, out))
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}  (wanda 2:4, sparsity 0.5000)" in result.output
+    assert {"config.json", "model.safetensors", "tokenizer.json", "prune_report.json"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pruned")]  # no temporary leftovers
+
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["method"] == "wanda" and report["structure"] == "2:4"
+    assert report["calibration"] == {"used": True, "source": str(tiny_model_dir.parent / "text.txt"), "nsamples": 4,
+                                     "seqlen": 32, "seed": 0, "tokens": 128}
+    assert report["sparsity"]["all_nm_valid"]["2:4"] and len(report["sparsity"]["layers"]) == 14
+    assert report["mask_seconds"] > 0 and report["forward_seconds"] > 0 and report["memory"]["peak_rss_mib"] > 0
+    dense, pruned = report["perplexity"]["dense"], report["perplexity"]["pruned"]
+    assert dense["windows"] == pruned["windows"] == 2 and dense["perplexity"] != pruned["perplexity"]
+    assert report["versions"]["torch"] == torch.__version__
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert audit_linears(block_linears(reloaded))["all_nm_valid"]["2:4"]
+
+    evaluated = tmp_path / "eval.json"
+    result = run("eval", out, "--data", tiny_model_dir.parent / "text.txt", "--eval-seqlen", 64, "--eval-windows", 2,
+                 "--json", evaluated)
+    assert result.exit_code == 0, result.output
+    assert "all 2:4 valid: yes" in result.output
+    assert json.loads(evaluated.read_text())["perplexity"]["perplexity"] == pytest.approx(pruned["perplexity"], rel=1e-5)
+
+
+def test_overwrite_replaces_an_existing_output(tiny_model_dir, tmp_path):
+    out = tmp_path / "pruned"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    result = run(*small_prune_args(tiny_model_dir, out, "--method", "magnitude", "--structure", "0.5", "--no-eval", "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert not (out / "old.txt").exists()
+    assert json.loads((out / "prune_report.json").read_text())["calibration"] == {"used": False}
+
+
+def assert_one_error_line(result, expected):
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines == [f"Error: {expected}"], result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_model_path(tmp_path):
+    assert_one_error_line(run("prune", "./no/such/model", "--out", tmp_path / "o"), "no such path: ./no/such/model")
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_error_line(run("eval", tmp_path / "empty"), f"{tmp_path / 'empty'} is not a model directory: it has no config.json")
+
+
+def test_unsupported_architecture(tmp_path):
+    T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=64).save_pretrained(tmp_path / "t5")
+    assert_one_error_line(
+        run("prune", tmp_path / "t5", "--out", tmp_path / "o"),
+        f"unsupported architecture 't5' in {tmp_path / 't5'}: wanda-serve prunes decoder-only causal LMs",
+    )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("structure, expected", [
+    ("1.5", "sparsity ratio must be in (0, 1), got 1.5"),
+    ("0", "sparsity ratio must be in (0, 1), got 0.0"),
+    ("4:4", "invalid N:M 4:4: need 0 < N < M"),
+    ("6:4", "invalid N:M 6:4: need 0 < N < M"),
+    ("2:7", "N:M 2:7 does not fit 0.self_attn.q_proj: M=7 does not divide its 64 inputs"),
+])
+def test_bad_structure(tiny_model_dir, tmp_path, structure, expected):
+    out = tmp_path / "pruned"
+    assert_one_error_line(run(*small_prune_args(tiny_model_dir, out, "--structure", structure)), expected)
+    assert not out.exists()
+
+
+def test_calibration_text_too_short(tiny_model_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to calibrate on.")
+    result = run("prune", tiny_model_dir, "--out", tmp_path / "o", "--calib", short, "--seqlen", 64, "--no-eval")
+    assert_one_error_line(result, f"calibration text {short} is too short: 22 tokens, windows need 64")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_calibration_file(tiny_model_dir, tmp_path):
+    result = run("prune", tiny_model_dir, "--out", tmp_path / "o", "--calib", tmp_path / "nope.txt", "--no-eval")
+    assert_one_error_line(result, f"no such text file: {tmp_path / 'nope.txt'} (or use wiki, c4, wikitext2)")
+
+
+def test_non_empty_output_is_refused(tiny_model_dir, tmp_path):
+    out = tmp_path / "pruned"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_error_line(run(*small_prune_args(tiny_model_dir, out)),
+                          f"output directory {out} exists and is not empty (use --overwrite to replace it)")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_interrupted_prune_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("wanda_serve.jobs.prune_model", interrupted)
+    out = tmp_path / "pruned"
+    assert_one_error_line(run(*small_prune_args(tiny_model_dir, out, "--no-eval")), "interrupted; nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt", "tiny-llama"]
+
+
+def test_unknown_device(tiny_model_dir, tmp_path):
+    assert_one_error_line(run(*small_prune_args(tiny_model_dir, tmp_path / "o", "--device", "tpu")),
+                          "unknown device 'tpu': use cpu, cuda or cuda:N")

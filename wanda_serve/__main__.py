@@ -1,0 +1,3 @@
+from wanda_serve.cli import cli
+
+cli()
