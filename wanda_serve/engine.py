@@ -50,6 +50,11 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def check_structure_fits(model: nn.Module, structure: Structure) -> None:
+    for name, linear in block_linears(model).items():
+        structure.check_width(linear.in_features, name)
+
+
 @dataclass
 class BlockCall:
     """One recorded call of a decoder block: the hidden states and everything else it was passed."""
@@ -137,10 +142,8 @@ def prune_model(
 ) -> PruneTimings:
     """Prune every linear layer of every decoder block of `model` in place."""
     device = torch.device(device)
+    check_structure_fits(model, structure)
     blocks = find_decoder_blocks(model)
-    for index, block in enumerate(blocks):
-        for name, linear in find_linears(block).items():
-            structure.check_width(linear.in_features, f"{index}.{name}")
     timings = PruneTimings()
     calls = capture_block_inputs(model, batches, device) if method.statistic is not None else []
     hidden = [call.hidden for call in calls]

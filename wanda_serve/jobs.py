@@ -13,7 +13,7 @@ import torch
 
 from wanda_serve.artifacts import atomic_output_dir, check_output_dir, package_versions
 from wanda_serve.data import calibration_batches, evaluation_ids, load_corpus
-from wanda_serve.engine import block_linears, prune_model
+from wanda_serve.engine import block_linears, check_structure_fits, prune_model
 from wanda_serve.errors import WandaServeError
 from wanda_serve.evaluate import perplexity
 from wanda_serve.methods import get_method
@@ -87,9 +87,8 @@ def run_prune(job: PruneJob) -> dict:
     check_output_dir(job.out, job.overwrite)
     with atomic_output_dir(job.out, job.overwrite) as tmp:
         loaded = load_model(job.model, job.dtype)
+        check_structure_fits(loaded.model, structure)
         linears = block_linears(loaded.model)
-        for name, linear in linears.items():
-            structure.check_width(linear.in_features, name)
         dense_params = sum(linear.weight.numel() for linear in linears.values())
 
         calibration = {"used": False}
