@@ -144,3 +144,42 @@ def eval_command(model, data, eval_seqlen, eval_windows, device, structure, json
         tmp = json_path.with_name(f".{json_path.name}.partial")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.rename(json_path)
+
+
+@cli.group()
+def export():
+    """Export a model for a runtime: `export vllm`, `export onnx`."""
+
+
+@export.command("vllm")
+@click.argument("model", required=False)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint directory.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--max-shard-size", default="4GB", show_default=True, help="Safetensors shard size limit.")
+@click.option("--no-vllm-check", is_flag=True, help="Skip the greedy check on vLLM's offline engine.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@_user_errors_as_one_line
+def export_vllm_command(model, out, dtype, max_shard_size, no_vllm_check, overwrite):
+    """Write MODEL as a checkpoint that stock vLLM serves, verified by reloading it.
+
+    \b
+    The checkpoint is dense safetensors (pruned weights are zeros) plus config, tokenizer, chat
+    template, generation config and export_manifest.json. Sparsity metadata that vLLM refuses is
+    removed. The export is reloaded through transformers (logits must be identical) and, where vLLM
+    is installed, run on vLLM's offline engine (greedy continuation must equal transformers').
+
+    \b
+    Examples:
+      wanda-serve export vllm runs/wanda-2of4 --out runs/wanda-2of4-vllm
+      vllm serve runs/wanda-2of4-vllm
+    """
+    from exporters.vllm_checkpoint import VllmExport, export_vllm
+
+    manifest = export_vllm(VllmExport(out, model, dtype, max_shard_size, overwrite, vllm_check=not no_vllm_check))
+    for item in manifest["stripped_metadata"]:
+        click.echo(f"removed {item} from the config (current vLLM refuses it)")
+    sparsity = manifest["sparsity"]["exported"]
+    click.echo(f"wrote {out}  ({dtype}, {len(manifest['files'])} files, sparsity {sparsity['overall_sparsity']:.4f}, "
+               + ", ".join(f"{p} valid: {'yes' if ok else 'no'}" for p, ok in sparsity["all_nm_valid"].items()) + ")")
+    checks = manifest["checks"]
+    click.echo(f"checks: transformers reload logits identical; vLLM greedy: {checks['vllm']['status']}")

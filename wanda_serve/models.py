@@ -7,9 +7,12 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from wanda_serve.artifacts import atomic_output_dir, cache_dir
@@ -28,6 +31,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: str  # what the user named, or the embedded model's name
+    location: str  # where it was loaded from: a directory, a .gguf file or a hub id
 
 
 def embedded_model_dir() -> Path:
@@ -88,8 +92,11 @@ def resolve_model(spec: str | None) -> str:
     return spec
 
 
-def load_model(spec: str | None, dtype: str = "float32") -> LoadedModel:
-    """Load a causal LM on the CPU in `dtype`. `spec` None means the embedded default model."""
+def load_model(spec: str | None, dtype: str = "float32", edit_config: Callable[[PretrainedConfig], None] | None = None) -> LoadedModel:
+    """Load a causal LM on the CPU in `dtype`. `spec` None means the embedded default model.
+
+    edit_config, if given, may change the config of a Hugging Face directory before its weights load.
+    """
     if dtype not in DTYPES:
         raise WandaServeError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     location = resolve_model(spec)
@@ -104,15 +111,17 @@ def load_model(spec: str | None, dtype: str = "float32") -> LoadedModel:
             where = "" if Path(location).exists() else "no such local path, and the Hugging Face hub gave: "
             raise WandaServeError(f"cannot load model {spec}: {where}{_first_line(e)}") from None
         _check_architecture(config, source)
+        if edit_config is not None:
+            edit_config(config)
         try:
             model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=DTYPES[dtype])
             tokenizer = AutoTokenizer.from_pretrained(location)
         except (OSError, ValueError) as e:
             raise WandaServeError(f"cannot load model {spec}: {_first_line(e)}") from None
     model.eval()
-    return LoadedModel(model, tokenizer, source)
+    return LoadedModel(model, tokenizer, source, location)
 
 
-def save_model(loaded: LoadedModel, out: Path) -> None:
-    loaded.model.save_pretrained(out)
+def save_model(loaded: LoadedModel, out: Path, max_shard_size: str | None = None) -> None:
+    loaded.model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     loaded.tokenizer.save_pretrained(out)

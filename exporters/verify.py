@@ -1,0 +1,43 @@
+"""Reference outputs from PyTorch that every export is checked against."""
+
+from __future__ import annotations
+
+import torch
+
+PROMPTS = (
+    "The capital of France is",
+    "Aikido is a modern Japanese martial art that",
+)
+
+
+def prompt_batch(tokenizer, prompts=PROMPTS) -> dict[str, torch.Tensor]:
+    """The fixed prompts, left-padded to one length, as generation runtimes expect."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        return dict(tokenizer(list(prompts), return_tensors="pt", padding=True))
+    finally:
+        tokenizer.padding_side = side
+
+
+@torch.no_grad()
+def torch_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch, use_cache=False).logits.float()
+
+
+@torch.no_grad()
+def torch_greedy(model, tokenizer, prompts=PROMPTS, new_tokens: int = 32) -> list[list[int]]:
+    """Greedy continuations, prompt by prompt, through the KV cache; end-of-sequence neither stops nor is masked."""
+    continuations = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, T)
+        out = model(input_ids=ids, use_cache=True)
+        generated = []
+        for _ in range(new_tokens):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            generated.append(int(token))
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        continuations.append(generated)
+    return continuations

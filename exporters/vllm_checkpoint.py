@@ -1,0 +1,160 @@
+"""Pruned (or any) causal LM -> a Hugging Face directory that current vLLM loads as it is.
+
+vLLM removed its Sparse24 kernels and refuses checkpoints whose config carries a
+`sparsity_config`, so the export is a plain dense checkpoint whose pruned weights are zeros.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from exporters.verify import prompt_batch, torch_greedy, torch_logits
+from exporters.vllm_engine import vllm_greedy
+from wanda_serve.artifacts import atomic_output_dir, package_versions
+from wanda_serve.engine import block_linears
+from wanda_serve.errors import WandaServeError
+from wanda_serve.jobs import REPORT_NAME
+from wanda_serve.models import DTYPES, load_model, save_model
+from wanda_serve.structure import audit_linears
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "export_manifest.json"
+
+
+@dataclass
+class VllmExport:
+    out: Path
+    model: str | None = None  # None: the embedded default model
+    dtype: str = "bfloat16"
+    max_shard_size: str = "4GB"
+    overwrite: bool = False
+    vllm_check: bool = True  # greedy continuation from vLLM's offline engine, where vLLM is installed
+
+
+class ExportCheckFailed(WandaServeError):
+    pass
+
+
+def strip_sparsity_metadata(config) -> list[str]:
+    """Remove the sparsity/compression metadata vLLM refuses; what was removed, for the manifest.
+
+    Only metadata describing dense-stored weights can go: compressed weights or real quantization
+    would then load wrong, so those are refused.
+    """
+    stripped = []
+    sparsity = getattr(config, "sparsity_config", None)
+    if sparsity is not None:
+        _require_dense_format(sparsity, "sparsity_config")
+        del config.sparsity_config
+        stripped.append("sparsity_config")
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+        if quantization.get("config_groups") or quantization.get("quant_method") != "compressed-tensors":
+            raise WandaServeError(
+                f"the source is quantized ({quantization.get('quant_method')}); export a dense or pruned full-precision model"
+            )
+        _require_dense_format(quantization.get("sparsity_config") or {}, "quantization_config.sparsity_config")
+        del config.quantization_config
+        stripped.append("quantization_config (compressed-tensors, sparsity only)")
+    return stripped
+
+
+def _require_dense_format(sparsity: dict, where: str) -> None:
+    sparsity = sparsity if isinstance(sparsity, dict) else vars(sparsity)
+    if sparsity.get("format", "dense") != "dense":
+        raise WandaServeError(f"{where} says the weights are stored as {sparsity['format']!r}; only dense-stored weights can be exported")
+
+
+def _zero_masks(linears) -> dict[str, np.ndarray]:
+    """Bit-packed positions of each layer's zeros (1 bit per weight)."""
+    return {name: np.packbits((linear.weight == 0).numpy().ravel()) for name, linear in linears.items()}
+
+
+def _file_digests(directory: Path) -> dict[str, dict]:
+    files = {}
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return files
+
+
+def _source_prune_report(location: str) -> dict | None:
+    path = Path(location) / REPORT_NAME
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    return {key: report.get(key) for key in ("method", "structure", "calibration", "perplexity", "versions")} | {"path": str(path)}
+
+
+def export_vllm(job: VllmExport) -> dict:
+    """Write job.model as a vLLM-loadable checkpoint in job.dtype, verified; returns the manifest."""
+    if job.dtype not in DTYPES:
+        raise WandaServeError(f"unknown dtype {job.dtype!r}; choose from {', '.join(DTYPES)}")
+    with atomic_output_dir(job.out, job.overwrite) as tmp:
+        stripped: list[str] = []
+        loaded = load_model(job.model, "float32", edit_config=lambda config: stripped.extend(strip_sparsity_metadata(config)))
+        for item in stripped:
+            log.warning("removed %s from the config: current vLLM refuses checkpoints that carry it", item)
+        source_audit = audit_linears(block_linears(loaded.model))
+        source_zeros = _zero_masks(block_linears(loaded.model))
+
+        # Parameters only: buffers such as rotary inv_freq stay fp32, as from_pretrained(dtype=...) leaves them.
+        model = loaded.model
+        for param in model.parameters():
+            param.data = param.data.to(DTYPES[job.dtype])
+        save_model(loaded, tmp, job.max_shard_size)
+
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[job.dtype]).eval()
+        exported_linears = block_linears(reloaded)
+        exported_audit = audit_linears(exported_linears)
+        exported_zeros = _zero_masks(exported_linears)
+        lost_zeros = [name for name, mask in source_zeros.items() if np.any(mask & ~exported_zeros[name])]
+        lost_patterns = [p for p, ok in source_audit["all_nm_valid"].items() if ok and not exported_audit["all_nm_valid"][p]]
+        if lost_zeros or lost_patterns:
+            raise ExportCheckFailed(f"export check failed: zeros lost in {lost_zeros[:3]}, N:M lost: {lost_patterns}")
+
+        batch = prompt_batch(loaded.tokenizer)
+        logits_diff = float((torch_logits(model, batch) - torch_logits(reloaded, batch)).abs().max())
+        if logits_diff != 0.0:
+            raise ExportCheckFailed(f"export check failed: the reloaded checkpoint's logits differ by {logits_diff:g}")
+
+        greedy = torch_greedy(reloaded, loaded.tokenizer)
+        vllm_check = vllm_greedy(tmp, job.dtype, greedy) if job.vllm_check else {"status": "skipped (--no-vllm-check)"}
+        if vllm_check["status"] == "failed":
+            raise ExportCheckFailed(f"export check failed: {vllm_check['reason']}")
+
+        manifest = {
+            "format": "Hugging Face safetensors checkpoint for vLLM (dense; pruned weights are zeros)",
+            "source": loaded.source,
+            "source_prune_report": _source_prune_report(loaded.location),
+            "dtype": job.dtype,
+            "stripped_metadata": stripped,
+            "files": _file_digests(tmp),
+            "sparsity": {"source": _summary(source_audit), "exported": exported_audit},
+            "zeros_kept": True,
+            "checks": {
+                "transformers_reload_max_abs_logit_diff": logits_diff,
+                "transformers_greedy": greedy,
+                "vllm": vllm_check,
+            },
+            "versions": package_versions(),
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _summary(audit: dict) -> dict:
+    return {"overall_sparsity": audit["overall_sparsity"], "all_nm_valid": audit["all_nm_valid"]}
