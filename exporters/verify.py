@@ -1,6 +1,9 @@
-"""Reference outputs from PyTorch that every export is checked against."""
+"""What every export shares: PyTorch reference outputs to check against, dtype casts, file digests."""
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import torch
 
@@ -41,3 +44,21 @@ def torch_greedy(model, tokenizer, prompts=PROMPTS, new_tokens: int = 32) -> lis
             out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
         continuations.append(generated)
     return continuations
+
+
+def cast_parameters(model, dtype: torch.dtype):
+    """Cast parameters only, in place: buffers such as rotary inv_freq stay fp32, as from_pretrained(dtype=...) leaves them."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    return model
+
+
+def file_digests(directory: Path) -> dict[str, dict]:
+    files = {}
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return files

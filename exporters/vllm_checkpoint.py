@@ -6,7 +6,6 @@ vLLM removed its Sparse24 kernels and refuses checkpoints whose config carries a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from exporters.verify import prompt_batch, torch_greedy, torch_logits
+from exporters.verify import cast_parameters, file_digests, prompt_batch, torch_greedy, torch_logits
 from exporters.vllm_engine import vllm_greedy
 from wanda_serve.artifacts import atomic_output_dir, package_versions
 from wanda_serve.engine import block_linears
@@ -80,17 +79,6 @@ def _zero_masks(linears) -> dict[str, np.ndarray]:
     return {name: np.packbits((linear.weight == 0).numpy().ravel()) for name, linear in linears.items()}
 
 
-def _file_digests(directory: Path) -> dict[str, dict]:
-    files = {}
-    for path in sorted(p for p in directory.iterdir() if p.is_file()):
-        digest = hashlib.sha256()
-        with path.open("rb") as stream:
-            while chunk := stream.read(1 << 20):
-                digest.update(chunk)
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-    return files
-
-
 def _source_prune_report(location: str) -> dict | None:
     path = Path(location) / REPORT_NAME
     if not path.is_file():
@@ -111,10 +99,7 @@ def export_vllm(job: VllmExport) -> dict:
         source_audit = audit_linears(block_linears(loaded.model))
         source_zeros = _zero_masks(block_linears(loaded.model))
 
-        # Parameters only: buffers such as rotary inv_freq stay fp32, as from_pretrained(dtype=...) leaves them.
-        model = loaded.model
-        for param in model.parameters():
-            param.data = param.data.to(DTYPES[job.dtype])
+        model = cast_parameters(loaded.model, DTYPES[job.dtype])
         save_model(loaded, tmp, job.max_shard_size)
 
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[job.dtype]).eval()
@@ -142,7 +127,7 @@ def export_vllm(job: VllmExport) -> dict:
             "source_prune_report": _source_prune_report(loaded.location),
             "dtype": job.dtype,
             "stripped_metadata": stripped,
-            "files": _file_digests(tmp),
+            "files": file_digests(tmp),
             "sparsity": {"source": _summary(source_audit), "exported": exported_audit},
             "zeros_kept": True,
             "checks": {

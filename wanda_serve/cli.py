@@ -183,3 +183,81 @@ def export_vllm_command(model, out, dtype, max_shard_size, no_vllm_check, overwr
                + ", ".join(f"{p} valid: {'yes' if ok else 'no'}" for p, ok in sparsity["all_nm_valid"].items()) + ")")
     checks = manifest["checks"]
     click.echo(f"checks: transformers reload logits identical; vLLM greedy: {checks['vllm']['status']}")
+
+
+@export.command("onnx")
+@click.argument("model", required=False)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), multiple=True,
+              help="Also write a weight-only quantized variant (repeatable): int8 (MatMulInteger) or int4 (MatMulNBits).")
+@click.option("--perplexity", "measure_perplexity", is_flag=True, help="Measure the perplexity of the export and each variant.")
+@click.option("--eval-data", default="wiki", show_default=True, help="Text for --perplexity (as for eval --data).")
+@eval_options
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@_user_errors_as_one_line
+def export_onnx_command(model, out, dtype, quantize, measure_perplexity, eval_data, eval_seqlen, eval_windows, overwrite):
+    """Write MODEL as an ONNX decoder with a KV cache, verified on onnxruntime.
+
+    \b
+    One graph serves prefill (empty past) and decode, with dynamic batch and lengths; weights are
+    external data beside it. The export is checked against PyTorch on fixed prompts (logits, and a
+    32-token greedy continuation that must be identical) and removed if the check fails.
+
+    \b
+    Examples:
+      wanda-serve export onnx runs/wanda-2of4 --out runs/wanda-2of4-onnx --quantize int4 --perplexity
+      wanda-serve generate-onnx runs/wanda-2of4-onnx "The capital of France is"
+    """
+    from exporters.onnx_export import OnnxExport, export_onnx
+
+    evaluation = EvalOptions(eval_data, eval_seqlen, eval_windows) if measure_perplexity else None
+    manifest = export_onnx(OnnxExport(out, model, dtype, tuple(quantize), evaluation, overwrite))
+    click.echo(f"wrote {out}  (export {manifest['export_seconds']:.1f} s, pruned zeros kept: {'yes' if manifest['zeros']['kept'] else 'no'})")
+    reference = manifest["pytorch_reference"]
+    if "perplexity" in reference:
+        click.echo(f"PyTorch {reference['dtype']}: perplexity {reference['perplexity']['perplexity']:.3f}")
+    for name, variant in manifest["variants"].items():
+        check = variant["check"]
+        line = f"{name} ({variant['dtype']}): max |logit diff| vs PyTorch {check['max_abs_logit_diff']:.2g}, greedy equal: {'yes' if check['greedy_equal'] else 'no'}"
+        if "perplexity" in variant:
+            line += f", perplexity {variant['perplexity']['perplexity']:.3f}"
+        click.echo(line)
+
+
+@cli.command("generate-onnx")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--variant", default="model.onnx", show_default=True, help="Graph file in DIRECTORY, e.g. model.int4.onnx.")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--chat", is_flag=True, help="Wrap PROMPT in the tokenizer's chat template.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU.")
+@_user_errors_as_one_line
+def generate_onnx(directory, prompt, variant, max_new_tokens, temperature, top_p, seed, chat, provider):
+    """Continue PROMPT with an ONNX export on onnxruntime, using its KV cache.
+
+    \b
+    Examples:
+      wanda-serve generate-onnx runs/wanda-2of4-onnx "The capital of France is"
+      wanda-serve generate-onnx runs/wanda-2of4-onnx "Tell me a joke" --chat --temperature 0.7 --top-p 0.9
+    """
+    from transformers import AutoTokenizer
+
+    from exporters.onnx_runtime import OnnxCausalLM
+
+    runner = OnnxCausalLM(directory / variant, provider)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if chat:
+        if not tokenizer.chat_template:
+            raise click.ClickException(f"the tokenizer in {directory} has no chat template; drop --chat")
+        messages = [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    generated = runner.generate(ids, max_new_tokens, temperature, top_p, seed, stop)
+    click.echo(tokenizer.decode(generated, skip_special_tokens=True))

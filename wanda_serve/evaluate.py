@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,21 +24,31 @@ class Perplexity:
         return asdict(self)
 
 
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (1, T) token ids -> (1, T, V) logits
+
+
+def torch_logits_fn(model, device: torch.device | str = "cpu") -> LogitsFn:
+    model.to(device)
+    return lambda window: model(input_ids=window.to(device), use_cache=False).logits
+
+
 @torch.no_grad()
 def perplexity(
-    model, ids: torch.Tensor, seqlen: int, device: torch.device | str = "cpu", max_windows: int | None = None, progress: bool = True
+    logits_fn: LogitsFn, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, progress: bool = True
 ) -> Perplexity:
-    """exp of the mean next-token NLL over every predicted token of each window (seqlen - 1 per window)."""
+    """exp of the mean next-token NLL over every predicted token of each window (seqlen - 1 per window).
+
+    logits_fn runs the model under test: PyTorch (torch_logits_fn) or any other runtime.
+    """
     windows = ids.numel() // seqlen
     if max_windows is not None:
         windows = min(windows, max_windows)
     if windows < 1:
         raise WandaServeError(f"evaluation text is too short: {ids.numel()} tokens, one window needs {seqlen}")
-    model.to(device)
     nll = 0.0
     for i in tqdm(range(windows), desc="perplexity", disable=not progress):
-        window = ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)  # (1, T)
-        logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()  # (T-1, V)
+        window = ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0)  # (1, T)
+        logits = logits_fn(window)[0, :-1].float().cpu()  # (T-1, V)
         nll += F.cross_entropy(logits, window[0, 1:], reduction="sum").item()
     predicted = windows * (seqlen - 1)
     return Perplexity(math.exp(nll / predicted), windows, seqlen, predicted)

@@ -15,7 +15,7 @@ from wanda_serve.artifacts import atomic_output_dir, check_output_dir, package_v
 from wanda_serve.data import calibration_batches, evaluation_ids, load_corpus
 from wanda_serve.engine import block_linears, check_structure_fits, prune_model
 from wanda_serve.errors import WandaServeError
-from wanda_serve.evaluate import perplexity
+from wanda_serve.evaluate import perplexity, torch_logits_fn
 from wanda_serve.methods import get_method
 from wanda_serve.models import LoadedModel, load_model, save_model
 from wanda_serve.structure import Structure, audit_linears
@@ -73,7 +73,7 @@ def peak_memory(device: torch.device) -> dict:
 def _measure_perplexity(loaded: LoadedModel, options: EvalOptions, device: torch.device, progress: bool) -> dict:
     corpus = load_corpus(options.data)
     ids = evaluation_ids(corpus, loaded.tokenizer)
-    result = perplexity(loaded.model, ids, options.seqlen, device, options.max_windows, progress).to_dict()
+    result = perplexity(torch_logits_fn(loaded.model, device), ids, options.seqlen, options.max_windows, progress).to_dict()
     loaded.model.to("cpu")
     return {"data": corpus.name, **result}
 

@@ -1,0 +1,269 @@
+"""Causal LM -> one ONNX decoder graph with a KV cache, for onnxruntime on edge CPUs and GPUs.
+
+The graph takes (input_ids, attention_mask, position_ids, past_key_values.{i}.key/value) and
+returns (logits, present.{i}.key/value), with dynamic batch, sequence and past lengths. Prefill
+passes a past of length 0. Weights go to external data (model.onnx + model.onnx.data), so models
+above the 2 GB protobuf limit work.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from exporters.onnx_runtime import OnnxCausalLM, positions_from_mask, require_onnx
+from exporters.verify import PROMPTS, cast_parameters, file_digests, prompt_batch, torch_greedy, torch_logits
+from wanda_serve.artifacts import atomic_output_dir, package_versions
+from wanda_serve.data import evaluation_ids, load_corpus
+from wanda_serve.engine import block_linears
+from wanda_serve.errors import WandaServeError
+from wanda_serve.evaluate import perplexity, torch_logits_fn
+from wanda_serve.jobs import EvalOptions
+from wanda_serve.models import DTYPES, load_model
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "export_manifest.json"
+GRAPH_NAME = "model.onnx"
+QUANTIZATIONS = ("int8", "int4")
+# Max |onnxruntime - PyTorch| logit on the fixed prompts, both in the export's dtype.
+LOGITS_TOLERANCE = {"float32": 1e-3, "float16": 5e-2}
+GREEDY_TOKENS = 32
+
+
+@dataclass
+class OnnxExport:
+    out: Path
+    model: str | None = None  # None: the embedded default model
+    dtype: str = "float32"
+    quantize: tuple[str, ...] = ()
+    evaluation: EvalOptions | None = None  # perplexity of the export and each quantized variant
+    overwrite: bool = False
+    progress: bool = True
+
+
+class CausalLMWithFlatCache(torch.nn.Module):
+    """Flat KV tensors in and out; the cache object exists only inside forward, so torch.export never sees it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        cache = DynamicCache(
+            ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)], config=self.model.config
+        )
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+
+def _io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    inputs, outputs = ["input_ids", "attention_mask", "position_ids"], ["logits"]
+    for i in range(num_layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+def _cache_shape(config) -> tuple[int, int]:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim
+
+
+def export_graph(model, path: Path) -> None:
+    """Trace with past length 3 (not 0 or 1, which torch.export would specialise); 0 works at run time."""
+    config = model.config
+    kv_heads, head_dim = _cache_shape(config)
+    dtype = next(model.parameters()).dtype
+    batch, seq, past_len = 2, 2, 3
+    past = [torch.randn(batch, kv_heads, past_len, head_dim, dtype=dtype) for _ in range(2 * config.num_hidden_layers)]
+    example = (
+        torch.randint(0, config.vocab_size, (batch, seq)),
+        torch.ones(batch, past_len + seq, dtype=torch.long),
+        torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous(),
+        *past,
+    )
+    Dim = torch.export.Dim
+    B, S = Dim("batch", min=1, max=1024), Dim("sequence", min=1, max=65536)
+    P, total = Dim("past_sequence", min=1, max=65536), Dim("total_sequence", min=1, max=131072)
+    dynamic_shapes = ({0: B, 1: S}, {0: B, 1: total}, {0: B, 1: S}, tuple({0: B, 2: P} for _ in past))
+    inputs, outputs = _io_names(config.num_hidden_layers)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            CausalLMWithFlatCache(model).eval(), example, dynamo=True, input_names=inputs, output_names=outputs,
+            dynamic_shapes=dynamic_shapes, optimize=True, external_data=True, report=False, verbose=False,
+        )
+    _name_linear_weights(program.model)
+    for node in program.model.graph:
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)  # most of the .onnx file otherwise
+    program.save(str(path), external_data=True)
+
+
+def _name_linear_weights(graph_model) -> None:
+    """The optimizer folds each Linear's transposed weight into an initializer named val_N;
+    name it '<module path>.weight_T' (from the node's namespace metadata) so it can be checked."""
+    used = set(graph_model.graph.initializers)
+    for node in graph_model.graph:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if weight is None or not weight.is_initializer() or not weight.name.startswith("val_"):
+            continue
+        linears = [part.split(":")[0].strip() for part in node.metadata_props.get("namespace", "").split("/")
+                   if ": torch.nn.modules.linear.Linear" in part]
+        if linears:
+            name = f"{linears[-1].removeprefix('model.')}.weight_T"
+            if name not in used:
+                weight.name = name
+                used.add(name)
+
+
+def check_zeros(graph_path: Path, model) -> dict:
+    """Every block linear's zeros, position by position, in its initializer of the saved graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(graph_path), load_external_data=True).graph
+    initializers = {t.name: t for t in graph.initializer}
+    layers, missing = {}, []
+    for index, block_name in _block_module_paths(model):
+        linear = model.get_submodule(block_name)
+        tensor = initializers.get(f"{block_name}.weight_T")
+        if tensor is None:
+            missing.append(block_name)
+            continue
+        exported = numpy_helper.to_array(tensor)  # (in, out)
+        source_zeros = (linear.weight.detach() == 0).numpy().T
+        layers[index] = {"source_zeros": int(source_zeros.sum()), "exported_zeros": int((exported == 0).sum()),
+                         "same_positions": bool(np.array_equal(source_zeros, exported == 0))}
+    return {"kept": not missing and all(l["same_positions"] for l in layers.values()), "missing": missing, "layers": layers}
+
+
+def _block_module_paths(model):
+    paths = {id(module): name for name, module in model.named_modules()}
+    return [(index, paths[id(linear)]) for index, linear in block_linears(model).items()]
+
+
+def quantize_graph(source: Path, target: Path, kind: str) -> None:
+    """Weight-only quantization with onnxruntime's own tools: int4 (MatMulNBits, block 32) or int8 (MatMulInteger)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    root_level = logging.getLogger().level  # the quantizers reset the root logger to INFO
+    try:
+        if kind == "int4":
+            config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=None, bits=4)
+            quantizer = MatMulNBitsQuantizer(onnx.load(str(source), load_external_data=True), algo_config=config)
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(target), use_external_data_format=True)
+        elif kind == "int8":
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             use_external_data_format=True)
+        else:
+            raise WandaServeError(f"unknown quantization {kind!r}; choose from {', '.join(QUANTIZATIONS)}")
+    finally:
+        logging.getLogger().setLevel(root_level)
+
+
+def compare_with_torch(runner: OnnxCausalLM, model, tokenizer, greedy_reference: list[list[int]]) -> dict:
+    batch = prompt_batch(tokenizer)
+    mask = batch["attention_mask"].numpy()
+    positions = torch.from_numpy(positions_from_mask(mask))
+    expected = torch_logits(model, {**batch, "position_ids": positions}).numpy()
+    got = runner.logits(batch["input_ids"].numpy(), mask).astype(np.float32)
+    real = mask.astype(bool)  # padded positions are never read
+    greedy = [runner.generate(tokenizer(p)["input_ids"], GREEDY_TOKENS) for p in PROMPTS]
+    return {
+        "max_abs_logit_diff": float(np.abs(expected - got)[real].max()),
+        "greedy": greedy,
+        "greedy_equal": greedy == greedy_reference,
+        "greedy_tokens_agreeing": [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), len(r))
+                                   for g, r in zip(greedy, greedy_reference)],
+    }
+
+
+def export_onnx(job: OnnxExport) -> dict:
+    """Write job.model as an ONNX decoder with KV cache (plus quantized variants), verified on onnxruntime."""
+    require_onnx()
+    if job.dtype not in LOGITS_TOLERANCE:
+        raise WandaServeError(f"ONNX export supports float32 and float16, not {job.dtype!r}")
+    for kind in job.quantize:
+        if kind not in QUANTIZATIONS:
+            raise WandaServeError(f"unknown quantization {kind!r}; choose from {', '.join(QUANTIZATIONS)}")
+        if job.dtype != "float32":
+            raise WandaServeError("weight-only quantization starts from the float32 graph: use --dtype float32")
+    with atomic_output_dir(job.out, job.overwrite) as tmp:
+        loaded = load_model(job.model, "float32")
+        model, tokenizer = loaded.model, loaded.tokenizer
+        model.set_attn_implementation("eager")  # exports to plain MatMul/Softmax that every runtime has
+        # The reference is the model as exported, in its dtype: the check asks whether onnxruntime
+        # computes what PyTorch computes; what fp16 costs against fp32 is what perplexity shows.
+        exported = model if job.dtype == "float32" else cast_parameters(copy.deepcopy(model), DTYPES[job.dtype])
+        greedy_reference = torch_greedy(exported, tokenizer, new_tokens=GREEDY_TOKENS)
+        reference = {"dtype": job.dtype, "greedy": greedy_reference}
+        started = time.perf_counter()
+        export_graph(exported, tmp / GRAPH_NAME)
+        export_seconds = time.perf_counter() - started
+        zeros = check_zeros(tmp / GRAPH_NAME, exported)
+        if not zeros["kept"]:
+            raise WandaServeError(f"export check failed: pruned zeros not found intact in the ONNX initializers ({zeros['missing'][:3]})")
+
+        runner = OnnxCausalLM(tmp / GRAPH_NAME, provider="cpu")
+        check = compare_with_torch(runner, exported, tokenizer, greedy_reference)
+        tolerance = LOGITS_TOLERANCE[job.dtype]
+        if check["max_abs_logit_diff"] > tolerance or not check["greedy_equal"]:
+            raise WandaServeError(
+                f"export check failed: onnxruntime logits differ from PyTorch by {check['max_abs_logit_diff']:.2g} "
+                f"(tolerance {tolerance:g}), greedy continuation equal: {check['greedy_equal']}"
+            )
+        variants = {GRAPH_NAME: {"dtype": job.dtype, "check": check}}
+        for kind in job.quantize:
+            name = f"model.{kind}.onnx"
+            quantize_graph(tmp / GRAPH_NAME, tmp / name, kind)
+            variants[name] = {"dtype": f"{kind} weights", "check": compare_with_torch(
+                OnnxCausalLM(tmp / name, provider="cpu"), exported, tokenizer, greedy_reference)}
+
+        if job.evaluation:
+            corpus = load_corpus(job.evaluation.data)
+            ids = evaluation_ids(corpus, tokenizer)
+
+            def measure(logits_fn) -> dict:
+                result = perplexity(logits_fn, ids, job.evaluation.seqlen, job.evaluation.max_windows, job.progress)
+                return {"data": corpus.name, **result.to_dict()}
+
+            reference["perplexity"] = measure(torch_logits_fn(exported))
+            for name in variants:
+                variants[name]["perplexity"] = measure(OnnxCausalLM(tmp / name, provider="cpu").logits_fn())
+
+        tokenizer.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        kv_heads, head_dim = _cache_shape(model.config)
+        manifest = {
+            "format": "ONNX decoder with KV cache (one graph: prefill with an empty past, then decode)",
+            "source": loaded.source,
+            "architecture": type(model).__name__,
+            "graph": {"inputs": ["input_ids", "attention_mask", "position_ids", "past_key_values.{i}.key", "past_key_values.{i}.value"],
+                      "outputs": ["logits", "present.{i}.key", "present.{i}.value"], "layers": model.config.num_hidden_layers,
+                      "kv_heads": kv_heads, "head_dim": head_dim, "external_data": True},
+            "export_seconds": export_seconds,
+            "zeros": {"kept": zeros["kept"], "source_zeros": sum(l["source_zeros"] for l in zeros["layers"].values()),
+                      "exported_zeros": sum(l["exported_zeros"] for l in zeros["layers"].values())},
+            "pytorch_reference": reference,
+            "variants": variants,
+            "files": file_digests(tmp),
+            "versions": package_versions(),
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
