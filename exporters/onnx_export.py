@@ -29,8 +29,6 @@ from wanda_serve.evaluate import perplexity, torch_logits_fn
 from wanda_serve.jobs import EvalOptions
 from wanda_serve.models import DTYPES, load_model
 
-log = logging.getLogger(__name__)
-
 MANIFEST_NAME = "export_manifest.json"
 GRAPH_NAME = "model.onnx"
 QUANTIZATIONS = ("int8", "int4")

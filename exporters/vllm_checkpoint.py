@@ -7,7 +7,6 @@ vLLM removed its Sparse24 kernels and refuses checkpoints whose config carries a
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from wanda_serve.errors import WandaServeError
 from wanda_serve.jobs import REPORT_NAME
 from wanda_serve.models import DTYPES, load_model, save_model
 from wanda_serve.structure import audit_linears
-
-log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "export_manifest.json"
 
@@ -94,8 +91,6 @@ def export_vllm(job: VllmExport) -> dict:
     with atomic_output_dir(job.out, job.overwrite) as tmp:
         stripped: list[str] = []
         loaded = load_model(job.model, "float32", edit_config=lambda config: stripped.extend(strip_sparsity_metadata(config)))
-        for item in stripped:
-            log.warning("removed %s from the config: current vLLM refuses checkpoints that carry it", item)
         source_audit = audit_linears(block_linears(loaded.model))
         source_zeros = _zero_masks(block_linears(loaded.model))
 
