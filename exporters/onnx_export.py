@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from exporters.onnx_runtime import OnnxCausalLM, positions_from_mask, require_onnx
-from exporters.verify import PROMPTS, cast_parameters, file_digests, prompt_batch, torch_greedy, torch_logits
+from exporters.verify import GREEDY_TOKENS, PROMPTS, cast_parameters, file_digests, prompt_batch, torch_greedy, torch_logits
 from wanda_serve.artifacts import atomic_output_dir, package_versions
 from wanda_serve.data import evaluation_ids, load_corpus
 from wanda_serve.engine import block_linears
@@ -34,7 +35,6 @@ GRAPH_NAME = "model.onnx"
 QUANTIZATIONS = ("int8", "int4")
 # Max |onnxruntime - PyTorch| logit on the fixed prompts, both in the export's dtype.
 LOGITS_TOLERANCE = {"float32": 1e-3, "float16": 5e-2}
-GREEDY_TOKENS = 32
 
 
 @dataclass
@@ -97,7 +97,9 @@ def export_graph(model, path: Path) -> None:
     P, total = Dim("past_sequence", min=1, max=65536), Dim("total_sequence", min=1, max=131072)
     dynamic_shapes = ({0: B, 1: S}, {0: B, 1: total}, {0: B, 1: S}, tuple({0: B, 2: P} for _ in past))
     inputs, outputs = _io_names(config.num_hidden_layers)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # "The axis name: batch will not be used, since it shares ...": names merge, shapes stay dynamic.
+        warnings.filterwarnings("ignore", message="# The axis name")
         program = torch.onnx.export(
             CausalLMWithFlatCache(model).eval(), example, dynamo=True, input_names=inputs, output_names=outputs,
             dynamic_shapes=dynamic_shapes, optimize=True, external_data=True, report=False, verbose=False,

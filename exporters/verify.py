@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+GREEDY_TOKENS = 32  # length of every greedy continuation an export must reproduce
 PROMPTS = (
     "The capital of France is",
     "Aikido is a modern Japanese martial art that",
@@ -31,7 +32,7 @@ def torch_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def torch_greedy(model, tokenizer, prompts=PROMPTS, new_tokens: int = 32) -> list[list[int]]:
+def torch_greedy(model, tokenizer, prompts=PROMPTS, new_tokens: int = GREEDY_TOKENS) -> list[list[int]]:
     """Greedy continuations, prompt by prompt, through the KV cache; end-of-sequence neither stops nor is masked."""
     continuations = []
     for prompt in prompts:
