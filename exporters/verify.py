@@ -7,6 +7,12 @@ from pathlib import Path
 
 import torch
 
+from wanda_serve.errors import WandaServeError
+
+class ExportCheckFailed(WandaServeError):
+    """The runtime did not reproduce PyTorch; the export is removed."""
+
+
 GREEDY_TOKENS = 32  # length of every greedy continuation an export must reproduce
 PROMPTS = (
     "The capital of France is",

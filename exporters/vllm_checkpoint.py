@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from exporters.verify import PROMPTS, cast_parameters, file_digests, prompt_batch, torch_greedy, torch_logits
+from exporters.verify import PROMPTS, ExportCheckFailed, cast_parameters, file_digests, prompt_batch, torch_greedy, torch_logits
 from exporters.vllm_engine import VLLM_PYTHON_ENV, vllm_available, vllm_greedy
 from wanda_serve.artifacts import atomic_output_dir, package_versions
 from wanda_serve.engine import block_linears
@@ -34,10 +34,6 @@ class VllmExport:
     max_shard_size: str = "4GB"
     overwrite: bool = False
     vllm_check: bool = True  # greedy continuation from vLLM's offline engine, where vLLM is installed
-
-
-class ExportCheckFailed(WandaServeError):
-    pass
 
 
 def strip_sparsity_metadata(config) -> list[str]:

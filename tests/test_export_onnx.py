@@ -90,6 +90,7 @@ def test_quantized_variants_run_and_report_perplexity(llama_export):
         assert (out / name).is_file() and name in manifest["files"]
     ops = {node.op_type for node in onnx.load(str(out / "model.int4.onnx"), load_external_data=False).graph.node}
     assert "MatMulNBits" in ops
+    assert "MatMulNBits" in {node.op_type for node in onnx.load(str(out / "model.int8.onnx"), load_external_data=False).graph.node}
 
 
 @pytest.mark.parametrize("arch, dtype", [("qwen2", "float32"), ("llama", "float16")])

@@ -190,7 +190,7 @@ def export_vllm_command(model, out, dtype, max_shard_size, no_vllm_check, overwr
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), multiple=True,
-              help="Also write a weight-only quantized variant (repeatable): int8 (MatMulInteger) or int4 (MatMulNBits).")
+              help="Also write a weight-only quantized variant (repeatable): int8 or int4 (onnxruntime MatMulNBits).")
 @click.option("--perplexity", "measure_perplexity", is_flag=True, help="Measure the perplexity of the export and each variant.")
 @click.option("--eval-data", default="wiki", show_default=True, help="Text for --perplexity (as for eval --data).")
 @eval_options
