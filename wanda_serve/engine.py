@@ -9,7 +9,7 @@ outputs feed the next one. Only the block being pruned needs to be on `device`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -114,7 +114,6 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], device: 
 class PruneTimings:
     mask_seconds: float = 0.0
     forward_seconds: float = 0.0
-    per_block_mask_seconds: list[float] = field(default_factory=list)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -164,9 +163,7 @@ def prune_model(
             finally:
                 for handle in handles:
                     handle.remove()
-        block_mask_seconds = _prune_linears(linears, method, stats, structure, device)
-        timings.mask_seconds += block_mask_seconds
-        timings.per_block_mask_seconds.append(block_mask_seconds)
+        timings.mask_seconds += _prune_linears(linears, method, stats, structure, device)
         if calls:
             hidden, seconds = _timed_forward(block, calls, hidden, device)
             timings.forward_seconds += seconds

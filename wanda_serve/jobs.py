@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from wanda_serve.artifacts import atomic_output_dir, check_output_dir, package_versions
+from wanda_serve.artifacts import atomic_output_dir, package_versions
 from wanda_serve.data import calibration_batches, evaluation_ids, load_corpus
 from wanda_serve.engine import block_linears, check_structure_fits, prune_model
 from wanda_serve.errors import WandaServeError
 from wanda_serve.evaluate import perplexity, torch_logits_fn
 from wanda_serve.methods import get_method
-from wanda_serve.models import LoadedModel, load_model, save_model
+from wanda_serve.models import load_model, save_model
 from wanda_serve.structure import Structure, audit_linears
 
 log = logging.getLogger(__name__)
@@ -70,12 +70,18 @@ def peak_memory(device: torch.device) -> dict:
     return memory
 
 
-def _measure_perplexity(loaded: LoadedModel, options: EvalOptions, device: torch.device, progress: bool) -> dict:
-    corpus = load_corpus(options.data)
-    ids = evaluation_ids(corpus, loaded.tokenizer)
-    result = perplexity(torch_logits_fn(loaded.model, device), ids, options.seqlen, options.max_windows, progress).to_dict()
-    loaded.model.to("cpu")
-    return {"data": corpus.name, **result}
+class _Evaluation:
+    """The evaluation text, tokenized once, and the perplexity of a model on it."""
+
+    def __init__(self, options: EvalOptions, tokenizer, device: torch.device, progress: bool):
+        corpus = load_corpus(options.data)
+        self.name, self.ids = corpus.name, evaluation_ids(corpus, tokenizer)
+        self.options, self.device, self.progress = options, device, progress
+
+    def perplexity(self, model) -> dict:
+        result = perplexity(torch_logits_fn(model, self.device), self.ids, self.options.seqlen, self.options.max_windows, self.progress)
+        model.to("cpu")
+        return {"data": self.name, **result.to_dict()}
 
 
 def run_prune(job: PruneJob) -> dict:
@@ -84,7 +90,6 @@ def run_prune(job: PruneJob) -> dict:
     structure = Structure.parse(job.structure)
     method = get_method(job.method)
     device = resolve_device(job.device)
-    check_output_dir(job.out, job.overwrite)
     with atomic_output_dir(job.out, job.overwrite) as tmp:
         loaded = load_model(job.model, job.dtype)
         check_structure_fits(loaded.model, structure)
@@ -101,9 +106,10 @@ def run_prune(job: PruneJob) -> dict:
                 "seed": job.seed, "tokens": sum(b.numel() for b in batches),
             }
 
-        before = _measure_perplexity(loaded, job.evaluation, device, job.progress) if job.evaluation else None
+        evaluation = _Evaluation(job.evaluation, loaded.tokenizer, device, job.progress) if job.evaluation else None
+        before = evaluation.perplexity(loaded.model) if evaluation else None
         timings = prune_model(loaded.model, batches, method, structure, device, job.progress)
-        after = _measure_perplexity(loaded, job.evaluation, device, job.progress) if job.evaluation else None
+        after = evaluation.perplexity(loaded.model) if evaluation else None
 
         save_model(loaded, tmp)
         report = {
@@ -141,7 +147,7 @@ def run_eval(model: str | None, options: EvalOptions, device: str = "cpu", struc
     audit = audit_linears(block_linears(loaded.model), Structure.parse(structure) if structure else None)
     return {
         "model": loaded.source,
-        "perplexity": _measure_perplexity(loaded, options, device, progress),
+        "perplexity": _Evaluation(options, loaded.tokenizer, device, progress).perplexity(loaded.model),
         "sparsity": audit,
         "eval_options": asdict(options),
         "versions": package_versions(),
