@@ -21,7 +21,10 @@ import torch
 from transformers import DynamicCache
 
 from exporters.onnx_runtime import OnnxCausalLM, positions_from_mask, require_onnx
-from exporters.verify import GREEDY_TOKENS, PROMPTS, ExportCheckFailed, cast_parameters, file_digests, prompt_batch, torch_greedy, torch_logits
+from exporters.verify import (
+    GREEDY_TOKENS, MANIFEST_NAME, PROMPTS, ExportCheckFailed, cast_parameters, file_digests, prompt_batch, torch_greedy,
+    torch_logits,
+)
 from wanda_serve.artifacts import atomic_output_dir, package_versions
 from wanda_serve.data import evaluation_ids, load_corpus
 from wanda_serve.engine import block_linears
@@ -30,7 +33,6 @@ from wanda_serve.evaluate import perplexity, torch_logits_fn
 from wanda_serve.jobs import EvalOptions
 from wanda_serve.models import DTYPES, load_model
 
-MANIFEST_NAME = "export_manifest.json"
 GRAPH_NAME = "model.onnx"
 QUANTIZATIONS = {"int8": 8, "int4": 4}  # weight bits
 # Max |onnxruntime - PyTorch| logit on the fixed prompts, both in the export's dtype.

@@ -13,6 +13,7 @@ class ExportCheckFailed(WandaServeError):
     """The runtime did not reproduce PyTorch; the export is removed."""
 
 
+MANIFEST_NAME = "export_manifest.json"
 GREEDY_TOKENS = 32  # length of every greedy continuation an export must reproduce
 PROMPTS = (
     "The capital of France is",

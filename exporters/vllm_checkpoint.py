@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from exporters.verify import PROMPTS, ExportCheckFailed, cast_parameters, file_digests, prompt_batch, torch_greedy, torch_logits
+from exporters.verify import (
+    MANIFEST_NAME, PROMPTS, ExportCheckFailed, cast_parameters, file_digests, prompt_batch, torch_greedy, torch_logits,
+)
 from exporters.vllm_engine import VLLM_PYTHON_ENV, vllm_available, vllm_greedy
 from wanda_serve.artifacts import atomic_output_dir, package_versions
 from wanda_serve.engine import block_linears
@@ -22,8 +24,6 @@ from wanda_serve.errors import WandaServeError
 from wanda_serve.jobs import REPORT_NAME
 from wanda_serve.models import DTYPES, load_model, save_model
 from wanda_serve.structure import audit_linears
-
-MANIFEST_NAME = "export_manifest.json"
 
 
 @dataclass

@@ -6,7 +6,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from exporters.vllm_checkpoint import MANIFEST_NAME, VllmExport, export_vllm
+from exporters.verify import MANIFEST_NAME
+from exporters.vllm_checkpoint import VllmExport, export_vllm
 from wanda_serve.cli import cli
 from wanda_serve.errors import WandaServeError
 
