@@ -132,3 +132,9 @@ def test_interrupted_prune_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch)
 def test_unknown_device(tiny_model_dir, tmp_path):
     assert_one_error_line(run(*small_prune_args(tiny_model_dir, tmp_path / "o", "--device", "tpu")),
                           "unknown device 'tpu': use cpu, cuda or cuda:N")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_says_so(tiny_model_dir, tmp_path):
+    assert_one_error_line(run(*small_prune_args(tiny_model_dir, tmp_path / "o", "--device", "cuda")),
+                          f"device cuda requested but CUDA is not available to this torch ({torch.__version__})")

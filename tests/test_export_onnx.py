@@ -124,3 +124,12 @@ def test_cli_refusals(llama_export, tmp_path):
     result = run("generate-onnx", out, "The cat", "--max-new-tokens", 5)
     assert result.exit_code == 0 and result.output.strip()
     assert not (tmp_path / "o").exists()
+
+
+def test_cuda_provider_without_onnxruntime_gpu_says_what_to_install(llama_export):
+    from exporters.onnx_runtime import available_providers
+
+    if "CUDAExecutionProvider" in available_providers():
+        pytest.skip("onnxruntime-gpu with a GPU is present")
+    with pytest.raises(WandaServeError, match="onnxruntime has no CUDA provider here .*install onnxruntime-gpu"):
+        OnnxCausalLM(llama_export[1] / "model.onnx", provider="cuda")
