@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, VOCAB, tiny_model
-from wanda_serve.engine import block_linears, capture_block_inputs, find_decoder_blocks, prune_model
+from wanda_serve.engine import block_linears, find_decoder_blocks, prune_model
 from wanda_serve.errors import WandaServeError
 from wanda_serve.methods import get_method
 from wanda_serve.structure import Structure, audit_linears
