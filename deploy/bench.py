@@ -1,0 +1,217 @@
+"""Benchmark the pruned model against the dense one on real vLLM servers, side by side.
+
+Both models get exactly the same requests. Rounds alternate (dense, pruned, dense, pruned, ...) so
+that drift of the machine over time does not favour either, and each round sends distinct prompts
+so vLLM's prefix cache never answers a prompt it has seen. Per concurrency level the rounds are
+pooled: throughput is completed work over the summed wall time, latency percentiles are over all
+requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from transformers import AutoTokenizer
+
+from deploy.client import Endpoint, Request, ServerRequestFailed, run_level, served_model
+from deploy.greedy_check import MAX_LOGPROB_GAP, check_greedy
+from deploy.metrics import RequestOutput, calculate_metrics, cost_per_million_output_tokens
+from deploy.report import write_plots, write_summary
+from deploy.vllm_server import ServerSettings, VllmServer
+from deploy.workload import WorkloadSpec, build_requests, write_custom_dataset
+from exporters.verify import MANIFEST_NAME
+from wanda_serve.artifacts import atomic_output_dir, package_versions
+from wanda_serve.errors import WandaServeError
+from wanda_serve.jobs import REPORT_NAME
+
+log = logging.getLogger(__name__)
+
+RESULTS_NAME = "bench_results.json"
+LABELS = ("dense", "pruned")
+
+
+@dataclass
+class BenchJob:
+    out: Path
+    dense: str  # a vLLM-loadable directory to serve, or the URL of a running server
+    pruned: str
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    concurrency: tuple[int, ...] = (1, 2, 4, 8)
+    rounds: int = 2
+    server: ServerSettings = field(default_factory=ServerSettings)
+    hour_price: float | None = None  # dollars per hour of the hardware serving one model
+    greedy_check: bool = True
+    tokenizer: str | None = None  # default: the dense checkpoint's
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.rounds < 1:
+            raise WandaServeError(f"rounds must be at least 1, got {self.rounds}")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise WandaServeError(f"concurrency levels must be positive integers, got {list(self.concurrency)}")
+
+
+def is_url(target: str) -> bool:
+    return target.startswith(("http://", "https://"))
+
+
+@dataclass
+class _Target:
+    label: str
+    spec: str
+    checkpoint: Path | None  # local files of the model, for the greedy check and its reports
+
+
+def _resolve_target(label: str, spec: str, api_key: str | None) -> _Target:
+    if is_url(spec):
+        root = Path(served_model(spec.rstrip("/"), api_key).get("root", ""))
+        return _Target(label, spec.rstrip("/"), root if (root / "config.json").is_file() else None)
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise WandaServeError(f"--{label}: {spec} is neither a model directory (no config.json) nor a server URL")
+    return _Target(label, spec, path)
+
+
+@contextlib.contextmanager
+def _endpoint(target: _Target, settings: ServerSettings, log_path: Path) -> Iterator[tuple[Endpoint, VllmServer | None]]:
+    """The target's endpoint: its running server, or a server started (and stopped afterwards) for it."""
+    if is_url(target.spec):
+        yield Endpoint(target.spec, served_model(target.spec, settings.api_key)["id"], settings.api_key), None
+        return
+    with VllmServer(target.checkpoint, log_path, settings) as server:
+        yield Endpoint(server.base_url, server.model_name, settings.api_key), server
+
+
+def _test_request(endpoint: Endpoint, request: Request, label: str) -> None:
+    (output,), _ = run_level(endpoint, [request], 1)
+    if not output.success:
+        raise WandaServeError(f"the {label} server at {endpoint.base_url} failed a test request before the benchmark: {output.error}")
+
+
+def quality(checkpoint: Path | None) -> dict | None:
+    """Perplexities recorded for a checkpoint: its prune report's, found directly or through its export manifest."""
+    if checkpoint is None:
+        return None
+    report = None
+    if (checkpoint / REPORT_NAME).is_file():
+        report = json.loads((checkpoint / REPORT_NAME).read_text())
+    elif (checkpoint / MANIFEST_NAME).is_file():
+        report = json.loads((checkpoint / MANIFEST_NAME).read_text()).get("source_prune_report")
+    if not report or not report.get("perplexity"):
+        return None
+    return {"method": report.get("method"), "structure": report.get("structure"), **report["perplexity"]}
+
+
+def _perplexities(dense: _Target, pruned: _Target) -> dict:
+    """Perplexity of each model: the pruned model's report also measured its dense source on the same text."""
+    pruned_quality, dense_quality = quality(pruned.checkpoint), quality(dense.checkpoint)
+    return {
+        "dense": (dense_quality or {}).get("pruned") or (pruned_quality or {}).get("dense"),
+        "pruned": (pruned_quality or {}).get("pruned"),
+    }
+
+
+def run_bench(job: BenchJob) -> dict:
+    """Benchmark both models, write the run directory (JSON, Markdown, plots, logs); return the results."""
+    targets = [_resolve_target(label, spec, job.server.api_key) for label, spec in zip(LABELS, (job.dense, job.pruned))]
+    tokenizer_source = job.tokenizer or targets[0].checkpoint
+    if tokenizer_source is None:
+        raise WandaServeError("the dense server's model files are not on this machine; give --tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    levels = list(job.concurrency)
+    per_level = job.workload.num_prompts
+    requests = build_requests(job.workload, tokenizer, job.rounds * len(levels) * per_level)
+
+    def level_requests(round_index: int, level_index: int) -> list[Request]:
+        start = (round_index * len(levels) + level_index) * per_level
+        return requests[start:start + per_level]
+
+    with atomic_output_dir(job.out, job.overwrite) as tmp:
+        write_custom_dataset(requests, tokenizer, tmp / "workload.jsonl")
+        rounds: dict[tuple[str, int], list[tuple[list[RequestOutput], float]]] = {}
+        models: dict[str, dict] = {}
+        trace = (tmp / "requests.jsonl").open("w")
+        with trace:
+            for round_index in range(job.rounds):
+                for target in targets:
+                    log_path = tmp / "logs" / f"{target.label}-round{round_index + 1}.log"
+                    with _endpoint(target, job.server, log_path) as (endpoint, server):
+                        if target.label not in models:
+                            models[target.label] = _describe(target, endpoint, server, tokenizer, job.greedy_check)
+                        _test_request(endpoint, requests[0], target.label)
+                        for level_index, level in enumerate(levels):
+                            log.info("round %d, %s, concurrency %d", round_index + 1, target.label, level)
+                            level_outputs, duration = run_level(endpoint, level_requests(round_index, level_index), level)
+                            if server is not None:
+                                server.check_alive()
+                            rounds.setdefault((target.label, level), []).append((level_outputs, duration))
+                            for output in level_outputs:
+                                trace.write(json.dumps({"model": target.label, "round": round_index + 1,
+                                                        "max_concurrency": level, **asdict(output)}) + "\n")
+        results = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "workload": asdict(job.workload) | {"rounds": job.rounds, "requests_per_level_and_round": per_level,
+                                                "sampling": "greedy, end-of-sequence ignored"},
+            "concurrency": levels,
+            "models": models,
+            "perplexity": _perplexities(*targets),
+            "hour_price": job.hour_price,
+            "results": {label: [_level_metrics(rounds[label, level], level, job.hour_price)
+                                for level in levels] for label in LABELS},
+            "versions": package_versions(),
+        }
+        results["ratios"] = [_ratios(d, p) for d, p in zip(results["results"]["dense"], results["results"]["pruned"])]
+        (tmp / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+        write_summary(results, tmp / "summary.md")
+        write_plots(results, tmp)
+    return results
+
+
+def _describe(target: _Target, endpoint: Endpoint, server: VllmServer | None, tokenizer, greedy_check: bool) -> dict:
+    described = {"spec": target.spec, "served_as": endpoint.model,
+                 "checkpoint": str(target.checkpoint) if target.checkpoint else None}
+    if server is not None:
+        described["vllm"] = server.build
+        described["command"] = server.command("python")
+    if not greedy_check:
+        described["greedy_check"] = {"passed": None, "skipped": "--no-greedy-check"}
+    elif target.checkpoint is None:
+        described["greedy_check"] = {"passed": None, "skipped": "the server's model files are not on this machine"}
+    else:
+        try:
+            described["greedy_check"] = check_greedy(endpoint, target.checkpoint, tokenizer)
+        except ServerRequestFailed as e:
+            raise WandaServeError(f"the {target.label} server failed the greedy check request: {e}") from None
+        if not described["greedy_check"]["passed"]:
+            gap = described["greedy_check"]["max_logprob_gap"]
+            raise WandaServeError(
+                f"the {target.label} server does not compute what its checkpoint does: a token it chose greedily is "
+                f"{gap:.2f} nats below transformers' choice on the same files (allowed: {MAX_LOGPROB_GAP}); "
+                "not benchmarking a broken model")
+    return described
+
+
+def _level_metrics(rounds: list[tuple[list[RequestOutput], float]], level: int, hour_price: float | None) -> dict:
+    """One level's rounds pooled; each round's output throughput kept to show drift."""
+    outputs = [output for round_outputs, _ in rounds for output in round_outputs]
+    metrics = {"max_concurrency": level, **calculate_metrics(outputs, sum(duration for _, duration in rounds))}
+    metrics["output_throughput_per_round"] = [calculate_metrics(o, d)["output_throughput"] for o, d in rounds]
+    metrics["errors"] = sorted({o.error for o in outputs if not o.success})[:5]
+    if hour_price is not None:
+        metrics["dollars_per_million_output_tokens"] = cost_per_million_output_tokens(hour_price, metrics["output_throughput"])
+    return metrics
+
+
+def _ratios(dense: dict, pruned: dict) -> dict:
+    ratios = {"max_concurrency": dense["max_concurrency"]}
+    for key, value in dense.items():
+        compared = key.endswith(("_throughput", "_ms")) or key == "dollars_per_million_output_tokens"
+        if compared and value and pruned[key] is not None:
+            ratios[key] = pruned[key] / value
+    return ratios

@@ -1,0 +1,125 @@
+"""The benchmark's Markdown summary and PNG plots, built from the results dict alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+# (results key, label in the table, format)
+TABLE_ROWS = (
+    ("request_throughput", "requests/s", "{:.2f}"),
+    ("output_throughput", "output tokens/s", "{:.1f}"),
+    ("total_token_throughput", "total tokens/s", "{:.1f}"),
+    ("mean_ttft_ms", "TTFT mean (ms)", "{:.1f}"),
+    ("median_ttft_ms", "TTFT p50 (ms)", "{:.1f}"),
+    ("p99_ttft_ms", "TTFT p99 (ms)", "{:.1f}"),
+    ("mean_tpot_ms", "TPOT mean (ms)", "{:.2f}"),
+    ("median_tpot_ms", "TPOT p50 (ms)", "{:.2f}"),
+    ("p99_tpot_ms", "TPOT p99 (ms)", "{:.2f}"),
+    ("mean_itl_ms", "ITL mean (ms)", "{:.2f}"),
+    ("median_itl_ms", "ITL p50 (ms)", "{:.2f}"),
+    ("p99_itl_ms", "ITL p99 (ms)", "{:.2f}"),
+    ("mean_e2el_ms", "end-to-end mean (ms)", "{:.0f}"),
+    ("median_e2el_ms", "end-to-end p50 (ms)", "{:.0f}"),
+    ("p99_e2el_ms", "end-to-end p99 (ms)", "{:.0f}"),
+    ("dollars_per_million_output_tokens", "$ per million output tokens", "{:.3f}"),
+)
+
+
+def _perplexity_line(results: dict) -> str:
+    def one(label):
+        entry = results["perplexity"].get(label)
+        return f"{label} {entry['perplexity']:.2f}" if entry else f"{label} not recorded"
+
+    measured = results["perplexity"].get("pruned") or results["perplexity"].get("dense")
+    where = f" on {measured['data']} ({measured['windows']} × {measured['seqlen']} tokens)" if measured else ""
+    return f"- Perplexity{where}, from the prune reports: {one('dense')}, {one('pruned')}"
+
+
+def _greedy_line(label: str, model: dict) -> str:
+    check = model["greedy_check"]
+    if check["passed"] is None:
+        return f"- Greedy check, {label}: skipped ({check['skipped']})"
+    equal = ", ".join(str(a["tokens_equal_to_reference_greedy"]) for a in check["answers"])
+    tokens = len(check["answers"][0]["served_tokens"])
+    return (f"- Greedy check, {label}: passed; served tokens equal to transformers' greedy for {equal} of {tokens} "
+            f"tokens per prompt; largest log-probability gap {check['max_logprob_gap']:.3f} nats")
+
+
+def write_summary(results: dict, path: Path) -> None:
+    workload, models = results["workload"], results["models"]
+    lines = [
+        "# Pruned vs dense on vLLM",
+        "",
+        f"- dense: `{models['dense']['spec']}`; pruned: `{models['pruned']['spec']}`",
+        f"- vLLM: {_vllm_line(models['dense'])}",
+        f"- Workload: {workload['requests_per_level_and_round']} requests per concurrency level and round, "
+        f"{workload['rounds']} rounds alternating dense/pruned; prompts of {workload['input_len']} tokens "
+        f"({'held-out ' + workload['data'] + ' text' if workload['source'] == 'text' else 'random token ids'}, "
+        f"seed {workload['seed']}), {workload['output_len']} output tokens, {workload['sampling']}",
+        _perplexity_line(results),
+        *(_greedy_line(label, models[label]) for label in results["results"]),
+    ]
+    if results["hour_price"] is not None:
+        lines.append(f"- Cost at ${results['hour_price']:g} per hour of serving hardware")
+    lines.append("")
+    for dense, pruned, ratio in zip(results["results"]["dense"], results["results"]["pruned"], results["ratios"]):
+        lines += [f"## Concurrency {dense['max_concurrency']}", "", "| metric | dense | pruned | pruned / dense |",
+                  "|---|---:|---:|---:|"]
+        for key, name, fmt in TABLE_ROWS:
+            if dense.get(key) is None:
+                continue
+            ratio_text = f"{ratio[key]:.3f}" if key in ratio else "–"
+            lines.append(f"| {name} | {fmt.format(dense[key])} | {fmt.format(pruned[key])} | {ratio_text} |")
+        lines.append(f"| completed / failed requests | {dense['completed']} / {dense['failed']} | "
+                     f"{pruned['completed']} / {pruned['failed']} | |")
+        for label, level in (("dense", dense), ("pruned", pruned)):
+            if level["errors"]:
+                lines.append(f"\n{label} errors: " + "; ".join(f"`{e[:160]}`" for e in level["errors"]))
+        lines.append("")
+    lines += ["![throughput](throughput.png)", "", "![latency](latency.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def _vllm_line(model: dict) -> str:
+    if "vllm" not in model:
+        return f"running server at {model['spec']}"
+    return f"{model['vllm']['name']} {model['vllm']['version']}, `{' '.join(model['command'])}`"
+
+
+def _concurrency_axis(axis, levels: list[int]) -> None:
+    axis.set_xscale("log", base=2)
+    axis.minorticks_off()
+    axis.set(xlabel="max concurrency", xticks=levels, xticklabels=[str(level) for level in levels])
+
+
+def write_plots(results: dict, directory: Path) -> None:
+    levels = results["concurrency"]
+    series = results["results"]
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, key, title in zip(axes, ("output_throughput", "request_throughput"), ("output tokens/s", "requests/s")):
+        for label, points in series.items():
+            axis.plot(levels, [p[key] for p in points], marker="o", label=label)
+        _concurrency_axis(axis, levels)
+        axis.set(title=title, ylim=(0, None))
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(directory / "throughput.png", dpi=100)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for axis, metric, title in zip(axes, ("ttft", "tpot", "e2el"), ("time to first token", "time per output token", "end-to-end latency")):
+        for color, (label, points) in zip(("C0", "C1"), series.items()):
+            axis.plot(levels, [p[f"median_{metric}_ms"] for p in points], marker="o", color=color, label=f"{label} p50")
+            axis.plot(levels, [p[f"p99_{metric}_ms"] for p in points], marker="^", linestyle="--", color=color, label=f"{label} p99")
+        _concurrency_axis(axis, levels)
+        axis.set(ylabel="ms", title=title, ylim=(0, None))
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(directory / "latency.png", dpi=100)
+    plt.close(figure)

