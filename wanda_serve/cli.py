@@ -325,19 +325,22 @@ def serve(model, port, served_model_name, run_dir, **kwargs):
       wanda-serve serve runs/wanda-2of4-vllm --port 8000
       wanda-serve serve runs/llama-vllm --tensor-parallel-size 2 --gpu-memory-utilization 0.85 --api-key secret
     """
-    from deploy.vllm_server import VllmServer
+    from deploy.vllm_server import ServerFailed, VllmServer
 
     settings = _pop_server_settings(kwargs)
-    run_dir = run_dir or Path("runs") / f"serve-{model.resolve().name}"
-    with VllmServer(model, run_dir / "vllm-server.log", settings, port, served_model_name) as server:
-        click.echo(f"serving {server.model_name} at {server.base_url}/v1 (vLLM {server.build['version']}, "
-                   f"log {server.log_path}); Ctrl-C stops it")
-        try:
-            while True:
-                server.check_alive()
-                time.sleep(1)
-        except KeyboardInterrupt:
-            click.echo("stopping")
+    log_path = (run_dir or Path("runs") / f"serve-{model.resolve().name}") / "vllm-server.log"
+    try:
+        with VllmServer(model, log_path, settings, port, served_model_name) as server:
+            click.echo(f"serving {server.model_name} at {server.base_url}/v1 (vLLM {server.build['version']}, "
+                       f"log {log_path}); Ctrl-C stops it")
+            try:
+                while True:
+                    server.check_alive()
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                click.echo("stopping")
+    except ServerFailed as e:
+        raise ServerFailed(f"{e}\n(full log: {log_path})" if log_path.is_file() else str(e)) from None
 
 
 def workload_options(command):
@@ -425,13 +428,17 @@ def bench(dense, pruned, out, concurrency, rounds, gpu_hour_price, no_greedy_che
               help="Run directory (default: runs/<model>-<method>-<structure>).")
 @click.option("--method", type=click.Choice(list(METHODS)), default="wanda", show_default=True)
 @click.option("--structure", default="2:4", show_default=True)
+@click.option("--nsamples", default=64, show_default=True, help="Calibration samples.")
+@click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration sample.")
+@eval_options
 @click.option("--export-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
               help="dtype of the vLLM checkpoints.")
 @workload_options
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
 @server_options
 @_user_errors_as_one_line
-def run_command(model, out, method, structure, export_dtype, concurrency, rounds, gpu_hour_price, overwrite, **kwargs):
+def run_command(model, out, method, structure, nsamples, seqlen, eval_seqlen, eval_windows, export_dtype, concurrency, rounds,
+                gpu_hour_price, overwrite, **kwargs):
     """The whole pipeline: prune, evaluate, export for vLLM and ONNX, serve dense and pruned, benchmark.
 
     \b
@@ -447,7 +454,8 @@ def run_command(model, out, method, structure, export_dtype, concurrency, rounds
 
     name = Path(model).name if model else EMBEDDED_MODEL_NAME
     out = out or Path("runs") / f"{name}-{method}-{structure.replace(':', 'of').replace('%', 'pct')}"
-    job = MainJob(out, model, method, structure, export_dtype, _pop_workload(kwargs), _concurrency_levels(concurrency),
-                  rounds, _pop_server_settings(kwargs), gpu_hour_price, overwrite)
+    job = MainJob(out, model, method, structure, nsamples, seqlen, EvalOptions("wiki", eval_seqlen, eval_windows), export_dtype,
+                  _pop_workload(kwargs), _concurrency_levels(concurrency), rounds, _pop_server_settings(kwargs),
+                  gpu_hour_price, overwrite)
     report = run_main_job(job)
     click.echo(f"wrote {report}")

@@ -29,6 +29,9 @@ class MainJob:
     model: str | None = None  # None: the embedded default model
     method: str = "wanda"
     structure: str = "2:4"
+    nsamples: int = 64
+    seqlen: int = 512
+    evaluation: EvalOptions = field(default_factory=EvalOptions)
     serve_dtype: str = "bfloat16"  # of the vLLM checkpoints
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     concurrency: tuple[int, ...] = (1, 2, 4, 8)
@@ -46,8 +49,8 @@ def run_main_job(job: MainJob) -> Path:
     started = time.perf_counter()
     stage = "prune"
     try:
-        prune = run_prune(PruneJob(out=job.out / "pruned", model=job.model, method=job.method,
-                                   structure=job.structure, evaluation=EvalOptions()))
+        prune = run_prune(PruneJob(out=job.out / "pruned", model=job.model, method=job.method, structure=job.structure,
+                                   nsamples=job.nsamples, seqlen=job.seqlen, evaluation=job.evaluation))
         stage = "export vllm"
         dense_export = export_vllm(VllmExport(job.out / "vllm-dense", job.model, job.serve_dtype))
         pruned_export = export_vllm(VllmExport(job.out / "vllm-pruned", str(job.out / "pruned"), job.serve_dtype))

