@@ -1,8 +1,10 @@
-"""Pruning benchmark: dense vs magnitude, wanda and sparsegpt at 2:4, 4:8 and unstructured 50%.
+"""Pruning benchmark: every method and option at 2:4 and unstructured 50%, against the dense model.
 
-Every configuration runs in its own `wanda-serve` process, so peak memory is per configuration,
-with the same calibration windows and the same evaluation windows. Writes a Markdown table and
-the raw JSON.
+Methods magnitude, wanda, ria and sparsegpt; at 2:4 each with and without channel permutation,
+the scoring methods also with reconstruction (and both); at 50% with and without reconstruction,
+and wanda and ria with OWL. Every recipe runs in its own `wanda-serve` process, so peak memory is
+per recipe, with the same calibration windows and the same evaluation windows. Writes a Markdown
+table and the raw JSON.
 
     python bench/prune_methods.py --out docs/prune_benchmark.md
 """
@@ -20,8 +22,16 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-STRUCTURES = ("2:4", "4:8", "0.5")
+SCORING = ("magnitude", "wanda", "ria")
+RECIPES = (  # (method, structure, options)
+    *((m, "2:4", ()) for m in (*SCORING, "sparsegpt")),
+    *((m, "2:4", ("--permute",)) for m in (*SCORING, "sparsegpt")),
+    *((m, "2:4", ("--reconstruct",)) for m in SCORING),
+    *((m, "2:4", ("--permute", "--reconstruct")) for m in SCORING),
+    *((m, "0.5", ()) for m in (*SCORING, "sparsegpt")),
+    *((m, "0.5", ("--reconstruct",)) for m in SCORING),
+    *((m, "0.5", ("--owl",)) for m in ("wanda", "ria")),
+)
 
 
 def wanda_serve(*args: str) -> None:
@@ -62,20 +72,19 @@ def main() -> None:
 
     wanda_serve("eval", *model, *evaluation, "--json", str(args.work / "dense.eval.json"))
     rows = [{"method": "dense", "structure": "-", "eval": json.loads((args.work / "dense.eval.json").read_text())}]
-    for structure in STRUCTURES:
-        for method in METHODS:
-            name = f"{method}-{structure.replace(':', 'of')}"
-            out = args.work / name
-            wanda_serve(
-                "prune", *model, "--method", method, "--structure", structure, "--nsamples", str(args.nsamples),
-                "--seqlen", str(args.seqlen), "--device", args.device, "--no-eval", "--overwrite", "--out", str(out),
-            )
-            report = json.loads((out / "prune_report.json").read_text())
-            wanda_serve("eval", str(out), *evaluation, "--json", str(args.work / f"{name}.eval.json"))
-            rows.append({"method": method, "structure": structure, "report": report,
-                         "eval": json.loads((args.work / f"{name}.eval.json").read_text())})
-            if not args.keep:
-                shutil.rmtree(out)
+    for method, structure, options in RECIPES:
+        name = "-".join([method, structure.replace(":", "of"), *(o.removeprefix("--") for o in options)])
+        out = args.work / name
+        wanda_serve(
+            "prune", *model, "--method", method, "--structure", structure, *options, "--nsamples", str(args.nsamples),
+            "--seqlen", str(args.seqlen), "--device", args.device, "--no-eval", "--overwrite", "--out", str(out),
+        )
+        report = json.loads((out / "prune_report.json").read_text())
+        wanda_serve("eval", str(out), *evaluation, "--json", str(args.work / f"{name}.eval.json"))
+        rows.append({"method": method, "structure": structure, "options": list(options), "report": report,
+                     "eval": json.loads((args.work / f"{name}.eval.json").read_text())})
+        if not args.keep:
+            shutil.rmtree(out)
 
     command = "python bench/prune_methods.py " + shlex.join(sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,20 +111,20 @@ def render(rows: list[dict], command: str, args, elapsed: float) -> str:
         "Total s: the whole `wanda-serve prune` process (loading, calibration, forward passes, saving). "
         "Peak RSS: the process's peak resident memory.",
         "",
-        "| method | structure | perplexity | vs dense | mask s | forward s | total s | peak RSS MiB | sparsity | N:M valid |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| method | options | structure | perplexity | vs dense | mask s | forward s | total s | peak RSS MiB | sparsity | N:M valid |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         ppl = row["eval"]["perplexity"]["perplexity"]
         audit = row["eval"]["sparsity"]
         if "report" not in row:
-            lines.append(f"| dense | - | {ppl:.2f} | 1.00x | - | - | - | - | {audit['overall_sparsity']:.3f} | - |")
+            lines.append(f"| dense | | - | {ppl:.2f} | 1.00x | - | - | - | - | {audit['overall_sparsity']:.3f} | - |")
             continue
         report = row["report"]
         structure = row["structure"]
         valid = audit["all_nm_valid"].get(structure, "-") if ":" in structure else "-"
         lines.append(
-            f"| {row['method']} | {structure} | {ppl:.2f} | {ppl / dense['perplexity']:.2f}x | {report['mask_seconds']:.2f} | "
+            f"| {row['method']} | {' '.join(row['options'])} | {structure} | {ppl:.2f} | {ppl / dense['perplexity']:.2f}x | {report['mask_seconds']:.2f} | "
             f"{report['forward_seconds']:.1f} | {report['total_seconds']:.1f} | {report['memory']['peak_rss_mib']:.0f} | "
             f"{audit['overall_sparsity']:.3f} | {valid if valid == '-' else ('yes' if valid else 'NO')} |"
         )

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, VOCAB, tiny_model
-from wanda_serve.engine import block_linears, find_decoder_blocks, prune_model
+from wanda_serve.engine import Owl, block_linears, capture_block_inputs, find_decoder_blocks, find_linears, prune_model
 from wanda_serve.errors import WandaServeError
 from wanda_serve.methods import get_method
+from wanda_serve.permute import Fold, exact_folds, kept_score, spreading_permutation
 from wanda_serve.structure import Structure, audit_linears
 
 
@@ -27,7 +28,7 @@ def test_model_without_decoder_blocks_is_refused():
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "ria", "sparsegpt"])
 def test_prunes_every_block_linear_to_2_of_4_and_nothing_else(arch, method):
     model = tiny_model(arch)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -98,3 +99,61 @@ def test_m_that_does_not_divide_the_width_is_refused_before_pruning():
     with pytest.raises(WandaServeError, match="M=7 does not divide its 64 inputs"):
         prune_model(model, batches(), get_method("wanda"), Structure(n=2, m=7), progress=False)
     assert torch.equal(block_linears(model)["0.self_attn.q_proj"].weight, before)
+
+
+def test_owl_spreads_the_ratio_over_blocks_and_keeps_the_global_ratio():
+    owl = Owl(spread=0.1)
+    assert owl.block_sparsities([0.01, 0.03, 0.02], 0.5) == pytest.approx([0.6, 0.4, 0.5])  # more outliers, fewer zeros
+    assert owl.block_sparsities([0.02, 0.02], 0.5) == [0.5, 0.5]
+
+    model = tiny_model("llama")
+    timings = prune_model(model, batches(), get_method("wanda"), Structure(ratio=0.5), progress=False, owl=owl)
+    assert sorted(timings.block_sparsity) == pytest.approx([0.4, 0.6])  # two blocks: target ± spread
+    audit = audit_linears(block_linears(model))
+    assert audit["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+    for name, layer in audit["layers"].items():
+        assert layer["sparsity"] == pytest.approx(timings.block_sparsity[int(name.split(".")[0])], abs=0.02)
+
+
+def test_owl_refuses_n_m():
+    with pytest.raises(WandaServeError, match="OWL spreads an unstructured ratio"):
+        prune_model(tiny_model("llama"), batches(), get_method("wanda"), Structure(n=2, m=4), progress=False, owl=Owl())
+
+
+@pytest.mark.parametrize("arch, fold", [
+    ("llama", Fold(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")),
+    ("opt", Fold(("fc1",), "fc2")),
+])
+def test_only_exact_folds_are_found_and_a_folded_permutation_keeps_the_logits(arch, fold):
+    model = tiny_model(arch)
+    ids = batches()[0]
+    before = model(ids).logits
+    call = capture_block_inputs(model, [ids], torch.device("cpu"))[0]
+    generator = torch.Generator().manual_seed(1)
+    for block in find_decoder_blocks(model):
+        linears = find_linears(block)
+        # q_proj's rows match o_proj's columns in shape, but q does not feed o channel by channel: rejected
+        assert exact_folds(block, linears, lambda: call.run(block, call.hidden)) == [fold]
+        fold.apply(linears, torch.randperm(linears[fold.consumer].in_features, generator=generator))
+    assert torch.allclose(model(ids).logits, before, atol=1e-5)
+
+
+def test_spreading_permutation_keeps_more_score_under_2_of_4():
+    scores = torch.rand(8, 16) + torch.tensor([10.0] * 4 + [0.0] * 12)  # the four strong inputs share one group
+    structure = Structure(n=2, m=4)
+    perm = spreading_permutation(scores, structure)
+    assert sorted(perm.tolist()) == list(range(16))
+    assert kept_score(scores[:, perm], structure) > kept_score(scores, structure) + 8 * 2 * 9
+    uniform = torch.ones(4, 8)
+    assert torch.equal(spreading_permutation(uniform, structure), torch.arange(8))  # nothing to gain: unchanged
+
+
+def test_permuted_pruning_is_n_m_valid_and_keeps_more_than_unpermuted():
+    plain, permuted = tiny_model("llama"), tiny_model("llama")
+    prune_model(plain, batches(), get_method("wanda"), Structure(n=2, m=4), progress=False)
+    timings = prune_model(permuted, batches(), get_method("wanda"), Structure(n=2, m=4), progress=False, permute=True)
+    assert set(timings.permutations) == {"0.mlp.down_proj", "1.mlp.down_proj"}
+    assert all(p["kept_score_ratio"] >= 1 for p in timings.permutations.values())
+    assert audit_linears(block_linears(permuted))["all_nm_valid"]["2:4"]
+    with pytest.raises(WandaServeError, match="not N:M"):
+        prune_model(tiny_model("llama"), batches(), get_method("wanda"), Structure(ratio=0.5), progress=False, permute=True)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from wanda_serve.methods import METHODS, InputHessian, InputNorms, magnitude_scores, wanda_scores
+from wanda_serve.errors import WandaServeError
+from wanda_serve.methods import METHODS, InputHessian, InputNorms, get_method, magnitude_scores, ria_scores, wanda_scores
 from wanda_serve.structure import Structure, is_nm_valid
 
 
@@ -82,3 +83,35 @@ def test_scoring_methods_zero_exactly_the_mask_and_keep_the_rest():
     kept = pruned != 0
     assert torch.equal(pruned[kept], weight[kept])
     assert int(kept.sum()) == weight.numel() // 2
+
+
+def test_ria_score_by_hand():
+    weight = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
+    stat = InputNorms(2, torch.device("cpu"))
+    stat.add_batch(torch.tensor([[2.0, 3.0]]))  # squared norms 4 and 9: ||X|| = 2 and 3
+    # |W| over its row sum (3, 7) plus |W| over its column sum (4, 6), times ||X||^0.5
+    by_hand = torch.tensor([[(1 / 3 + 1 / 4) * 2 ** 0.5, (2 / 3 + 2 / 6) * 3 ** 0.5],
+                            [(3 / 7 + 3 / 4) * 2 ** 0.5, (4 / 7 + 4 / 6) * 3 ** 0.5]])
+    assert torch.allclose(ria_scores(weight, stat), by_hand)
+
+
+@pytest.mark.parametrize("method", ["wanda", "ria"])
+@pytest.mark.parametrize("structure", [Structure(n=2, m=4), Structure(ratio=0.5)])
+def test_reconstruction_keeps_the_mask_and_lowers_the_output_error(method, structure):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 16, bias=False)
+    mixing = torch.randn(16, 64)  # inputs near a 16-dimensional subspace: correlated, as real activations are
+    batches = [torch.randn(4, 32, 16) @ mixing + 0.1 * torch.randn(4, 32, 64) for _ in range(4)]
+    weight = layer.weight.detach()
+    plain = get_method(method).prune(weight, collect(get_method(method).statistic, layer, batches), structure)
+    reconstructed = get_method(method, reconstruct=True).prune(weight, collect(InputHessian, layer, batches), structure)
+    assert torch.equal(plain == 0, reconstructed == 0)  # the same weights pruned
+    assert not torch.equal(plain, reconstructed)  # the survivors moved
+    x = torch.cat([b.reshape(-1, 64) for b in batches])
+    error = lambda w: (x @ w.T - x @ weight.T).pow(2).sum()  # noqa: E731
+    assert error(reconstructed) < 0.8 * error(plain)
+
+
+def test_reconstruction_is_for_scoring_methods_only():
+    with pytest.raises(WandaServeError, match="sparsegpt already updates the weights it keeps"):
+        get_method("sparsegpt", reconstruct=True)

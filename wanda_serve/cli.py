@@ -15,6 +15,7 @@ import click
 from huggingface_hub.utils import logging as hf_logging
 from transformers.utils import logging as transformers_logging
 
+from wanda_serve.engine import Owl
 from wanda_serve.errors import WandaServeError
 from wanda_serve.jobs import EvalOptions, PruneJob, run_eval, run_prune
 from wanda_serve.methods import METHODS
@@ -80,6 +81,13 @@ def device_option(command):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory for the pruned model.")
 @click.option("--method", type=click.Choice(list(METHODS)), default="wanda", show_default=True)
 @click.option("--structure", default="2:4", show_default=True, help="N:M (N zeros in every M inputs) or a ratio such as 0.5.")
+@click.option("--reconstruct", is_flag=True,
+              help="After the method's mask, update the surviving weights to minimise each layer's output error (OBS, as SparseGPT).")
+@click.option("--permute", is_flag=True,
+              help="N:M only: reorder input channels where that folds exactly into the model, to keep more under the mask.")
+@click.option("--owl", is_flag=True, help="OWL: spread an unstructured ratio over the blocks by their activation outliers.")
+@click.option("--owl-spread", default=0.08, show_default=True, help="OWL's λ: block sparsities span the target ± this.")
+@click.option("--owl-outlier-factor", default=5.0, show_default=True, help="OWL's M: an outlier is a score above M × the block's mean.")
 @click.option("--calib", default="wiki", show_default=True, help="Calibration text: wiki (embedded), c4, wikitext2, a .txt or .jsonl file.")
 @click.option("--nsamples", default=64, show_default=True, help="Calibration samples.")
 @click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration sample.")
@@ -92,7 +100,7 @@ def device_option(command):
 @click.option("--no-eval", is_flag=True, help="Skip perplexity before and after pruning.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @_user_errors_as_one_line
-def prune(model, out, method, structure, calib, nsamples, seqlen, seed, batch_size, device, dtype, eval_data, eval_seqlen, eval_windows, no_eval, overwrite):
+def prune(model, out, method, structure, reconstruct, permute, owl, owl_spread, owl_outlier_factor, calib, nsamples, seqlen, seed, batch_size, device, dtype, eval_data, eval_seqlen, eval_windows, no_eval, overwrite):
     """Prune MODEL layer by layer and write it as a Hugging Face directory with prune_report.json.
 
     \b
@@ -104,14 +112,20 @@ def prune(model, out, method, structure, calib, nsamples, seqlen, seed, batch_si
       wanda-serve prune --out runs/wanda-2of4
       wanda-serve prune --method sparsegpt --structure 4:8 --nsamples 128 --out runs/sg-4of8
       wanda-serve prune ./model --structure 50% --calib notes.jsonl --out runs/u50
+      wanda-serve prune --method ria --reconstruct --out runs/ria-2of4-rec
+      wanda-serve prune --structure 0.5 --owl --out runs/wanda-owl-50
     """
     job = PruneJob(
-        out=out, model=model, method=method, structure=structure, calib=calib, nsamples=nsamples, seqlen=seqlen,
+        out=out, model=model, method=method, structure=structure, reconstruct=reconstruct, permute=permute,
+        owl=Owl(owl_spread, owl_outlier_factor) if owl else None, calib=calib, nsamples=nsamples, seqlen=seqlen,
         seed=seed, batch_size=batch_size, device=device, dtype=dtype, overwrite=overwrite,
         evaluation=None if no_eval else EvalOptions(eval_data, eval_seqlen, eval_windows),
     )
     report = run_prune(job)
-    click.echo(f"wrote {out}  ({report['method']} {report['structure']}, sparsity {report['sparsity']['overall_sparsity']:.4f})")
+    recipe = " ".join([report["method"], *(["+ permutation"] if report["permutation"] else []),
+                       *(["+ reconstruction"] if report["reconstruct"] else []), *(["+ OWL"] if report["owl"] else []),
+                       report["structure"]])
+    click.echo(f"wrote {out}  ({recipe}, sparsity {report['sparsity']['overall_sparsity']:.4f})")
     click.echo(f"mask computation {report['mask_seconds']:.1f} s, forward passes {report['forward_seconds']:.1f} s, total {report['total_seconds']:.1f} s")
     if report["perplexity"]:
         before, after = report["perplexity"]["dense"], report["perplexity"]["pruned"]

@@ -9,14 +9,15 @@ outputs feed the next one. Only the block being pruned needs to be on `device`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from wanda_serve.errors import WandaServeError
-from wanda_serve.methods import Method
+from wanda_serve.methods import InputNorms, Method, wanda_scores
+from wanda_serve.permute import exact_folds, kept_score, spreading_permutation
 from wanda_serve.structure import Structure
 
 
@@ -114,6 +115,30 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], device: 
 class PruneTimings:
     mask_seconds: float = 0.0
     forward_seconds: float = 0.0
+    block_sparsity: list[float] | None = None  # per decoder block, when OWL chose them
+    permutations: dict[str, dict] = field(default_factory=dict)  # per permuted layer: what it folded into, score kept
+
+
+@dataclass(frozen=True)
+class Owl:
+    """OWL (Yin et al. 2024): blocks with more activation outliers keep more weights.
+
+    A block's outlier ratio is the share of its Wanda scores above `outlier_factor` times their
+    mean; sparsities are spread linearly over target ± `spread` by that ratio, averaging the target.
+    """
+
+    spread: float = 0.08  # the paper's λ
+    outlier_factor: float = 5.0  # the paper's M
+
+    def check_applies(self, structure: Structure) -> None:
+        if structure.is_nm:
+            raise WandaServeError(f"OWL spreads an unstructured ratio over the layers; {structure} is N:M, give a ratio such as 0.5")
+
+    def block_sparsities(self, outlier_ratios: list[float], target: float) -> list[float]:
+        ratios = torch.tensor(outlier_ratios, dtype=torch.float64)
+        span = ratios.max() - ratios.min()
+        scaled = (ratios - ratios.min()) / span * 2 * self.spread if span > 0 else torch.zeros_like(ratios)
+        return (target - (scaled - scaled.mean())).tolist()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -130,6 +155,54 @@ def _prune_linears(linears: dict[str, nn.Linear], method: Method, stats: dict, s
     return time.perf_counter() - start
 
 
+def _permute_for_nm(block, linears: dict[str, nn.Linear], stats: dict, method: Method, structure: Structure,
+                    call: BlockCall, hidden: torch.Tensor, index: int) -> dict[str, dict]:
+    """Permute the input channels of each layer where that folds exactly, to keep more score under the N:M mask."""
+    score_fn = method.scores or wanda_scores  # SparseGPT: Wanda's scores, from its Hessian's diagonal
+    report = {}
+    for fold in exact_folds(block, linears, lambda: call.run(block, hidden)):
+        scores = score_fn(linears[fold.consumer].weight.float(), stats.get(fold.consumer))
+        perm = spreading_permutation(scores, structure)
+        fold.apply(linears, perm)
+        if fold.consumer in stats:
+            stats[fold.consumer].permute(perm)
+        report[f"{index}.{fold.consumer}"] = {
+            "folded_into": [f"{index}.{name}" for name in fold.producers],
+            "kept_score_ratio": kept_score(scores[:, perm], structure) / kept_score(scores, structure),
+        }
+    return report
+
+
+def _collect_statistics(block, linears: dict[str, nn.Linear], statistic: type, calls: list[BlockCall],
+                        hidden: list[torch.Tensor], device) -> tuple[dict, list[torch.Tensor], float]:
+    """Run the block with a hook on each linear layer feeding `statistic`; the statistics, outputs and seconds."""
+    stats = {name: statistic(linear.in_features, device) for name, linear in linears.items()}
+    handles = [linear.register_forward_hook(lambda mod, inp, out, stat=stats[name]: stat.add_batch(inp[0]))
+               for name, linear in linears.items()]
+    try:
+        outputs, seconds = _timed_forward(block, calls, hidden, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats, outputs, seconds
+
+
+@torch.no_grad()
+def block_outlier_ratios(blocks: nn.ModuleList, calls: list[BlockCall], device, outlier_factor: float) -> list[float]:
+    """OWL's statistic for each block of the dense model: the share of Wanda scores above outlier_factor × their mean."""
+    hidden = [call.hidden for call in calls]
+    ratios = []
+    for block in blocks:
+        home = next(block.parameters()).device
+        block.to(device)
+        linears = find_linears(block)
+        stats, hidden, _ = _collect_statistics(block, linears, InputNorms, calls, hidden, device)
+        scores = torch.cat([wanda_scores(linear.weight.float(), stats[name]).flatten() for name, linear in linears.items()])
+        ratios.append(float((scores > outlier_factor * scores.mean()).float().mean()))
+        block.to(home)
+    return ratios
+
+
 @torch.no_grad()
 def prune_model(
     model: nn.Module,
@@ -138,32 +211,48 @@ def prune_model(
     structure: Structure,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    owl: Owl | None = None,
+    permute: bool = False,
 ) -> PruneTimings:
-    """Prune every linear layer of every decoder block of `model` in place."""
+    """Prune every linear layer of every decoder block of `model` in place.
+
+    With `owl`, an unstructured target is spread over the blocks by their outlier ratios (one more
+    calibration pass over the dense model first). With `permute`, an N:M target is preceded by the
+    input-channel permutations that fold exactly into each block (permute.py).
+    """
     device = torch.device(device)
     check_structure_fits(model, structure)
     blocks = find_decoder_blocks(model)
     timings = PruneTimings()
-    calls = capture_block_inputs(model, batches, device) if method.statistic is not None else []
+    if owl is not None:
+        owl.check_applies(structure)
+    if permute and not structure.is_nm:
+        raise WandaServeError(f"channel permutation spreads weights over the groups of an N:M pattern; {structure} is not N:M")
+    needs_calibration = method.statistic is not None or owl is not None or permute
+    calls = capture_block_inputs(model, batches, device) if needs_calibration else []
+    block_structures = [structure] * len(blocks)
+    if owl is not None:
+        start = time.perf_counter()
+        outlier_ratios = block_outlier_ratios(blocks, calls, device, owl.outlier_factor)
+        timings.forward_seconds += time.perf_counter() - start
+        timings.block_sparsity = owl.block_sparsities(outlier_ratios, structure.ratio)
+        block_structures = [Structure(ratio=ratio) for ratio in timings.block_sparsity]
     hidden = [call.hidden for call in calls]
 
-    for block in tqdm(blocks, desc="pruning blocks", disable=not progress):
+    for index, (block, block_structure) in enumerate(tqdm(list(zip(blocks, block_structures)), desc="pruning blocks",
+                                                          disable=not progress)):
         home = next(block.parameters()).device
         block.to(device)
         linears = find_linears(block)
         stats = {}
         if method.statistic is not None:
-            stats = {name: method.statistic(linear.in_features, device) for name, linear in linears.items()}
-            handles = [
-                linear.register_forward_hook(lambda mod, inp, out, stat=stats[name]: stat.add_batch(inp[0]))
-                for name, linear in linears.items()
-            ]
-            try:
-                timings.forward_seconds += _timed_forward(block, calls, hidden, device)[1]
-            finally:
-                for handle in handles:
-                    handle.remove()
-        timings.mask_seconds += _prune_linears(linears, method, stats, structure, device)
+            stats, _, seconds = _collect_statistics(block, linears, method.statistic, calls, hidden, device)
+            timings.forward_seconds += seconds
+        if permute:
+            start = time.perf_counter()
+            timings.permutations.update(_permute_for_nm(block, linears, stats, method, structure, calls[0], hidden[0], index))
+            timings.mask_seconds += time.perf_counter() - start
+        timings.mask_seconds += _prune_linears(linears, method, stats, block_structure, device)
         if calls:
             hidden, seconds = _timed_forward(block, calls, hidden, device)
             timings.forward_seconds += seconds

@@ -13,7 +13,7 @@ import torch
 
 from wanda_serve.artifacts import atomic_output_dir, package_versions
 from wanda_serve.data import calibration_batches, evaluation_ids, load_corpus
-from wanda_serve.engine import block_linears, check_structure_fits, prune_model
+from wanda_serve.engine import Owl, block_linears, check_structure_fits, prune_model
 from wanda_serve.errors import WandaServeError
 from wanda_serve.evaluate import perplexity, torch_logits_fn
 from wanda_serve.methods import get_method
@@ -38,6 +38,9 @@ class PruneJob:
     model: str | None = None  # None: the embedded default model
     method: str = "wanda"
     structure: str = "2:4"
+    reconstruct: bool = False  # the method's mask, then the OBS update of the surviving weights
+    owl: Owl | None = None  # per-block ratios from outlier ratios (unstructured targets)
+    permute: bool = False  # input-channel permutations folded into the model before an N:M mask
     calib: str = "wiki"
     nsamples: int = 64
     seqlen: int = 512
@@ -88,7 +91,9 @@ def run_prune(job: PruneJob) -> dict:
     """Prune job.model and write it, with prune_report.json, to job.out. Returns the report."""
     started = time.perf_counter()
     structure = Structure.parse(job.structure)
-    method = get_method(job.method)
+    method = get_method(job.method, job.reconstruct)
+    if job.owl is not None:
+        job.owl.check_applies(structure)
     device = resolve_device(job.device)
     with atomic_output_dir(job.out, job.overwrite) as tmp:
         loaded = load_model(job.model, job.dtype)
@@ -98,7 +103,7 @@ def run_prune(job: PruneJob) -> dict:
 
         calibration = {"used": False}
         batches = []
-        if method.statistic is not None:
+        if method.statistic is not None or job.owl is not None or job.permute:
             corpus = load_corpus(job.calib)
             batches = calibration_batches(corpus, loaded.tokenizer, job.nsamples, job.seqlen, job.seed, job.batch_size)
             calibration = {
@@ -108,12 +113,15 @@ def run_prune(job: PruneJob) -> dict:
 
         evaluation = _Evaluation(job.evaluation, loaded.tokenizer, device, job.progress) if job.evaluation else None
         before = evaluation.perplexity(loaded.model) if evaluation else None
-        timings = prune_model(loaded.model, batches, method, structure, device, job.progress)
+        timings = prune_model(loaded.model, batches, method, structure, device, job.progress, job.owl, job.permute)
         after = evaluation.perplexity(loaded.model) if evaluation else None
 
         save_model(loaded, tmp)
         report = {
             "method": job.method,
+            "reconstruct": job.reconstruct,
+            "owl": asdict(job.owl) | {"block_sparsity": timings.block_sparsity} if job.owl else None,
+            "permutation": {"layers": timings.permutations} if job.permute else None,
             "structure": str(structure),
             "structure_meaning": f"{structure.n} of every {structure.m} consecutive input weights of a row are zero"
             if structure.is_nm else f"{structure.ratio:g} of each output row's weights are zero",

@@ -26,6 +26,9 @@ class InputNorms:
         tokens = inp.reshape(-1, inp.shape[-1]).float()  # (B*T, in)
         self.squared_norms += tokens.pow(2).sum(0)
 
+    def permute(self, perm: torch.Tensor) -> None:
+        self.squared_norms = self.squared_norms[perm]
+
 
 class InputHessian:
     """H = 2 X Xᵀ / n over calibration tokens, the layer-wise reconstruction Hessian."""
@@ -39,9 +42,17 @@ class InputHessian:
         self.xxt += tokens.T @ tokens
         self.tokens += tokens.shape[0]
 
+    def permute(self, perm: torch.Tensor) -> None:
+        self.xxt = self.xxt[perm][:, perm]
+
     @property
     def hessian(self) -> torch.Tensor:
         return 2 * self.xxt / max(self.tokens, 1)
+
+    @property
+    def squared_norms(self) -> torch.Tensor:
+        # ||X_j||² is XXᵀ's diagonal: score functions that use InputNorms work on a Hessian too.
+        return torch.diagonal(self.xxt)
 
 
 def magnitude_scores(weight: torch.Tensor, stat: None) -> torch.Tensor:
@@ -53,6 +64,17 @@ def wanda_scores(weight: torch.Tensor, stat: InputNorms) -> torch.Tensor:
     return weight.abs() * stat.squared_norms.sqrt().unsqueeze(0)
 
 
+RIA_EXPONENT = 0.5  # a in RIA's ||X||₂^a, the paper's choice
+
+
+def ria_scores(weight: torch.Tensor, stat: InputNorms) -> torch.Tensor:
+    # RIA (Zhang et al. 2024): relative importance of |W_ij| within its row and within its column,
+    # times the input activation norm to the power a.
+    magnitude = weight.abs()
+    relative = magnitude / magnitude.sum(dim=1, keepdim=True) + magnitude / magnitude.sum(dim=0, keepdim=True)
+    return relative * stat.squared_norms.sqrt().pow(RIA_EXPONENT).unsqueeze(0)
+
+
 def prune_by_scores(score_fn: Callable) -> Callable:
     def prune(weight: torch.Tensor, stat, structure: Structure) -> torch.Tensor:
         mask = prune_mask(score_fn(weight.float(), stat), structure)
@@ -61,14 +83,25 @@ def prune_by_scores(score_fn: Callable) -> Callable:
     return prune
 
 
+def reconstruct_after_scores(score_fn: Callable) -> Callable:
+    """Mask from the scores, then SparseGPT's OBS update of the surviving weights with that mask fixed."""
+
+    def prune(weight: torch.Tensor, stat: InputHessian, structure: Structure) -> torch.Tensor:
+        return sparsegpt_prune(weight, stat, structure, mask=prune_mask(score_fn(weight.float(), stat), structure))
+
+    return prune
+
+
 def sparsegpt_prune(
-    weight: torch.Tensor, stat: InputHessian, structure: Structure, blocksize: int = 128, percdamp: float = 0.01
+    weight: torch.Tensor, stat: InputHessian, structure: Structure, blocksize: int = 128, percdamp: float = 0.01,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh 2023): OBS mask selection and weight update, column by column.
 
     The mask comes from the shared builder on the OBS saliency w² / [H⁻¹]²_jj: per 128-column
     block and row for unstructured ratios, per group of M columns (chosen lazily, after earlier
-    columns' updates) for N:M.
+    columns' updates) for N:M. A given `mask` (True = prune) is used as it is: then only the
+    update of the surviving weights is SparseGPT's.
     """
     W = weight.detach().clone().float()
     rows, cols = W.shape
@@ -89,12 +122,15 @@ def sparsegpt_prune(
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         diag1 = torch.diag(Hinv1)
-        if structure.is_nm:
+        choose_groups = mask is None and structure.is_nm
+        if mask is not None:
+            mask1 = mask[:, i1:i2]
+        elif structure.is_nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
             mask1 = prune_mask(W1.pow(2) / diag1.pow(2).unsqueeze(0), structure)
         for i in range(i2 - i1):
-            if structure.is_nm and i % structure.m == 0:
+            if choose_groups and i % structure.m == 0:
                 group = slice(i, i + structure.m)
                 mask1[:, group] = prune_mask(W1[:, group].pow(2) / diag1[group].pow(2).unsqueeze(0), structure)
             w = W1[:, i]
@@ -110,21 +146,35 @@ def sparsegpt_prune(
 
 @dataclass(frozen=True)
 class Method:
-    """statistic: the per-layer input statistic the method needs (None: weights alone)."""
+    """statistic: the per-layer input statistic the method needs (None: weights alone).
+    scores: the score function, for methods that only score (None: the method chooses its own mask)."""
 
     statistic: type | None
     prune: Callable[[torch.Tensor, object, Structure], torch.Tensor]
+    scores: Callable[[torch.Tensor, object], torch.Tensor] | None = None
+
+
+def scoring_method(statistic: type | None, score_fn: Callable) -> Method:
+    return Method(statistic, prune_by_scores(score_fn), score_fn)
 
 
 METHODS: dict[str, Method] = {
-    "magnitude": Method(statistic=None, prune=prune_by_scores(magnitude_scores)),
-    "wanda": Method(statistic=InputNorms, prune=prune_by_scores(wanda_scores)),
+    "magnitude": scoring_method(None, magnitude_scores),
+    "wanda": scoring_method(InputNorms, wanda_scores),
+    "ria": scoring_method(InputNorms, ria_scores),
     "sparsegpt": Method(statistic=InputHessian, prune=sparsegpt_prune),
 }
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str, reconstruct: bool = False) -> Method:
+    """The named method; with `reconstruct`, its mask followed by the OBS update of the surviving weights."""
     try:
-        return METHODS[name]
+        method = METHODS[name]
     except KeyError:
         raise WandaServeError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+    if not reconstruct:
+        return method
+    if method.scores is None:
+        raise WandaServeError(f"--reconstruct applies to scoring methods ({', '.join(n for n, m in METHODS.items() if m.scores)}); "
+                              f"{name} already updates the weights it keeps")
+    return Method(InputHessian, reconstruct_after_scores(method.scores))
