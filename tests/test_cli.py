@@ -138,3 +138,11 @@ def test_unknown_device(tiny_model_dir, tmp_path):
 def test_cuda_without_a_gpu_says_so(tiny_model_dir, tmp_path):
     assert_one_error_line(run(*small_prune_args(tiny_model_dir, tmp_path / "o", "--device", "cuda")),
                           f"device cuda requested but CUDA is not available to this torch ({torch.__version__})")
+
+
+def test_main_job_with_a_missing_model_fails_in_its_first_stage_and_leaves_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = run("run", tmp_path / "missing", "--out", out)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: stage prune: no such path") and "(nothing was written)" in result.output
+    assert not out.exists()

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from transformers import AutoTokenizer
 
 from deploy.client import Endpoint, Request, call_json, run_level
 from deploy.vllm_server import ServerSettings, VllmServer, process_group_alive
@@ -59,10 +60,14 @@ def test_real_server_answers_completion_chat_and_a_benchmark_then_stops(main_run
         completion = call_json(server.base_url, "/v1/completions", {
             "model": "smollm2", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}, api_key="test-key")
         assert "Paris" in completion["choices"][0]["text"]
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
         chat = call_json(server.base_url, "/v1/chat/completions", {
-            "model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 16, "temperature": 0}, api_key="test-key")
-        assert chat["choices"][0]["message"]["role"] == "assistant" and "Paris" in chat["choices"][0]["message"]["content"]
+            "model": "smollm2", "messages": messages, "max_tokens": 16, "temperature": 0}, api_key="test-key")
+        assert chat["choices"][0]["message"]["role"] == "assistant" and chat["choices"][0]["message"]["content"].strip()
+        # the model's own chat template was applied (a 135M model's answer itself is not reliable)
+        tokenizer = AutoTokenizer.from_pretrained(main_run / "vllm-dense")
+        templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert chat["usage"]["prompt_tokens"] == len(templated["input_ids"])
 
         endpoint = Endpoint(server.base_url, "smollm2", "test-key")
         outputs, _ = run_level(endpoint, [Request(tuple(range(1000, 1032)), 6), Request(tuple(range(2000, 2032)), 6)], 2)

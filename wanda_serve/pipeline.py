@@ -59,8 +59,12 @@ def run_main_job(job: MainJob) -> Path:
         stage = "bench"
         bench = run_bench(BenchJob(job.out / "bench", str(job.out / "vllm-dense"), str(job.out / "vllm-pruned"),
                                    job.workload, job.concurrency, job.rounds, job.server, job.hour_price))
-    except WandaServeError as e:
-        raise WandaServeError(f"stage {stage}: {e} (finished stages are kept in {job.out})") from None
+    except (WandaServeError, KeyboardInterrupt) as e:
+        kept = f"finished stages are kept in {job.out}" if stage != "prune" else "nothing was written"
+        if stage == "prune" and job.out.is_dir():
+            job.out.rmdir()  # stages write atomically, so a failed first stage leaves it empty
+        reason = str(e) if isinstance(e, WandaServeError) else "interrupted"
+        raise WandaServeError(f"stage {stage}: {reason}\n({kept})") from None
     report = _report(job, prune, dense_export, pruned_export, onnx, bench, time.perf_counter() - started)
     tmp = job.out / f".{REPORT_NAME}.partial"
     tmp.write_text(report)
