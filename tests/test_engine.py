@@ -132,7 +132,6 @@ def test_only_exact_folds_are_found_and_a_folded_permutation_keeps_the_logits(ar
     generator = torch.Generator().manual_seed(1)
     for block in find_decoder_blocks(model):
         linears = find_linears(block)
-        # q_proj's rows match o_proj's columns in shape, but q does not feed o channel by channel: rejected
         assert exact_folds(block, linears, lambda: call.run(block, call.hidden)) == [fold]
         fold.apply(linears, torch.randperm(linears[fold.consumer].in_features, generator=generator))
     assert torch.allclose(model(ids).logits, before, atol=1e-5)
@@ -157,3 +156,25 @@ def test_permuted_pruning_is_n_m_valid_and_keeps_more_than_unpermuted():
     assert audit_linears(block_linears(permuted))["all_nm_valid"]["2:4"]
     with pytest.raises(WandaServeError, match="not N:M"):
         prune_model(tiny_model("llama"), batches(), get_method("wanda"), Structure(ratio=0.5), progress=False, permute=True)
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self, between: torch.nn.Module):
+        super().__init__()
+        self.up, self.between, self.down = torch.nn.Linear(8, 16), between, torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(self.between(self.up(x)))
+
+
+def test_a_fold_is_kept_only_if_it_leaves_the_output_unchanged():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    elementwise = TwoLayers(torch.nn.GELU())
+    assert exact_folds(elementwise, find_linears(elementwise), lambda: elementwise(x)) == [Fold(("up",), "down")]
+    norm = torch.nn.LayerNorm(16)
+    torch.nn.init.normal_(norm.weight)  # a per-channel affine that the permutation does not move
+    mixing = TwoLayers(norm)
+    before = mixing(x)
+    assert exact_folds(mixing, find_linears(mixing), lambda: mixing(x)) == []
+    assert torch.equal(mixing(x), before)  # the trial permutation was undone

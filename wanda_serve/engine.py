@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from wanda_serve.errors import WandaServeError
 from wanda_serve.methods import InputNorms, Method, wanda_scores
-from wanda_serve.permute import exact_folds, kept_score, spreading_permutation
+from wanda_serve.permute import Fold, exact_folds, kept_score, spreading_permutation
 from wanda_serve.structure import Structure
 
 
@@ -155,12 +155,12 @@ def _prune_linears(linears: dict[str, nn.Linear], method: Method, stats: dict, s
     return time.perf_counter() - start
 
 
-def _permute_for_nm(block, linears: dict[str, nn.Linear], stats: dict, method: Method, structure: Structure,
-                    call: BlockCall, hidden: torch.Tensor, index: int) -> dict[str, dict]:
+def _permute_for_nm(folds: list[Fold], linears: dict[str, nn.Linear], stats: dict, method: Method, structure: Structure,
+                    index: int) -> dict[str, dict]:
     """Permute the input channels of each layer where that folds exactly, to keep more score under the N:M mask."""
     score_fn = method.scores or wanda_scores  # SparseGPT: Wanda's scores, from its Hessian's diagonal
     report = {}
-    for fold in exact_folds(block, linears, lambda: call.run(block, hidden)):
+    for fold in folds:
         scores = score_fn(linears[fold.consumer].weight.float(), stats.get(fold.consumer))
         perm = spreading_permutation(scores, structure)
         fold.apply(linears, perm)
@@ -238,6 +238,7 @@ def prune_model(
         timings.block_sparsity = owl.block_sparsities(outlier_ratios, structure.ratio)
         block_structures = [Structure(ratio=ratio) for ratio in timings.block_sparsity]
     hidden = [call.hidden for call in calls]
+    folds = None
 
     for index, (block, block_structure) in enumerate(tqdm(list(zip(blocks, block_structures)), desc="pruning blocks",
                                                           disable=not progress)):
@@ -250,7 +251,9 @@ def prune_model(
             timings.forward_seconds += seconds
         if permute:
             start = time.perf_counter()
-            timings.permutations.update(_permute_for_nm(block, linears, stats, method, structure, calls[0], hidden[0], index))
+            if folds is None:  # the blocks are identical modules: what folds in the first folds in all
+                folds = exact_folds(block, linears, lambda: calls[0].run(block, hidden[0]))
+            timings.permutations.update(_permute_for_nm(folds, linears, stats, method, structure, index))
             timings.mask_seconds += time.perf_counter() - start
         timings.mask_seconds += _prune_linears(linears, method, stats, block_structure, device)
         if calls:

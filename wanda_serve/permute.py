@@ -41,7 +41,7 @@ class Fold:
                 producer.bias.data = producer.bias.data[perm]
 
 
-def _candidates(linears: dict[str, nn.Linear]) -> list[Fold]:
+def _candidates(linears: dict[str, nn.Linear], hidden_size: int) -> list[Fold]:
     siblings: dict[str, list[str]] = {}
     for name in linears:
         siblings.setdefault(name.rpartition(".")[0], []).append(name)
@@ -49,6 +49,8 @@ def _candidates(linears: dict[str, nn.Linear]) -> list[Fold]:
     for names in siblings.values():
         for consumer in names:
             width = linears[consumer].in_features
+            if width == hidden_size:
+                continue  # reads the residual stream (or attention heads): not made channel by channel by a sibling
             producers = tuple(n for n in names if n != consumer and linears[n].out_features == width)
             if producers:
                 folds.append(Fold(producers, consumer))
@@ -58,10 +60,10 @@ def _candidates(linears: dict[str, nn.Linear]) -> list[Fold]:
 @torch.no_grad()
 def exact_folds(block: nn.Module, linears: dict[str, nn.Linear], run_block, tolerance: float = 1e-4) -> list[Fold]:
     """The candidate folds of `block` under which a random permutation leaves `run_block()` unchanged."""
-    reference = run_block()
+    reference = run_block()  # (B, T, hidden)
     generator = torch.Generator().manual_seed(0)
     exact = []
-    for fold in _candidates(linears):
+    for fold in _candidates(linears, reference.shape[-1]):
         perm = torch.randperm(linears[fold.consumer].in_features, generator=generator).to(reference.device)
         fold.apply(linears, perm)
         permuted = run_block()
