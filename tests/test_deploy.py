@@ -102,10 +102,12 @@ def test_server_starts_answers_and_stops_its_process_group(fake_vllm, tiny_model
 def test_server_that_dies_at_start_shows_its_log(fake_vllm, tiny_model_dir, tmp_path):
     fake_vllm(mode="die")
     server = VllmServer(tiny_model_dir, tmp_path / "server.log", ServerSettings())
+    server.start()
+    group = server.process.pid
     with pytest.raises(ServerFailed, match="exited with code 3 before it was ready") as error:
-        server.__enter__()
+        server.wait_ready()
     assert "not enough memory for the KV cache (fake)" in str(error.value)
-    assert server.process is None
+    assert server.process is None and not process_group_alive(group)
 
 
 def test_readiness_timeout_stops_everything(fake_vllm, tiny_model_dir, tmp_path):
