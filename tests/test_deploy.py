@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -280,3 +282,17 @@ def test_greedy_check_passes_the_models_own_answers_and_fails_others(tiny_tokeni
     monkeypatch.setattr(deploy.greedy_check, "greedy_token_ids", served_badly)
     failed = check_greedy(Endpoint("http://unused", "m"), tmp_path / "model", tiny_tokenizer, prompts, new_tokens=8)
     assert not failed["passed"] and failed["max_logprob_gap"] > deploy.greedy_check.MAX_LOGPROB_GAP
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_the_whole_server_on_ctrl_c_and_sigterm(fake_vllm, tiny_model_dir, tmp_path, signum):
+    command = [sys.executable, "-m", "wanda_serve", "serve", str(tiny_model_dir), "--run-dir", str(tmp_path)]
+    cli_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first_line = cli_process.stdout.readline()
+    assert first_line.startswith(f"serving {tiny_model_dir} at http://127.0.0.1:")
+    server_group = int(next(line for line in (tmp_path / "vllm-server.log").read_text().splitlines()
+                            if line.startswith("pid ")).split()[1])
+    assert process_group_alive(server_group)
+    cli_process.send_signal(signum)
+    assert cli_process.wait(timeout=60) == (0 if signum == signal.SIGINT else 128 + signum)
+    assert not process_group_alive(server_group)
