@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-prune"))
     parser.add_argument("--out", type=Path, default=Path("docs/prune_benchmark.md"))
     parser.add_argument("--keep", action="store_true", help="keep the pruned checkpoints")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the results of recipes already measured in --work (same settings assumed)")
     args = parser.parse_args()
 
     model = [args.model] if args.model else []
@@ -70,21 +72,23 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    wanda_serve("eval", *model, *evaluation, "--json", str(args.work / "dense.eval.json"))
+    if not (args.resume and (args.work / "dense.eval.json").is_file()):
+        wanda_serve("eval", *model, *evaluation, "--json", str(args.work / "dense.eval.json"))
     rows = [{"method": "dense", "structure": "-", "eval": json.loads((args.work / "dense.eval.json").read_text())}]
     for method, structure, options in RECIPES:
         name = "-".join([method, structure.replace(":", "of"), *(o.removeprefix("--") for o in options)])
-        out = args.work / name
-        wanda_serve(
-            "prune", *model, "--method", method, "--structure", structure, *options, "--nsamples", str(args.nsamples),
-            "--seqlen", str(args.seqlen), "--device", args.device, "--no-eval", "--overwrite", "--out", str(out),
-        )
-        report = json.loads((out / "prune_report.json").read_text())
-        wanda_serve("eval", str(out), *evaluation, "--json", str(args.work / f"{name}.eval.json"))
-        rows.append({"method": method, "structure": structure, "options": list(options), "report": report,
-                     "eval": json.loads((args.work / f"{name}.eval.json").read_text())})
-        if not args.keep:
-            shutil.rmtree(out)
+        out, report_path, eval_path = args.work / name, args.work / f"{name}.report.json", args.work / f"{name}.eval.json"
+        if not (args.resume and report_path.is_file() and eval_path.is_file()):
+            wanda_serve(
+                "prune", *model, "--method", method, "--structure", structure, *options, "--nsamples", str(args.nsamples),
+                "--seqlen", str(args.seqlen), "--device", args.device, "--no-eval", "--overwrite", "--out", str(out),
+            )
+            shutil.copyfile(out / "prune_report.json", report_path)
+            wanda_serve("eval", str(out), *evaluation, "--json", str(eval_path))
+            if not args.keep:
+                shutil.rmtree(out)
+        rows.append({"method": method, "structure": structure, "options": list(options),
+                     "report": json.loads(report_path.read_text()), "eval": json.loads(eval_path.read_text())})
 
     command = "python bench/prune_methods.py " + shlex.join(sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +102,7 @@ def render(rows: list[dict], command: str, args, elapsed: float) -> str:
     lines = [
         "# Pruning benchmark",
         "",
-        f"Command: `{command}` ({elapsed / 60:.0f} min in all)",
+        f"Command: `{command}` ({elapsed / 60:.0f} min for the recipes this invocation measured)",
         "",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, device `{args.device}`; "
         + ", ".join(f"{k} {v}" for k, v in rows[0]["eval"]["versions"].items()) + ".",
