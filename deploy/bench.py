@@ -141,7 +141,7 @@ def run_bench(job: BenchJob) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     levels = list(job.concurrency)
     per_level = job.workload.num_prompts
-    requests = build_requests(job.workload, tokenizer, job.rounds * len(levels) * per_level)
+    *requests, test_request = build_requests(job.workload, tokenizer, job.rounds * len(levels) * per_level + 1)
 
     def level_requests(round_index: int, level_index: int) -> list[Request]:
         start = (round_index * len(levels) + level_index) * per_level
@@ -160,7 +160,7 @@ def run_bench(job: BenchJob) -> dict:
                     with _endpoint(target, job.server, log_path) as (endpoint, server):
                         if target.label not in models:
                             models[target.label] = _describe(target, endpoint, server, tokenizer, job.greedy_check)
-                        _test_request(endpoint, requests[0], target.label)
+                        _test_request(endpoint, test_request, target.label)  # not a measured prompt: no cache hit later
                         for level_index, level in enumerate(levels):
                             log.info("round %d, %s, concurrency %d", round_index + 1, target.label, level)
                             level_outputs, duration = run_level(endpoint, level_requests(round_index, level_index), level)

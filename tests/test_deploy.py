@@ -221,8 +221,8 @@ def test_bench_sends_identical_workloads_alternating(fake_vllm, tiny_model_dir, 
 def test_bench_counts_failed_requests_on_running_servers(fake_vllm, tiny_model_dir, tiny_tokenizer, tmp_path):
     fake_vllm(fail_every=2)
     workload = WorkloadSpec(source="random", input_len=8, output_len=3, num_prompts=40, seed=0)
-    while build_requests(workload, tiny_tokenizer, 1)[0].prompt_token_ids[0] % 2 == 0:
-        workload.seed += 1  # the benchmark's first request is its test request, which must succeed
+    while build_requests(workload, tiny_tokenizer, 2 * 2 * 40 + 1)[-1].prompt_token_ids[0] % 2 == 0:
+        workload.seed += 1  # the test request, drawn after the measured ones (2 rounds x 2 levels x 40), must succeed
     with VllmServer(tiny_model_dir, tmp_path / "a.log", ServerSettings()) as dense, \
             VllmServer(tiny_model_dir, tmp_path / "b.log", ServerSettings()) as pruned:
         results = run_bench(bench_job(tmp_path / "bench", dense.base_url, pruned.base_url, tiny_model_dir, workload=workload))
