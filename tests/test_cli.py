@@ -146,3 +146,9 @@ def test_main_job_with_a_missing_model_fails_in_its_first_stage_and_leaves_nothi
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("Error: stage prune: no such path") and "(nothing was written)" in result.output
     assert not out.exists()
+
+
+def test_main_job_refuses_bad_benchmark_settings_before_pruning(tmp_path):
+    result = run("run", "--out", tmp_path / "run", "--rounds", "0")
+    assert result.exit_code == 1 and result.output.startswith("Error: rounds must be at least 1, got 0")
+    assert not (tmp_path / "run").exists()

@@ -44,6 +44,9 @@ class MainJob:
 def run_main_job(job: MainJob) -> Path:
     """Run every stage into job.out; returns the path of the run's REPORT.md."""
     check_output_dir(job.out, job.overwrite)
+    # Built first so that bad benchmark settings fail now, not after pruning and exporting.
+    bench_job = BenchJob(job.out / "bench", str(job.out / "vllm-dense"), str(job.out / "vllm-pruned"),
+                         job.workload, job.concurrency, job.rounds, job.server, job.hour_price)
     if job.out.exists():
         shutil.rmtree(job.out)  # --overwrite: stages of an older run must not sit beside this one's
     started = time.perf_counter()
@@ -57,8 +60,7 @@ def run_main_job(job: MainJob) -> Path:
         stage = "export onnx"
         onnx = export_onnx(OnnxExport(job.out / "onnx-pruned", str(job.out / "pruned")))
         stage = "bench"
-        bench = run_bench(BenchJob(job.out / "bench", str(job.out / "vllm-dense"), str(job.out / "vllm-pruned"),
-                                   job.workload, job.concurrency, job.rounds, job.server, job.hour_price))
+        bench = run_bench(bench_job)
     except (WandaServeError, KeyboardInterrupt) as e:
         kept = f"finished stages are kept in {job.out}" if stage != "prune" else "nothing was written"
         if stage == "prune" and job.out.is_dir():
