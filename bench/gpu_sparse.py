@@ -4,7 +4,8 @@ Per linear shape of LLaMA-2-7B, Llama-3-8B and SmolLM2-135M, at 1 to 8192 tokens
 backends (CUTLASS, cuSPARSELt): median time of the dense and the sparse GEMM of the same 2:4 weight
 (CUDA events), and their max abs difference. Then a transformers Llama at 7B dimensions (random
 weights pruned 2:4, bf16): prefill and decode, dense vs its linear layers swapped to
-deploy.sparse24.Sparse24Linear with the thresholds just measured. PyTorch only, one process.
+deploy.sparse24.Sparse24Linear, decided per layer by the vLLM plugin's own plan_layer with the
+thresholds just measured. PyTorch only, one process.
 
     python bench/gpu_sparse.py --out docs/gpu_sparse.md             # a CUDA GPU, SM80+ (minutes on an H100)
     python bench/gpu_sparse.py --dry-run --out /tmp/gpu_sparse.md   # anywhere: tiny shapes on the CPU
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,7 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from deploy.sparse24 import BACKENDS, Sparse24Linear, runtime_unavailable_reason, threshold_from_timings, unsupported_reason
+from deploy.sparse24 import (
+    BACKENDS, Sparse24Linear, compress, median_ms, plan_layer, runtime_unavailable_reason, threshold_from_timings,
+    unsupported_reason,
+)
 from wanda_serve.engine import find_decoder_blocks, find_linears
 from wanda_serve.structure import Structure, prune_mask
 
@@ -47,30 +50,6 @@ def prune_2_of_4(weight: torch.Tensor) -> torch.Tensor:
     return weight.masked_fill(prune_mask(weight.abs().float(), Structure(n=2, m=4)), 0)
 
 
-def median_ms(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up: kernel selection, compression caches
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
-def _linear(weight: torch.Tensor) -> torch.nn.Linear:
-    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
-    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-    return linear
-
-
 @torch.no_grad()
 def gemm_rows(shapes: dict, tokens_list, dtype, device, repeats: int, dry: bool) -> list[dict]:
     rows = []
@@ -84,7 +63,7 @@ def gemm_rows(shapes: dict, tokens_list, dtype, device, repeats: int, dry: bool)
                 if reason is not None:
                     rows.append(row | {"unsupported": reason})
                     continue
-                sparse = weight.clone() if dry else Sparse24Linear(_linear(weight), backend, threshold=0).sparse_weight
+                sparse = weight.clone() if dry else compress(weight, backend)
                 for tokens in tokens_list:
                     x = torch.randn(tokens, in_features, device=device, dtype=dtype, generator=generator)
                     dense_out, sparse_out = F.linear(x, weight), F.linear(x, sparse)
@@ -106,21 +85,20 @@ def thresholds(rows: list[dict]) -> dict[str, int | None]:
     return {key: threshold_from_timings(by_tokens) for key, by_tokens in timings.items()}
 
 
-def swap_to_sparse(model, measured: dict[str, int | None], dtype) -> dict:
-    """Replace every 2:4 linear of the decoder blocks by Sparse24Linear on its best backend; what stayed dense and why."""
+def swap_to_sparse(model, measured: dict[str, int | None]) -> dict:
+    """Decide every linear of the decoder blocks as the vLLM plugin does (plan_layer), with the thresholds just
+    measured instead of its load-time timing; swap the ones it takes over. What stayed dense and why."""
     kept_dense, extra_bytes = {}, 0
-    for block in find_decoder_blocks(model):
+    for index, block in enumerate(find_decoder_blocks(model)):
         for name, linear in find_linears(block).items():
-            shape = f"{linear.out_features}x{linear.in_features}"
-            choices = [(measured.get(f"{shape} {b}"), b) for b in BACKENDS if measured.get(f"{shape} {b}") is not None]
-            if not choices:
-                kept_dense[name] = "sparse never faster for this shape"
+            weight24, record = plan_layer(linear.weight.detach(),
+                                          lambda rows, cols, dtype, backend, device: measured.get(f"{rows}x{cols} {backend}"))
+            if weight24 is None:
+                kept_dense[f"{index}.{name}"] = record["reason"]
                 continue
-            threshold, backend = min(choices)
+            extra_bytes += record["extra_bytes"]
             parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
-            sparse = Sparse24Linear(linear, backend, threshold)
-            extra_bytes += sparse.extra_bytes
-            setattr(parent, name.rpartition(".")[2], sparse)
+            setattr(parent, name.rpartition(".")[2], Sparse24Linear(weight24, linear.bias))
     return {"kept_dense": kept_dense, "extra_gib": extra_bytes / 2**30}
 
 
@@ -148,7 +126,7 @@ def end_to_end(config_kwargs: dict, measured: dict, dtype, device, repeats: int,
     result = {"prefill_tokens": prefill_tokens, "decode_steps": decode_steps}
     reference = prefill().logits.float()
     result["dense"] = {"prefill_ms": median_ms(prefill, repeats, device), "decode_ms": median_ms(decode, max(1, repeats // 4), device)}
-    result["swap"] = {"kept_dense": {}, "extra_gib": 0.0, "note": "dry run: nothing swapped"} if dry else swap_to_sparse(model, measured, dtype)
+    result["swap"] = {"kept_dense": {}, "extra_gib": 0.0, "note": "dry run: nothing swapped"} if dry else swap_to_sparse(model, measured)
     result["max_abs_logit_diff"] = float((prefill().logits.float() - reference).abs().max())
     result["sparse"] = {"prefill_ms": median_ms(prefill, repeats, device), "decode_ms": median_ms(decode, max(1, repeats // 4), device)}
     result["prefill_speedup"] = result["dense"]["prefill_ms"] / result["sparse"]["prefill_ms"]

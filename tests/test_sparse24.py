@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from deploy.sparse24 import runtime_unavailable_reason, threshold_from_timings, unsupported_reason, use_sparse
+from deploy import sparse24
+from deploy.sparse24 import (
+    describe_plan, plan_layer, runtime_unavailable_reason, summarize_plan, threshold_from_timings, unsupported_reason, use_sparse,
+)
 from wanda_serve.structure import Structure, prune_mask
 
 
@@ -53,6 +57,55 @@ def test_dispatch_picks_dense_below_the_threshold_and_sparse_from_it():
     assert threshold_from_timings({16: (0.08, 0.07), 128: (0.2, 0.3), 1024: (1.4, 1.0)}) == 1024
     assert threshold_from_timings({1: (0.05, 0.09), 8192: (11.0, 12.0)}) is None
     assert not use_sparse(10**6, None)
+
+
+def test_a_cpu_plan_keeps_every_layer_dense_and_says_why():
+    kept, record = plan_layer(torch.randn(64, 128, dtype=torch.bfloat16))
+    assert kept is None and record["2:4"] is False and record["reason"].startswith("not 2:4 along the input dimension")
+    kept, record = plan_layer(pruned_2_of_4(64, 128))
+    assert kept is None and record["2:4"] is True and record["path"] == "dense"
+    if not torch.cuda.is_available():
+        assert record["reason"].startswith("2:4 kernels unavailable: no CUDA device")
+
+
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """Make plan_layer believe the kernels exist; the 'compressed' weight is 2 × the weight, so the path taken shows."""
+    def fake_compress(weight, backend):
+        doubled = 2 * weight
+        doubled.packed, doubled.meta = doubled, None
+        return doubled
+
+    monkeypatch.setattr(sparse24, "runtime_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(sparse24, "compress", fake_compress)
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+
+
+def test_plan_takes_over_a_2_of_4_layer_and_dispatches_by_token_count(pretend_gpu):
+    timings = {1: (0.05, 0.09), 16: (0.06, 0.08), 128: (0.20, 0.18), 1024: (1.4, 1.0)}  # a fake timing table
+    weight = pruned_2_of_4(64, 128)
+    sparse, record = plan_layer(weight, lambda *shape_dtype_backend_device: threshold_from_timings(timings))
+    assert record == {"shape": [64, 128], "dtype": "bfloat16", "2:4": True, "path": "sparse", "backend": "cusparselt",
+                      "threshold_tokens": 128, "extra_bytes": 64 * 128 * 2}  # the dense copy stays for small calls
+    decode = torch.randn(3, 5, 128, dtype=torch.bfloat16)  # 15 tokens: below the threshold
+    prefill = torch.randn(2, 64, 128, dtype=torch.bfloat16)  # 128 tokens
+    assert torch.equal(sparse.linear(decode), F.linear(decode, weight))
+    assert torch.equal(sparse.linear(prefill), F.linear(prefill, 2 * weight))
+
+    always, record = plan_layer(weight, lambda *args: 1)  # sparse wins from one token: no dense copy
+    assert always.dense is None and record["extra_bytes"] == 0  # the fake compressed copy is as large as the dense one
+    assert torch.equal(always.linear(decode), F.linear(decode, 2 * weight))
+
+
+def test_plan_keeps_layers_dense_where_sparse_never_wins_or_cannot_fit(pretend_gpu):
+    kept, record = plan_layer(pruned_2_of_4(64, 128), lambda *args: None)
+    assert kept is None and record["reason"] == ("cusparselt: never faster than dense at the timed token counts; "
+                                                 "cutlass: never faster than dense at the timed token counts")
+    kept, record = plan_layer(pruned_2_of_4(40, 128), lambda *args: 1)
+    assert kept is None and "cusparselt: shape 40x128 is not a multiple of" in record["reason"] and "cutlass: shape 40x128" in record["reason"]
+    summary = summarize_plan([record, {**record, "layer": "b"}])
+    assert (summary["layers"], summary["2:4"], summary["sparse"]) == (2, 2, 0)
+    assert describe_plan(summary).startswith("0 of 2 linear layers on the 2:4 kernels (2 are 2:4), extra memory +0.0 MiB; dense: 2 × ")
 
 
 def test_this_machine_says_why_it_falls_back():
