@@ -24,12 +24,13 @@ def test_prune_writes_a_loadable_model_and_report(tiny_model_dir, tmp_path):
     out = tmp_path / "pruned"
     result = run(*small_prune_args(tiny_model_dir, out))
     assert result.exit_code == 0, result.output
-    assert f"wrote {out}  (wanda 2:4, sparsity 0.5000)" in result.output
+    assert f"wrote {out}  (wanda + permutation 2:4, sparsity 0.5000)" in result.output  # the default recipe
     assert {"config.json", "model.safetensors", "tokenizer.json", "prune_report.json"} <= {p.name for p in out.iterdir()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pruned")]  # no temporary leftovers
 
     report = json.loads((out / "prune_report.json").read_text())
     assert report["method"] == "wanda" and report["structure"] == "2:4"
+    assert set(report["permutation"]["layers"]) == {"0.mlp.down_proj", "1.mlp.down_proj"}
     assert report["calibration"] == {"used": True, "source": str(tiny_model_dir.parent / "text.txt"), "nsamples": 4,
                                      "seqlen": 32, "seed": 0, "tokens": 128}
     assert report["sparsity"]["all_nm_valid"]["2:4"] and len(report["sparsity"]["layers"]) == 14
@@ -47,6 +48,19 @@ def test_prune_writes_a_loadable_model_and_report(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "all 2:4 valid: yes" in result.output
     assert json.loads(evaluated.read_text())["perplexity"]["perplexity"] == pytest.approx(pruned["perplexity"], rel=1e-5)
+
+
+def test_permutation_is_on_by_default_only_where_the_benchmark_says_it_helps(tiny_model_dir, tmp_path):
+    reports = {}
+    for name, extra in {"wanda-off": ["--no-permute"], "magnitude": ["--method", "magnitude"],
+                        "ria-50": ["--method", "ria", "--structure", "0.5"], "sparsegpt": ["--method", "sparsegpt"]}.items():
+        result = run(*small_prune_args(tiny_model_dir, tmp_path / name, "--no-eval", *extra))
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads((tmp_path / name / "prune_report.json").read_text())
+    assert all(report["permutation"] is None for report in reports.values())
+    assert reports["magnitude"]["calibration"] == {"used": False}  # magnitude needs no calibration, and gets none
+    result = run(*small_prune_args(tiny_model_dir, tmp_path / "bad", "--no-eval", "--permute", "--structure", "0.5"))
+    assert result.exit_code == 1 and "0.5 is not N:M" in result.output
 
 
 def test_overwrite_replaces_an_existing_output(tiny_model_dir, tmp_path):

@@ -57,3 +57,22 @@ def test_gguf_file_loads_as_the_embedded_model(tmp_path):
     run("eval", "--eval-seqlen", 256, "--eval-windows", 2, "--json", tmp_path / "embedded.json")
     from_gguf, embedded = (json.loads((tmp_path / f"{n}.json").read_text())["perplexity"] for n in ("gguf", "embedded"))
     assert from_gguf["perplexity"] == pytest.approx(embedded["perplexity"], rel=1e-5)
+
+
+def test_ria_permutation_reconstruction_and_owl_on_real_model_and_data(tmp_path):
+    calibration = ["--nsamples", 8, "--seqlen", 256, *EVAL]
+    run("prune", "--method", "ria", "--no-permute", "--out", tmp_path / "ria", *calibration)
+    run("prune", "--method", "ria", "--reconstruct", "--out", tmp_path / "ria-best", *calibration)  # permuted by default
+    plain, best = (json.loads((tmp_path / name / "prune_report.json").read_text()) for name in ("ria", "ria-best"))
+    assert plain["permutation"] is None and best["reconstruct"] and best["sparsity"]["all_nm_valid"]["2:4"]
+    permuted = best["permutation"]["layers"]
+    assert set(permuted) == {f"{i}.mlp.down_proj" for i in range(30)}  # the only exact fold in a LLaMA block
+    assert all(layer["kept_score_ratio"] >= 1 for layer in permuted.values())
+    assert best["perplexity"]["pruned"]["perplexity"] < 0.8 * plain["perplexity"]["pruned"]["perplexity"]
+
+    run("prune", "--structure", "0.5", "--owl", "--out", tmp_path / "owl", "--nsamples", 8, "--seqlen", 256, "--no-eval")
+    owl = json.loads((tmp_path / "owl" / "prune_report.json").read_text())
+    block_sparsity = owl["owl"]["block_sparsity"]
+    assert len(block_sparsity) == 30 and max(block_sparsity) - min(block_sparsity) > 0.1
+    assert sum(block_sparsity) / 30 == pytest.approx(0.5, abs=1e-6)
+    assert owl["sparsity"]["overall_sparsity"] == pytest.approx(0.5, abs=2e-3)

@@ -83,8 +83,9 @@ def device_option(command):
 @click.option("--structure", default="2:4", show_default=True, help="N:M (N zeros in every M inputs) or a ratio such as 0.5.")
 @click.option("--reconstruct", is_flag=True,
               help="After the method's mask, update the surviving weights to minimise each layer's output error (OBS, as SparseGPT).")
-@click.option("--permute", is_flag=True,
-              help="N:M only: reorder input channels where that folds exactly into the model, to keep more under the mask.")
+@click.option("--permute/--no-permute", default=None,
+              help="N:M only: reorder input channels where that folds exactly into the model, to keep more under the mask. "
+                   "Default: on for wanda and ria at N:M (docs/prune_benchmark.md), off otherwise.")
 @click.option("--owl", is_flag=True, help="OWL: spread an unstructured ratio over the blocks by their activation outliers.")
 @click.option("--owl-spread", default=0.08, show_default=True, help="OWL's λ: block sparsities span the target ± this.")
 @click.option("--owl-outlier-factor", default=5.0, show_default=True, help="OWL's M: an outlier is a score above M × the block's mean.")
