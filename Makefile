@@ -37,7 +37,7 @@ $(VLLM_INSTALLED): pyproject.toml Makefile
 	touch $@
 
 run: $(INSTALLED) $(VLLM_INSTALLED)
-	$(VENV)/bin/wanda-serve run --out runs/smollm2-wanda-2of4 --overwrite
+	$(VENV)/bin/wanda-serve run --out runs/smollm2-wanda-2of4 --sparse-runtime --overwrite
 
 test: $(INSTALLED) $(VLLM_INSTALLED)
 	$(VENV)/bin/pytest -q
