@@ -51,7 +51,7 @@ def test_main_job_leaves_a_complete_report(main_run):
     assert results["perplexity"]["pruned"]["perplexity"] > results["perplexity"]["dense"]["perplexity"]
 
     report = (main_run / "REPORT.md").read_text()
-    assert "| prune | `pruned/` | wanda 2:4" in report and "| 2 | dense |" in report and "| | sparse-runtime |" in report
+    assert "| prune | `pruned/` | wanda + permutation 2:4" in report and "| 2 | dense |" in report and "| | sparse-runtime |" in report
     assert "Sparse runtime: 0 of 120 linear layers on the 2:4 kernels (120 are 2:4)" in report
     for plot in ("throughput.png", "latency.png"):
         assert (main_run / "bench" / plot).read_bytes()[:4] == b"\x89PNG"

@@ -17,7 +17,7 @@ from transformers.utils import logging as transformers_logging
 
 from wanda_serve.engine import Owl
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import EvalOptions, PruneJob, run_eval, run_prune
+from wanda_serve.jobs import EvalOptions, PruneJob, recipe_name, run_eval, run_prune
 from wanda_serve.methods import METHODS
 from wanda_serve.models import EMBEDDED_MODEL_NAME
 
@@ -123,10 +123,7 @@ def prune(model, out, method, structure, reconstruct, permute, owl, owl_spread, 
         evaluation=None if no_eval else EvalOptions(eval_data, eval_seqlen, eval_windows),
     )
     report = run_prune(job)
-    recipe = " ".join([report["method"], *(["+ permutation"] if report["permutation"] else []),
-                       *(["+ reconstruction"] if report["reconstruct"] else []), *(["+ OWL"] if report["owl"] else []),
-                       report["structure"]])
-    click.echo(f"wrote {out}  ({recipe}, sparsity {report['sparsity']['overall_sparsity']:.4f})")
+    click.echo(f"wrote {out}  ({recipe_name(report)}, sparsity {report['sparsity']['overall_sparsity']:.4f})")
     click.echo(f"mask computation {report['mask_seconds']:.1f} s, forward passes {report['forward_seconds']:.1f} s, total {report['total_seconds']:.1f} s")
     if report["perplexity"]:
         before, after = report["perplexity"]["dense"], report["perplexity"]["pruned"]

@@ -96,6 +96,13 @@ def permutes_by_default(method: str, structure: Structure) -> bool:
     return structure.is_nm and method in PERMUTED_BY_DEFAULT
 
 
+def recipe_name(report: dict) -> str:
+    """The recipe a prune report describes, e.g. "wanda + permutation 2:4"."""
+    return " ".join([report["method"], *(["+ permutation"] if report["permutation"] else []),
+                     *(["+ reconstruction"] if report["reconstruct"] else []), *(["+ OWL"] if report["owl"] else []),
+                     report["structure"]])
+
+
 def run_prune(job: PruneJob) -> dict:
     """Prune job.model and write it, with prune_report.json, to job.out. Returns the report."""
     started = time.perf_counter()

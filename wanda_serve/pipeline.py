@@ -18,7 +18,7 @@ from exporters.onnx_export import GRAPH_NAME, OnnxExport, export_onnx
 from exporters.vllm_checkpoint import VllmExport, export_vllm
 from wanda_serve.artifacts import check_output_dir
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import EvalOptions, PruneJob, run_prune
+from wanda_serve.jobs import EvalOptions, PruneJob, recipe_name, run_prune
 
 REPORT_NAME = "REPORT.md"
 
@@ -81,13 +81,13 @@ def _report(job: MainJob, prune: dict, dense_export: dict, pruned_export: dict, 
     exported = pruned_export["sparsity"]["exported"]
     onnx_check = onnx["variants"][GRAPH_NAME]["check"]
     lines = [
-        f"# wanda-serve run: {prune['model']['source']}, {prune['method']} {prune['structure']}",
+        f"# wanda-serve run: {prune['model']['source']}, {recipe_name(prune)}",
         "",
         f"Finished in {seconds / 60:.1f} minutes. Every stage's directory holds its own report.",
         "",
         "| stage | directory | result |",
         "|---|---|---|",
-        f"| prune | `pruned/` | {prune['method']} {prune['structure']}: perplexity {ppl['dense']['perplexity']:.2f} → "
+        f"| prune | `pruned/` | {recipe_name(prune)}: perplexity {ppl['dense']['perplexity']:.2f} → "
         f"{ppl['pruned']['perplexity']:.2f} on {ppl['pruned']['data']} ({ppl['pruned']['windows']} × {ppl['pruned']['seqlen']} tokens); "
         f"masks {prune['mask_seconds']:.1f} s of {prune['total_seconds']:.0f} s |",
         f"| export vLLM | `vllm-dense/`, `vllm-pruned/` | {job.serve_dtype}; pruned sparsity {exported['overall_sparsity']:.3f}, "
