@@ -3,10 +3,9 @@
 Both models get exactly the same requests; with the sparse runtime, the pruned model is served a
 second way (wanda-serve's vLLM plugin, deploy/vllm_plugin.py) as a third column. Rounds alternate
 (dense, pruned, [sparse runtime,] dense, pruned, ...) so that drift of the machine over time favours
-none, and each round sends distinct prompts
-so vLLM's prefix cache never answers a prompt it has seen. Per concurrency level the rounds are
-pooled: throughput is completed work over the summed wall time, latency percentiles are over all
-requests.
+none, and each round sends distinct prompts so vLLM's prefix cache never answers a prompt it has
+seen. Per concurrency level the rounds are pooled: throughput is completed work over the summed wall
+time, latency percentiles are over all requests.
 """
 
 from __future__ import annotations

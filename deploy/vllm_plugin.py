@@ -28,7 +28,6 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 
 from deploy.sparse24 import PLAN_REPORT_ENV, PLUGIN_NAME, plan_layer
 
-
 log = init_logger(f"vllm.plugins.{PLUGIN_NAME}")
 
 
@@ -100,4 +99,3 @@ def _report(prefix: str, record: dict) -> None:
     if path:
         with open(path, "a") as stream:  # one short line per write: appends from several workers stay whole
             stream.write(json.dumps({"layer": prefix, **record}) + "\n")
-
