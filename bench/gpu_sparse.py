@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from deploy.sparse24 import (
-    BACKENDS, Sparse24Linear, compress, median_ms, plan_layer, runtime_unavailable_reason, threshold_from_timings,
+    BACKENDS, Sparse24Linear, compress, measure_timings, median_ms, plan_layer, runtime_unavailable_reason, threshold_from_timings,
     unsupported_reason,
 )
 from wanda_serve.engine import find_decoder_blocks, find_linears
@@ -64,11 +64,11 @@ def gemm_rows(shapes: dict, tokens_list, dtype, device, repeats: int, dry: bool)
                     rows.append(row | {"unsupported": reason})
                     continue
                 sparse = weight.clone() if dry else compress(weight, backend)
-                for tokens in tokens_list:
+                # the plugin's own load-time timing, here at every token count and repeat count asked for
+                timings = measure_timings(weight, sparse, tokens_list, repeats)
+                for tokens, (dense_ms, sparse_ms) in timings.items():
                     x = torch.randn(tokens, in_features, device=device, dtype=dtype, generator=generator)
                     dense_out, sparse_out = F.linear(x, weight), F.linear(x, sparse)
-                    dense_ms = median_ms(lambda: F.linear(x, weight), repeats, device)
-                    sparse_ms = median_ms(lambda: F.linear(x, sparse), repeats, device)
                     rows.append(row | {"tokens": tokens, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
                                        "speedup": dense_ms / sparse_ms,
                                        "max_abs_diff": float((sparse_out.float() - dense_out.float()).abs().max())})

@@ -31,12 +31,10 @@ THRESHOLD_REPEATS = 10
 def runtime_unavailable_reason(device: torch.device | str = "cuda") -> str | None:
     """Why `device` cannot run the semi-structured kernels, or None when it can."""
     device = torch.device(device)
-    if device.type != "cuda":
-        if not torch.cuda.is_available():
-            return f"no CUDA device (torch {torch.__version__})"
-        return f"the weight is on {device}, not on a CUDA device"
     if not torch.cuda.is_available():
         return f"no CUDA device (torch {torch.__version__})"
+    if device.type != "cuda":
+        return f"the weight is on {device}, not on a CUDA device"
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_COMPUTE_CAPABILITY:
         return f"compute capability {capability[0]}.{capability[1]}; the 2:4 kernels need 8.0 or newer"
