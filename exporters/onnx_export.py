@@ -239,7 +239,7 @@ def export_onnx(job: OnnxExport) -> dict:
             ids = evaluation_ids(corpus, tokenizer)
 
             def measure(logits_fn) -> dict:
-                result = perplexity(logits_fn, ids, job.evaluation.seqlen, job.evaluation.max_windows, job.progress)
+                result = perplexity(logits_fn, ids, job.evaluation.seqlen, job.evaluation.max_windows, job.progress, corpus.name)
                 return {"data": corpus.name, **result.to_dict()}
 
             reference["perplexity"] = measure(torch_logits_fn(exported))

@@ -60,8 +60,19 @@ class OnnxCausalLM:
         path = Path(path)
         if not path.is_file():
             raise WandaServeError(f"no such ONNX model: {path}")
-        self.session = ort.InferenceSession(str(path), providers=choose_providers(provider))
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        providers = choose_providers(provider)
+        # onnxruntime's load errors (Fail, InvalidProtobuf, InvalidGraph, NoSuchFile, ...) derive from
+        # Exception only; these are all of them.
+        load_errors = tuple(v for v in vars(ort_errors).values() if isinstance(v, type) and issubclass(v, Exception))
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except load_errors as e:
+            raise WandaServeError(f"cannot load ONNX model {path}: {str(e).strip().splitlines()[0]}") from e
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        if not past or past[0].type not in ORT_DTYPES:
+            raise WandaServeError(f"{path} is not a decoder graph with a KV cache written by `wanda-serve export onnx`")
         self.past_names = [i.name for i in past]
         self.kv_heads, self.head_dim = past[0].shape[1], past[0].shape[3]
         self.dtype = ORT_DTYPES[past[0].type]

@@ -18,7 +18,7 @@ from exporters.verify import (
     MANIFEST_NAME, PROMPTS, ExportCheckFailed, cast_parameters, file_digests, prompt_batch, torch_greedy, torch_logits,
 )
 from exporters.vllm_engine import VLLM_PYTHON_ENV, vllm_available, vllm_greedy
-from wanda_serve.artifacts import atomic_output_dir, package_versions
+from wanda_serve.artifacts import atomic_output_dir, package_versions, read_json_file
 from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
 from wanda_serve.jobs import REPORT_NAME
@@ -31,7 +31,7 @@ class VllmExport:
     out: Path
     model: str | None = None  # None: the embedded default model
     dtype: str = "bfloat16"
-    max_shard_size: str = "4GB"
+    max_shard_size: int | str = "4GB"  # bytes, or what transformers' save_pretrained takes ("4GB")
     overwrite: bool = False
     vllm_check: bool = True  # greedy continuation from vLLM's offline engine, where vLLM is installed
 
@@ -72,11 +72,15 @@ def _zero_masks(linears) -> dict[str, np.ndarray]:
     return {name: np.packbits((linear.weight == 0).numpy().ravel()) for name, linear in linears.items()}
 
 
+def _count_bits(masks) -> int:
+    return int(sum(np.unpackbits(mask).sum(dtype=np.int64) for mask in masks))
+
+
 def _source_prune_report(location: str) -> dict | None:
     path = Path(location) / REPORT_NAME
     if not path.is_file():
         return None
-    report = json.loads(path.read_text())
+    report = read_json_file(path)
     return {key: report.get(key) for key in ("method", "structure", "calibration", "perplexity", "versions")} | {"path": str(path)}
 
 
@@ -106,6 +110,7 @@ def export_vllm(job: VllmExport) -> dict:
     with atomic_output_dir(job.out, job.overwrite) as tmp:
         stripped: list[str] = []
         loaded = load_model(job.model, "float32", edit_config=lambda config: stripped.extend(strip_sparsity_metadata(config)))
+        source_report = _source_prune_report(loaded.location)  # read first: a damaged report fails before the work
         source_audit = audit_linears(block_linears(loaded.model))
         source_zeros = _zero_masks(block_linears(loaded.model))
 
@@ -117,6 +122,8 @@ def export_vllm(job: VllmExport) -> dict:
         exported_audit = audit_linears(exported_linears)
         exported_zeros = _zero_masks(exported_linears)
         lost_zeros = [name for name, mask in source_zeros.items() if np.any(mask & ~exported_zeros[name])]
+        zeros_kept = {"source": _count_bits(source_zeros.values()),
+                      "kept": _count_bits(mask & exported_zeros[name] for name, mask in source_zeros.items())}
         lost_patterns = [p for p, ok in source_audit["all_nm_valid"].items() if ok and not exported_audit["all_nm_valid"][p]]
         if lost_zeros or lost_patterns:
             raise ExportCheckFailed(f"export check failed: zeros lost in {lost_zeros[:3]}, N:M lost: {lost_patterns}")
@@ -133,12 +140,13 @@ def export_vllm(job: VllmExport) -> dict:
         manifest = {
             "format": "Hugging Face safetensors checkpoint for vLLM (dense; pruned weights are zeros)",
             "source": loaded.source,
-            "source_prune_report": _source_prune_report(loaded.location),
+            "source_prune_report": source_report,
             "dtype": job.dtype,
             "stripped_metadata": stripped,
             "files": file_digests(tmp),
             "sparsity": {"source": _summary(source_audit), "exported": exported_audit},
-            "zeros_kept": True,
+            # Counted on the reloaded files: weights zero in the source, and of those still zero in the export.
+            "zeros_kept": zeros_kept,
             "checks": {
                 "transformers_reload_max_abs_logit_diff": logits_diff,
                 "vllm": vllm_check,

@@ -29,7 +29,8 @@ def test_vllm_export_of_pruned_smollm2(pruned_smollm2, tmp_path):
     out = tmp_path / "vllm"
     result = run("export", "vllm", pruned_smollm2, "--out", out, "--dtype", "bfloat16")
     manifest = json.loads((out / "export_manifest.json").read_text())
-    assert manifest["zeros_kept"] and manifest["sparsity"]["exported"]["all_nm_valid"]["2:4"]
+    assert manifest["zeros_kept"]["kept"] == manifest["zeros_kept"]["source"] > 0
+    assert manifest["sparsity"]["exported"]["all_nm_valid"]["2:4"]
     assert manifest["checks"]["transformers_reload_max_abs_logit_diff"] == 0.0
     assert manifest["source_prune_report"]["structure"] == "2:4"
     config = json.loads((out / "config.json").read_text())

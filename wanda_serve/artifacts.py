@@ -1,7 +1,14 @@
-"""Writing outputs safely, and recording the environment that produced them."""
+"""Writing outputs safely, and recording the environment that produced them.
+
+Every output of wanda-serve appears whole or not at all: it is built beside its final place and
+renamed into it at the end. A directory it replaces (--overwrite) is moved aside first and put
+back if anything fails, so a failed run never costs the user the previous one.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import platform
 import shutil
@@ -13,6 +20,8 @@ from typing import Iterator
 
 from wanda_serve.errors import WandaServeError
 
+log = logging.getLogger(__name__)
+
 RECORDED_PACKAGES = ("wanda-serve", "torch", "transformers", "safetensors", "accelerate", "gguf", "numpy", "tokenizers")
 
 
@@ -21,35 +30,123 @@ def cache_dir() -> Path:
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
+    resolved = out.resolve()
+    if resolved == Path.cwd() or resolved in Path.cwd().parents:
+        # Replacing it would pull the directory out from under the user's shell.
+        raise WandaServeError(f"output {out} is the current directory or one that holds it; name a new directory")
     if out.exists() and not out.is_dir():
         raise WandaServeError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise WandaServeError(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
 
 
-@contextmanager
-def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; it becomes `out` only if the block completes."""
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    # mkdtemp makes the directory private (0700); the output gets the usual permissions.
+def _make_parents(path: Path) -> list[Path]:
+    """Create the missing ancestors of `path`; returns those created, deepest first, to remove on failure."""
+    missing = [parent for parent in path.parents if not parent.exists()]
+    for parent in reversed(missing):
+        parent.mkdir()
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return  # not empty (someone else wrote there), or already gone: leave it and what holds it
+
+
+def _private_temp_dir(out: Path, suffix: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent))
+    # mkdtemp makes the directory private (0700); an output gets the usual permissions.
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    path.chmod(0o777 & ~umask)
+    return path
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename tmp to out; an existing out is moved aside first and restored if the rename fails."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    out.rename(aside / out.name)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        (aside / out.name).rename(out)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    if aside.exists():
+        log.warning("could not remove the replaced output, left in %s", aside)
+
+
+@contextmanager
+def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; it becomes `out` only if the block completes.
+
+    On any failure (interrupts included) the temporary directory and any parent directories made for
+    it are removed, and a directory `out` that existed is left as it was.
+    """
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    created: list[Path] = []
+    try:
+        created = _make_parents(out)
+        tmp = _private_temp_dir(out, ".partial")
+    except OSError as e:
+        _remove_empty(created)
+        raise WandaServeError(f"cannot write output {out}: {e.strerror or e}") from e
     try:
         yield tmp
+        try:
+            _move_into_place(tmp, out)
+        except OSError as e:
+            raise WandaServeError(f"cannot move the finished output into {out}: {e.strerror or e}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        out.rename(old / out.name)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+
+
+def write_file_atomically(path: Path, text: str, overwrite: bool = False, option: str = "output") -> None:
+    """Write text to path whole or not at all; an existing file is replaced only with `overwrite`."""
+    if path.is_dir():
+        raise WandaServeError(f"{option} {path} is a directory; name a file")
+    if path.exists() and not overwrite:
+        raise WandaServeError(f"{option} {path} exists (use --overwrite to replace it)")
+    created: list[Path] = []
+    tmp = None
+    try:
+        created = _make_parents(path)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "w") as stream:
+            stream.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)
+        tmp.replace(path)
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        _remove_empty(created)
+        if isinstance(e, OSError):
+            raise WandaServeError(f"cannot write {option} {path}: {e.strerror or e}") from e
+        raise
+
+
+def read_json_file(path: Path) -> dict:
+    """A JSON object from a file wanda-serve wrote, with one clear error when it is unreadable or damaged."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WandaServeError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise WandaServeError(f"cannot read {path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def package_versions() -> dict[str, str]:

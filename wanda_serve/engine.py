@@ -133,6 +133,9 @@ class Owl:
     def check_applies(self, structure: Structure) -> None:
         if structure.is_nm:
             raise WandaServeError(f"OWL spreads an unstructured ratio over the layers; {structure} is N:M, give a ratio such as 0.5")
+        if not (0 < structure.ratio - self.spread and structure.ratio + self.spread < 1):
+            raise WandaServeError(f"--owl-spread {self.spread:g} around --structure {structure} puts block sparsities outside (0, 1); "
+                                  f"use a spread below {min(structure.ratio, 1 - structure.ratio):g}")
 
     def block_sparsities(self, outlier_ratios: list[float], target: float) -> list[float]:
         ratios = torch.tensor(outlier_ratios, dtype=torch.float64)

@@ -34,7 +34,8 @@ def torch_logits_fn(model, device: torch.device | str = "cpu") -> LogitsFn:
 
 @torch.no_grad()
 def perplexity(
-    logits_fn: LogitsFn, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, progress: bool = True
+    logits_fn: LogitsFn, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, progress: bool = True,
+    text_name: str = "the evaluation text",
 ) -> Perplexity:
     """exp of the mean next-token NLL over every predicted token of each window (seqlen - 1 per window).
 
@@ -44,7 +45,7 @@ def perplexity(
     if max_windows is not None:
         windows = min(windows, max_windows)
     if windows < 1:
-        raise WandaServeError(f"evaluation text is too short: {ids.numel()} tokens, one window needs {seqlen}")
+        raise WandaServeError(f"{text_name} is too short to evaluate: {ids.numel()} tokens, one window needs {seqlen}")
     nll = 0.0
     for i in tqdm(range(windows), desc="perplexity", disable=not progress):
         window = ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0)  # (1, T)

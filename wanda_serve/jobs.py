@@ -31,6 +31,12 @@ class EvalOptions:
     seqlen: int = 1024
     max_windows: int | None = None
 
+    def __post_init__(self):
+        if self.seqlen < 2:
+            raise WandaServeError(f"evaluation windows need at least 2 tokens (one to predict from), got {self.seqlen}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise WandaServeError(f"evaluate at least 1 window, got {self.max_windows}")
+
 
 @dataclass
 class PruneJob:
@@ -56,8 +62,8 @@ class PruneJob:
 def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise WandaServeError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    except RuntimeError as e:
+        raise WandaServeError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise WandaServeError(f"device {name} requested but CUDA is not available to this torch ({torch.__version__})")
     if device.type not in ("cpu", "cuda"):
@@ -82,7 +88,8 @@ class _Evaluation:
         self.options, self.device, self.progress = options, device, progress
 
     def perplexity(self, model) -> dict:
-        result = perplexity(torch_logits_fn(model, self.device), self.ids, self.options.seqlen, self.options.max_windows, self.progress)
+        result = perplexity(torch_logits_fn(model, self.device), self.ids, self.options.seqlen, self.options.max_windows,
+                            self.progress, self.name)
         model.to("cpu")
         return {"data": self.name, **result.to_dict()}
 

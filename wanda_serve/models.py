@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
 )
@@ -24,6 +25,9 @@ EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What transformers raises for a damaged or mismatched checkpoint: missing or unreadable files (OSError),
+# bad configs (ValueError, KeyError), truncated safetensors (SafetensorError), wrong tensor shapes (RuntimeError).
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
 
 @dataclass
@@ -59,8 +63,8 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
         model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, quantization_config=GgufConfig(dequantize=True), dtype=dtype
         )
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise WandaServeError(f"could not load GGUF file {path}: {_first_line(e)}") from None
+    except LOAD_ERRORS as e:
+        raise WandaServeError(f"could not load GGUF file {path}: {_first_line(e)}") from e
     return model, tokenizer
 
 
@@ -107,21 +111,21 @@ def load_model(spec: str | None, dtype: str = "float32", edit_config: Callable[[
     else:
         try:
             config = AutoConfig.from_pretrained(location)
-        except (OSError, ValueError) as e:
+        except LOAD_ERRORS as e:
             where = "" if Path(location).exists() else "no such local path, and the Hugging Face hub gave: "
-            raise WandaServeError(f"cannot load model {spec}: {where}{_first_line(e)}") from None
+            raise WandaServeError(f"cannot load model {spec}: {where}{_first_line(e)}") from e
         _check_architecture(config, source)
         if edit_config is not None:
             edit_config(config)
         try:
             model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=DTYPES[dtype])
             tokenizer = AutoTokenizer.from_pretrained(location)
-        except (OSError, ValueError) as e:
-            raise WandaServeError(f"cannot load model {spec}: {_first_line(e)}") from None
+        except LOAD_ERRORS as e:
+            raise WandaServeError(f"cannot load model {spec}: {_first_line(e)}") from e
     model.eval()
     return LoadedModel(model, tokenizer, source, location)
 
 
-def save_model(loaded: LoadedModel, out: Path, max_shard_size: str | None = None) -> None:
+def save_model(loaded: LoadedModel, out: Path, max_shard_size: int | str | None = None) -> None:
     loaded.model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     loaded.tokenizer.save_pretrained(out)

@@ -1,0 +1,96 @@
+"""Outputs appear whole or not at all, and a failed write never costs the user what was there."""
+
+from pathlib import Path
+
+import pytest
+
+from wanda_serve.artifacts import atomic_output_dir, read_json_file, write_file_atomically
+from wanda_serve.errors import WandaServeError
+
+
+def listing(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else p.read_text() for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def old_run(tmp_path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous run")
+    return out
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("boom"), KeyboardInterrupt(), SystemExit(143)])
+def test_a_failed_block_leaves_the_old_output_and_no_temporary(old_run, failure):
+    before = listing(old_run.parent)
+    with pytest.raises(type(failure)):
+        with atomic_output_dir(old_run, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise failure
+    assert listing(old_run.parent) == before
+
+
+def test_a_failed_final_rename_puts_the_old_output_back(old_run, monkeypatch):
+    before = listing(old_run.parent)
+    rename = Path.rename
+
+    def failing_rename(self, target):
+        if self.name.endswith(".partial"):
+            raise OSError(28, "No space left on device")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(WandaServeError, match="No space left on device"):
+        with atomic_output_dir(old_run, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("complete")
+    assert listing(old_run.parent) == before
+
+
+def test_overwrite_replaces_only_when_complete(old_run):
+    with atomic_output_dir(old_run, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("complete")
+        assert (old_run / "keep.txt").exists()  # still there while the new output is built
+    assert listing(old_run.parent) == {"out": "dir", "out/new.txt": "complete"}
+
+
+def test_parents_made_for_a_failed_output_are_removed(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(tmp_path / "a" / "b" / "out"):
+            raise RuntimeError("boom")
+    assert listing(tmp_path) == {}
+
+
+def test_unwritable_place_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WandaServeError, match=f"cannot write output {tmp_path}/file/sub"):
+        with atomic_output_dir(tmp_path / "file" / "sub"):
+            pass
+    assert listing(tmp_path) == {"file": "x"}
+
+
+def test_the_current_directory_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in (Path("."), Path(".."), tmp_path):
+        with pytest.raises(WandaServeError, match="current directory"):
+            with atomic_output_dir(out, overwrite=True):
+                pass
+
+
+def test_file_written_atomically_only_with_overwrite(tmp_path):
+    path = tmp_path / "result.json"
+    write_file_atomically(path, "one")
+    with pytest.raises(WandaServeError, match="--json .* exists"):
+        write_file_atomically(path, "two", option="--json")
+    write_file_atomically(path, "two", overwrite=True)
+    with pytest.raises(WandaServeError, match="is a directory"):
+        write_file_atomically(tmp_path, "x", overwrite=True)
+    assert listing(tmp_path) == {"result.json": "two"}
+
+
+def test_damaged_json_is_one_clear_error(tmp_path):
+    (tmp_path / "report.json").write_text("{not json")
+    with pytest.raises(WandaServeError, match="cannot read .*report.json"):
+        read_json_file(tmp_path / "report.json")
+    (tmp_path / "report.json").write_text("[1]")
+    with pytest.raises(WandaServeError, match="expected a JSON object"):
+        read_json_file(tmp_path / "report.json")
