@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from wanda_serve.artifacts import atomic_output_dir, read_json_file, write_file_atomically
+from wanda_serve.artifacts import atomic_output_dir, read_json_file, replacing_dir, write_file_atomically
 from wanda_serve.errors import WandaServeError
 
 
@@ -94,3 +94,24 @@ def test_damaged_json_is_one_clear_error(tmp_path):
     (tmp_path / "report.json").write_text("[1]")
     with pytest.raises(WandaServeError, match="expected a JSON object"):
         read_json_file(tmp_path / "report.json")
+
+
+def test_a_failed_long_job_restores_the_old_run(old_run):
+    before = listing(old_run.parent)
+    with pytest.raises(KeyboardInterrupt):
+        with replacing_dir(old_run, overwrite=True):
+            with atomic_output_dir(old_run / "stage1") as tmp:
+                (tmp / "done.txt").write_text("finished stage")
+            assert listing(old_run) == {"stage1": "dir", "stage1/done.txt": "finished stage"}  # built in place
+            raise KeyboardInterrupt
+    assert listing(old_run.parent) == before
+
+
+def test_a_failed_long_job_in_a_new_place_keeps_its_finished_stages(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError):
+        with replacing_dir(out):
+            with atomic_output_dir(out / "stage1") as tmp:
+                (tmp / "done.txt").write_text("finished stage")
+            raise RuntimeError("stage 2 failed")
+    assert listing(tmp_path) == {"run": "dir", "run/stage1": "dir", "run/stage1/done.txt": "finished stage"}

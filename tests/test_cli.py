@@ -173,3 +173,18 @@ def test_main_job_refuses_bad_benchmark_settings_before_pruning(tmp_path):
     result = run("run", "--out", tmp_path / "run", "--rounds", "0")
     assert result.exit_code == 2 and "Error: Invalid value for '--rounds': 0 is not in the range x>=1." in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_main_job_failing_late_keeps_the_previous_run(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "REPORT.md").write_text("the previous run")
+    # No vLLM: the exports skip their vLLM check, and the bench stage fails after all the others finished.
+    monkeypatch.setenv("WANDA_SERVE_VLLM_PYTHON", str(tmp_path / "no-python"))
+    result = run("run", tiny_model_dir, "--out", out, "--overwrite", "--nsamples", 2, "--seqlen", 16, "--eval-seqlen", 32,
+                 "--eval-windows", 1)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.exc_info
+    assert "\nError: stage bench: vLLM is not installed" in result.output
+    assert f"(nothing was written; the previous run in {out} is unchanged)" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "text.txt", "tiny-llama"]  # no .partial, no .old
+    assert [p.name for p in out.iterdir()] == ["REPORT.md"] and (out / "REPORT.md").read_text() == "the previous run"

@@ -111,6 +111,34 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
         raise
 
 
+@contextmanager
+def replacing_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """For long jobs of several stages, each written atomically inside `out`: build at `out` itself.
+
+    An existing `out` (with overwrite) is moved aside first: on failure the new stages are removed and
+    it is put back; on success it is deleted. A failed job in a new `out` keeps the stages it finished.
+    The files keep the paths they will have, so what they record about each other stays true.
+    """
+    check_output_dir(out, overwrite)
+    aside = None
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            out.rename(aside / out.name)
+        except OSError as e:
+            raise WandaServeError(f"cannot move the previous {out} aside: {e.strerror or e}") from e
+    try:
+        yield out
+    except BaseException:
+        if aside is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            (aside / out.name).rename(out)
+            aside.rmdir()
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def write_file_atomically(path: Path, text: str, overwrite: bool = False, option: str = "output") -> None:
     """Write text to path whole or not at all; an existing file is replaced only with `overwrite`."""
     if path.is_dir():

@@ -15,7 +15,7 @@ from deploy.vllm_server import ServerSettings
 from deploy.workload import WorkloadSpec
 from exporters.onnx_export import GRAPH_NAME, OnnxExport, export_onnx
 from exporters.vllm_checkpoint import VllmExport, export_vllm
-from wanda_serve.artifacts import atomic_output_dir, check_output_dir, write_file_atomically
+from wanda_serve.artifacts import replacing_dir, write_file_atomically
 from wanda_serve.errors import WandaServeError
 from wanda_serve.jobs import EvalOptions, PruneJob, recipe_name, run_prune
 
@@ -44,40 +44,36 @@ class MainJob:
 def run_main_job(job: MainJob) -> Path:
     """Run every stage into job.out; returns the path of the run's REPORT.md.
 
-    The run is built beside job.out and replaces it only when complete, so an older run survives a
-    failed one. When job.out did not hold a run, a failure after the first stage keeps the finished
-    stages there, without REPORT.md.
+    An older run in job.out (--overwrite) survives a failed one. When job.out held no run, a failure
+    after the first stage keeps the finished stages there, without REPORT.md.
     """
-    check_output_dir(job.out, job.overwrite)
-    fresh = not job.out.exists() or not any(job.out.iterdir())
     # Built first so that bad benchmark settings fail now, not after pruning and exporting.
-    BenchJob(job.out / "bench", "dense", "pruned", job.workload, job.concurrency, job.rounds, job.server, job.hour_price,
-             sparse_runtime=job.sparse_runtime)
+    bench_job = BenchJob(job.out / "bench", str(job.out / "vllm-dense"), str(job.out / "vllm-pruned"),
+                         job.workload, job.concurrency, job.rounds, job.server, job.hour_price,
+                         sparse_runtime=job.sparse_runtime)
+    replacing = job.out.is_dir() and any(job.out.iterdir())
     started = time.perf_counter()
     stage = "prune"
-    with atomic_output_dir(job.out, job.overwrite) as run:
-        try:
-            prune = run_prune(PruneJob(out=run / "pruned", model=job.model, method=job.method, structure=job.structure,
+    try:
+        with replacing_dir(job.out, job.overwrite):
+            prune = run_prune(PruneJob(out=job.out / "pruned", model=job.model, method=job.method, structure=job.structure,
                                        nsamples=job.nsamples, seqlen=job.seqlen, evaluation=job.evaluation))
             stage = "export vllm"
-            dense_export = export_vllm(VllmExport(run / "vllm-dense", job.model, job.serve_dtype))
-            pruned_export = export_vllm(VllmExport(run / "vllm-pruned", str(run / "pruned"), job.serve_dtype))
+            dense_export = export_vllm(VllmExport(job.out / "vllm-dense", job.model, job.serve_dtype))
+            pruned_export = export_vllm(VllmExport(job.out / "vllm-pruned", str(job.out / "pruned"), job.serve_dtype))
             stage = "export onnx"
-            onnx = export_onnx(OnnxExport(run / "onnx-pruned", str(run / "pruned")))
+            onnx = export_onnx(OnnxExport(job.out / "onnx-pruned", str(job.out / "pruned")))
             stage = "bench"
-            bench = run_bench(BenchJob(run / "bench", str(run / "vllm-dense"), str(run / "vllm-pruned"), job.workload,
-                                       job.concurrency, job.rounds, job.server, job.hour_price,
-                                       sparse_runtime=job.sparse_runtime))
-        except (WandaServeError, KeyboardInterrupt) as e:
-            if stage != "prune" and fresh:
-                run.rename(job.out)  # atomic_output_dir then finds nothing to remove
-                kept = f"finished stages are kept in {job.out}"
-            else:
-                kept = "nothing was written" + (f"; the previous run in {job.out} is unchanged" if not fresh else "")
-            reason = str(e) if isinstance(e, WandaServeError) else "interrupted"
-            raise WandaServeError(f"stage {stage}: {reason}\n({kept})") from e
-        write_file_atomically(run / REPORT_NAME,
-                              _report(job, prune, dense_export, pruned_export, onnx, bench, time.perf_counter() - started))
+            bench = run_bench(bench_job)
+            write_file_atomically(job.out / REPORT_NAME, _report(job, prune, dense_export, pruned_export, onnx, bench,
+                                                                   time.perf_counter() - started))
+    except (WandaServeError, KeyboardInterrupt) as e:
+        if replacing:
+            kept = f"nothing was written; the previous run in {job.out} is unchanged"
+        else:
+            kept = f"finished stages are kept in {job.out}" if stage != "prune" else "nothing was written"
+        reason = str(e) if isinstance(e, WandaServeError) else "interrupted"
+        raise WandaServeError(f"stage {stage}: {reason}\n({kept})") from e
     return job.out / REPORT_NAME
 
 
