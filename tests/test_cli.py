@@ -1,3 +1,4 @@
+import errno
 import json
 
 import pytest
@@ -188,3 +189,16 @@ def test_main_job_failing_late_keeps_the_previous_run(tiny_model_dir, tmp_path, 
     assert f"(nothing was written; the previous run in {out} is unchanged)" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "text.txt", "tiny-llama"]  # no .partial, no .old
     assert [p.name for p in out.iterdir()] == ["REPORT.md"] and (out / "REPORT.md").read_text() == "the previous run"
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    def full_disk(loaded, out, max_shard_size=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "model.safetensors"))
+
+    monkeypatch.setattr("wanda_serve.jobs.save_model", full_disk)
+    out = tmp_path / "pruned"
+    result = run(*small_prune_args(tiny_model_dir, out, "--no-eval"))
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.exc_info
+    error = result.output.splitlines()[-1]
+    assert error.startswith("Error: No space left on device: ") and error.endswith("model.safetensors (nothing was written)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt", "tiny-llama"]

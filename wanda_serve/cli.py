@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -27,6 +28,9 @@ from wanda_serve.structure import Structure
 
 
 DEBUG_ENV = "WANDA_SERVE_DEBUG"
+# The machine refused a write (disk full, quota, read-only file system, permissions): the user's to fix
+# wherever in a command it happens, so it is reported like any other user error.
+REFUSED_BY_THE_MACHINE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _debugging() -> bool:
@@ -53,6 +57,10 @@ def _user_errors_as_one_line(command):
             if _debugging():
                 raise
             raise click.ClickException("interrupted; nothing was written") from e
+        except OSError as e:
+            if e.errno not in REFUSED_BY_THE_MACHINE or _debugging():
+                raise
+            raise click.ClickException(f"{e.strerror}: {e.filename} (nothing was written)") from e
 
     return wrapper
 
