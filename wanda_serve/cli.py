@@ -221,6 +221,69 @@ def prune(model, out, method, structure, reconstruct, permute, owl, owl_spread, 
         click.echo(f"perplexity on {after['data']} ({after['windows']} x {after['seqlen']} tokens): dense {before['perplexity']:.3f} -> pruned {after['perplexity']:.3f}")
 
 
+@cli.command()
+@click.argument("pruned", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory for the recovered model.")
+@click.option("--teacher", default=None, help="Dense model to distil from (default: the one PRUNED's prune_report.json names).")
+@click.option("--tokens", default=50_000, show_default=True, type=click.IntRange(1), help="Training budget in tokens.")
+@click.option("--seqlen", default=256, show_default=True, type=click.IntRange(2), help="Tokens per training sample.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1), help="Samples per optimizer step.")
+@click.option("--lr", default=3e-4, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Peak learning rate (AdamW), after a linear warm-up, then cosine decay.")
+@click.option("--warmup", default=0.05, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Warm-up share of the steps.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Softmax temperature of teacher and student in the KL.")
+@click.option("--hidden-weight", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Weight of a per-layer hidden-state term (SquareHead); 0: logits only.")
+@click.option("--data", default="wiki", show_default=True,
+              help="Training text, as for prune --calib: its calibration region only, never the evaluation region.")
+@device_option
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="bfloat16: autocast (weights and optimizer stay float32).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--checkpoint-every", default=50, show_default=True, type=click.IntRange(1), help="Steps between checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.checkpoints (same options).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, slower.")
+@click.option("--eval-data", default="wiki", show_default=True, help="In-domain evaluation text (as for eval --data).")
+@click.option("--out-of-domain", default="news", show_default=True,
+              help="A second evaluation text, not the training domain (embedded: news); 'none' to skip.")
+@eval_options
+@click.option("--no-eval", is_flag=True, help="Skip perplexity before and after.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@_user_errors_as_one_line
+def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, temperature, hidden_weight, data, device, dtype, seed,
+            checkpoint_every, resume, gradient_checkpointing, eval_data, out_of_domain, eval_seqlen, eval_windows, no_eval, overwrite):
+    """Distil PRUNED back toward its dense model, the sparsity mask kept exactly.
+
+    \b
+    KL divergence between the teacher's and the student's next-token distributions on windows of
+    the training text, with AdamW on transformers' Trainer. Pruned weights get no gradient and are
+    re-masked after every step; the saved tensors are checked to hold exactly the input's zeros.
+    Checkpoints go to OUT.checkpoints every --checkpoint-every steps; Ctrl-C saves one and stops,
+    and --resume continues. OUT gets the model and recover_report.json.
+
+    \b
+    Examples:
+      wanda-serve recover runs/wanda-2of4 --out runs/wanda-2of4-recovered --tokens 100000
+      wanda-serve recover runs/wanda-2of4 --out runs/wanda-2of4-recovered --tokens 100000 --resume
+    """
+    # Here, not at the top: transformers' Trainer adds about a second to every command's start.
+    from wanda_serve.recover import RecoverJob, run_recover
+
+    evaluation = None if no_eval else EvalOptions(eval_data, eval_seqlen, eval_windows)
+    report = run_recover(RecoverJob(
+        out=out, pruned=str(pruned), teacher=teacher, tokens=tokens, seqlen=seqlen, batch_size=batch_size, lr=lr, warmup=warmup,
+        temperature=temperature, hidden_weight=hidden_weight, data=data, device=device, dtype=dtype, seed=seed,
+        checkpoint_every=checkpoint_every, resume=resume, gradient_checkpointing=gradient_checkpointing, evaluation=evaluation,
+        out_of_domain=None if out_of_domain == "none" else out_of_domain, overwrite=overwrite,
+    ))
+    click.echo(f"wrote {out}  ({report['tokens']} tokens in {report['steps']} steps, {report['tokens_per_second']:.0f} tokens/s; "
+               f"mask identical: {'yes' if report['mask_check']['passed'] else 'no'})")
+    for name, ppl in report["perplexity"].items():
+        click.echo(f"perplexity on {name}: teacher {ppl['teacher']['perplexity']:.3f}, pruned {ppl['before']['perplexity']:.3f} "
+                   f"-> recovered {ppl['after']['perplexity']:.3f}")
+
+
 @cli.command("eval")
 @click.argument("model", required=False)
 @click.option("--data", default="wiki", show_default=True, help="Evaluation text: wiki (embedded held-out region), c4, wikitext2, a .txt or .jsonl file.")

@@ -16,10 +16,15 @@ import torch
 from wanda_serve.errors import WandaServeError
 
 EMBEDDED_TEXT = "wiki"
+# A second embedded text, not Wikipedia: for measuring quality out of the calibration domain.
+EMBEDDED_NEWS = "news"
 HUB_DATASETS = ("c4", "wikitext2")
 WIKI_SAMPLE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-# The last articles of the dump, holding at least this share of its text, are held out for evaluation.
+NEWS_SAMPLE = "test/test_data/lee_background.cor"  # 299 Australian news articles (Lee et al. 2005), one a line
+# The last articles, holding at least this share of the text, are held out for evaluation. The news
+# corpus is small (~80k tokens) and serves mostly to evaluate, so it holds out half.
 WIKI_EVAL_SHARE = 0.10
+NEWS_EVAL_SHARE = 0.50
 
 
 @dataclass
@@ -32,15 +37,17 @@ class Corpus:
 
 
 def load_corpus(spec: str) -> Corpus:
-    """'wiki' (embedded), 'c4', 'wikitext2', a .jsonl file with a `text` field per line, or a plain-text file."""
+    """'wiki', 'news' (embedded), 'c4', 'wikitext2', a .jsonl file with a `text` field per line, or a plain-text file."""
     if spec == EMBEDDED_TEXT:
-        calibration, evaluation = _wiki_regions()
-        return Corpus("wiki (embedded English Wikipedia sample)", calibration, evaluation)
+        return Corpus("wiki (embedded English Wikipedia sample)", *_split(_wiki_articles(_gensim_data(WIKI_SAMPLE)), WIKI_EVAL_SHARE))
+    if spec == EMBEDDED_NEWS:
+        articles = _read_text(_gensim_data(NEWS_SAMPLE)).splitlines()
+        return Corpus("news (embedded Lee news corpus)", *_split([a.strip() for a in articles if a.strip()], NEWS_EVAL_SHARE))
     if spec in HUB_DATASETS:
         return _hub_corpus(spec)
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise WandaServeError(f"no such text file: {spec} (or use wiki, c4, wikitext2)")
+        raise WandaServeError(f"no such text file: {spec} (or use wiki, news, c4, wikitext2)")
     text = _read_text(path)
     if path.suffix == ".jsonl":
         samples = _parse_jsonl(path, text)
@@ -76,21 +83,25 @@ def _parse_jsonl(path: Path, text: str) -> list[str]:
     return samples
 
 
-@lru_cache(maxsize=1)
-def _wiki_regions() -> tuple[str, str]:
-    """The gensim wheel's Wikipedia sample, markup stripped, split by article into calibration and evaluation."""
+def _gensim_data(relative: str) -> Path:
+    """A file of the gensim wheel's test data, where the embedded texts come from."""
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise WandaServeError("the embedded text needs the package gensim: pip install --no-deps gensim")
-    articles = _wiki_articles(Path(spec.submodule_search_locations[0]) / WIKI_SAMPLE)
+        raise WandaServeError("the embedded texts need the package gensim: pip install --no-deps gensim")
+    return Path(spec.submodule_search_locations[0]) / relative
+
+
+def _split(articles: list[str], eval_share: float) -> tuple[str, str]:
+    """Calibration and evaluation regions: the last articles holding at least eval_share of the text are held out."""
     total = sum(len(a) for a in articles)
     held_out, split = 0, len(articles)
-    while held_out < WIKI_EVAL_SHARE * total:
+    while held_out < eval_share * total:
         split -= 1
         held_out += len(articles[split])
     return "\n\n".join(articles[:split]), "\n\n".join(articles[split:])
 
 
+@lru_cache(maxsize=1)
 def _wiki_articles(path: Path) -> list[str]:
     import mwparserfromhell
 

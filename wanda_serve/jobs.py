@@ -79,7 +79,7 @@ def peak_memory(device: torch.device) -> dict:
     return memory
 
 
-class _Evaluation:
+class Evaluation:
     """The evaluation text, tokenized once, and the perplexity of a model on it."""
 
     def __init__(self, options: EvalOptions, tokenizer, device: torch.device, progress: bool):
@@ -135,7 +135,7 @@ def run_prune(job: PruneJob) -> dict:
                 "seed": job.seed, "tokens": sum(b.numel() for b in batches),
             }
 
-        evaluation = _Evaluation(job.evaluation, loaded.tokenizer, device, job.progress) if job.evaluation else None
+        evaluation = Evaluation(job.evaluation, loaded.tokenizer, device, job.progress) if job.evaluation else None
         before = evaluation.perplexity(loaded.model) if evaluation else None
         timings = prune_model(loaded.model, batches, method, structure, device, job.progress, job.owl, permute)
         after = evaluation.perplexity(loaded.model) if evaluation else None
@@ -179,7 +179,7 @@ def run_eval(model: str | None, options: EvalOptions, device: str = "cpu", struc
     audit = audit_linears(block_linears(loaded.model), Structure.parse(structure) if structure else None)
     return {
         "model": loaded.source,
-        "perplexity": _Evaluation(options, loaded.tokenizer, device, progress).perplexity(loaded.model),
+        "perplexity": Evaluation(options, loaded.tokenizer, device, progress).perplexity(loaded.model),
         "sparsity": audit,
         "eval_options": asdict(options),
         "versions": package_versions(),

@@ -1,0 +1,157 @@
+"""Recovery by distillation on tiny models: it learns, keeps the mask exactly, resumes, and refuses bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import TEXT, tiny_model
+from wanda_serve.cli import cli
+from wanda_serve.engine import block_linears
+from wanda_serve.errors import WandaServeError
+from wanda_serve.recover import KeepMask, RecoverJob, RecoveryInterrupted, StopOnInterrupt, distillation_loss, run_recover
+from wanda_serve.structure import audit_linears
+
+WANDA_SERVE = str(Path(sys.executable).with_name("wanda-serve"))
+
+
+@pytest.fixture
+def pruned(tiny_model_dir, tmp_path):
+    out = tmp_path / "pruned"
+    text = tmp_path / "text.txt"
+    result = CliRunner().invoke(cli, ["prune", str(tiny_model_dir), "--out", str(out), "--calib", str(text), "--nsamples", "4",
+                                      "--seqlen", "32", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def job(pruned: Path, out: Path, **changes) -> RecoverJob:
+    text = str(pruned.parent / "text.txt")
+    settings = dict(out=out, pruned=str(pruned), tokens=1024, seqlen=64, batch_size=2, lr=1e-3, data=text, checkpoint_every=2,
+                    evaluation=None, progress=False)
+    return RecoverJob(**(settings | changes))
+
+
+def kl_to_teacher(model_dir: Path, teacher_dir: Path) -> float:
+    ids = AutoTokenizer.from_pretrained(teacher_dir)(TEXT[-4000:], return_tensors="pt")["input_ids"][:, :256]
+    with torch.no_grad():
+        student = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)(input_ids=ids)
+    return float(distillation_loss(student, teacher, 1.0, 0.0))
+
+
+def zeros(model_dir: Path) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return {name: linear.weight == 0 for name, linear in block_linears(model).items()}
+
+
+def test_recovery_lowers_the_kl_and_keeps_every_zero(pruned, tiny_model_dir, tmp_path):
+    report = run_recover(job(pruned, tmp_path / "rec", tokens=4096))
+    assert kl_to_teacher(tmp_path / "rec", tiny_model_dir) < 0.8 * kl_to_teacher(pruned, tiny_model_dir)
+    before, after = zeros(pruned), zeros(tmp_path / "rec")
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert report["mask_check"]["passed"] and report["mask_check"]["nm_valid_after"]["2:4"]
+    assert report["teacher"] == str(tiny_model_dir)  # from the prune report
+    assert report["steps"] == 32 and report["tokens"] == 4096 and len(report["loss_curve"]) == 32
+    assert not (tmp_path / "rec.checkpoints").exists()
+
+
+def test_the_mask_holds_after_every_step(pruned, tmp_path, monkeypatch):
+    audits = []
+    keep = KeepMask.on_optimizer_step
+
+    def checked(self, args, state, control, **kwargs):
+        keep(self, args, state, control, **kwargs)
+        weights = {str(i): torch.nn.Linear(1, 1) for i in range(len(self.kept))}
+        for linear, (weight, kept) in zip(weights.values(), self.kept.items()):
+            linear.weight = torch.nn.Parameter(weight.detach().clone())
+            assert torch.equal(weight.detach() == 0, ~kept)  # zero exactly where pruned, nowhere else
+        audits.append(audit_linears(weights)["all_nm_valid"]["2:4"])
+
+    monkeypatch.setattr(KeepMask, "on_optimizer_step", checked)
+    run_recover(job(pruned, tmp_path / "rec"))
+    assert audits == [True] * 8
+
+
+def test_without_the_mask_callback_the_final_check_fails(pruned, tmp_path, monkeypatch):
+    monkeypatch.setattr(KeepMask, "on_train_begin", lambda *a, **k: None)
+    monkeypatch.setattr(KeepMask, "on_optimizer_step", lambda *a, **k: None)
+    monkeypatch.setattr(KeepMask, "on_train_end", lambda *a, **k: None)
+    with pytest.raises(WandaServeError, match="recovery changed the sparsity mask"):
+        run_recover(job(pruned, tmp_path / "rec"))
+    assert not (tmp_path / "rec").exists()
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(pruned, tmp_path, monkeypatch):
+    run_recover(job(pruned, tmp_path / "straight"))
+
+    stop_at_step = StopOnInterrupt.on_step_end
+
+    def ctrl_c_at_step_4(self, args, state, control, **kwargs):
+        self.interrupted = self.interrupted or state.global_step == 4
+        stop_at_step(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(StopOnInterrupt, "on_step_end", ctrl_c_at_step_4)
+    with pytest.raises(RecoveryInterrupted, match="interrupted at step 4 of 8; checkpoint saved in .*--resume"):
+        run_recover(job(pruned, tmp_path / "resumed"))
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.checkpoints" / "checkpoint-4").is_dir()
+    monkeypatch.setattr(StopOnInterrupt, "on_step_end", stop_at_step)
+
+    with pytest.raises(WandaServeError, match="holds checkpoints of an earlier run: add --resume"):
+        run_recover(job(pruned, tmp_path / "resumed"))
+    with pytest.raises(WandaServeError, match=r"made with other settings \(lr\)"):
+        run_recover(job(pruned, tmp_path / "resumed", resume=True, lr=5e-4))
+    report = run_recover(job(pruned, tmp_path / "resumed", resume=True))
+    assert report["steps"] == 8 and report["resumed_from"].endswith("checkpoint-4") and len(report["loss_curve"]) == 8
+    straight = AutoModelForCausalLM.from_pretrained(tmp_path / "straight").state_dict()
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed").state_dict()
+    assert all(torch.allclose(straight[k], resumed[k], rtol=0, atol=1e-6) for k in straight)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(pruned, tmp_path):
+    out = tmp_path / "rec"
+    argv = [WANDA_SERVE, "recover", str(pruned), "--out", str(out), "--tokens", "200000", "--seqlen", "64", "--batch-size", "2",
+            "--data", str(tmp_path / "text.txt"), "--no-eval", "--checkpoint-every", "100000"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    seen = ""
+    while "recover:" not in seen:  # the progress bar: training has started
+        chunk = process.stderr.read(1)
+        assert chunk, "the command ended before training started"
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    errors = [line.split("Error: ", 1)[1] for line in (seen + stderr).replace("\r", "\n").splitlines() if "Error: " in line]
+    assert process.returncode == 1 and len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert errors[0].startswith("interrupted at step ") and "--resume" in errors[0]
+    assert not out.exists() and list((tmp_path / "rec.checkpoints").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("teacher_arch, expected", [("opt", "is a opt model"), ("vocab", "another vocabulary")])
+def test_a_teacher_that_does_not_match_is_refused(pruned, tmp_path, tiny_tokenizer, teacher_arch, expected):
+    teacher = tmp_path / "teacher"
+    model = tiny_model("opt") if teacher_arch == "opt" else tiny_model("llama")
+    if teacher_arch == "vocab":
+        model.resize_token_embeddings(400)
+    model.save_pretrained(teacher)
+    tiny_tokenizer.save_pretrained(teacher)
+    with pytest.raises(WandaServeError, match=expected):
+        run_recover(job(pruned, tmp_path / "rec", teacher=str(teacher)))
+    assert not (tmp_path / "rec").exists() and not (tmp_path / "rec.checkpoints").exists()
+
+
+def test_a_dense_model_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(WandaServeError, match="has no pruned weights"):
+        run_recover(job(tiny_model_dir, tmp_path / "rec", teacher=str(tiny_model_dir)))
+
+
+def test_bad_budget_is_refused_at_the_option(pruned, tmp_path):
+    result = CliRunner().invoke(cli, ["recover", str(pruned), "--out", str(tmp_path / "rec"), "--tokens", "0"])
+    assert result.exit_code == 2 and "Invalid value for '--tokens'" in result.output
+    with pytest.raises(WandaServeError, match="less than one sample"):
+        job(pruned, tmp_path / "rec", tokens=10)
