@@ -81,10 +81,13 @@ def _check_architecture(config, name: str) -> None:
 
 
 def resolve_model(spec: str | None) -> str:
-    """A loadable location for `spec`: the embedded model's cache, a local path, or a hub id."""
-    if not spec:
+    """A loadable location for `spec`: the embedded model's cache, a local path, or a hub id.
+
+    The embedded model is also found by its name, as reports record it (unless a path of that name exists).
+    """
+    path = Path(spec or "").expanduser()
+    if not spec or (spec == EMBEDDED_MODEL_NAME and not path.exists()):
         return str(embedded_model_dir())
-    path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir() and not (path / "config.json").is_file():
             raise WandaServeError(f"{spec} is not a model directory: it has no config.json")
