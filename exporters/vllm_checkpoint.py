@@ -21,7 +21,7 @@ from exporters.vllm_engine import VLLM_PYTHON_ENV, vllm_available, vllm_greedy
 from wanda_serve.artifacts import atomic_output_dir, package_versions, read_json_file
 from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import REPORT_NAME
+from wanda_serve.jobs import RECOVER_REPORT_NAME, REPORT_NAME
 from wanda_serve.models import DTYPES, load_model, save_model
 from wanda_serve.structure import audit_linears
 
@@ -84,6 +84,15 @@ def _source_prune_report(location: str) -> dict | None:
     return {key: report.get(key) for key in ("method", "structure", "calibration", "perplexity", "versions")} | {"path": str(path)}
 
 
+def _source_recover_report(location: str) -> dict | None:
+    """Where the source was recovered by distillation: from what, how far, and its perplexity since."""
+    path = Path(location) / RECOVER_REPORT_NAME
+    if not path.is_file():
+        return None
+    report = read_json_file(path)
+    return {key: report.get(key) for key in ("teacher", "tokens", "steps", "perplexity", "mask_check")} | {"path": str(path)}
+
+
 def check_on_vllm(directory: Path, tokenizer) -> dict:
     """vLLM's offline engine must continue the fixed prompts exactly as transformers does, from the same files.
 
@@ -110,7 +119,8 @@ def export_vllm(job: VllmExport) -> dict:
     with atomic_output_dir(job.out, job.overwrite) as tmp:
         stripped: list[str] = []
         loaded = load_model(job.model, "float32", edit_config=lambda config: stripped.extend(strip_sparsity_metadata(config)))
-        source_report = _source_prune_report(loaded.location)  # read first: a damaged report fails before the work
+        # Read first: a damaged report fails before the work.
+        source_report, recover_report = _source_prune_report(loaded.location), _source_recover_report(loaded.location)
         source_audit = audit_linears(block_linears(loaded.model))
         source_zeros = _zero_masks(block_linears(loaded.model))
 
@@ -141,6 +151,7 @@ def export_vllm(job: VllmExport) -> dict:
             "format": "Hugging Face safetensors checkpoint for vLLM (dense; pruned weights are zeros)",
             "source": loaded.source,
             "source_prune_report": source_report,
+            "source_recover_report": recover_report,
             "dtype": job.dtype,
             "stripped_metadata": stripped,
             "files": file_digests(tmp),

@@ -182,7 +182,7 @@ def test_main_job_failing_late_keeps_the_previous_run(tiny_model_dir, tmp_path, 
     (out / "REPORT.md").write_text("the previous run")
     # No vLLM: the exports skip their vLLM check, and the bench stage fails after all the others finished.
     monkeypatch.setenv("WANDA_SERVE_VLLM_PYTHON", str(tmp_path / "no-python"))
-    result = run("run", tiny_model_dir, "--out", out, "--overwrite", "--nsamples", 2, "--seqlen", 16, "--eval-seqlen", 32,
+    result = run("run", tiny_model_dir, "--out", out, "--overwrite", "--nsamples", 2, "--seqlen", 16, "--recover-tokens", 512, "--eval-seqlen", 32,
                  "--eval-windows", 1)
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.exc_info
     assert "\nError: stage bench: vLLM is not installed" in result.output

@@ -21,7 +21,7 @@ from transformers.utils import logging as transformers_logging
 from wanda_serve.artifacts import write_file_atomically
 from wanda_serve.engine import Owl
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import EvalOptions, PruneJob, recipe_name, run_eval, run_prune
+from wanda_serve.jobs import RECOVER_TOKENS, EvalOptions, PruneJob, recipe_name, run_eval, run_prune
 from wanda_serve.methods import METHODS
 from wanda_serve.models import EMBEDDED_MODEL_NAME
 from wanda_serve.structure import Structure
@@ -616,30 +616,36 @@ def bench(dense, pruned, out, concurrency, rounds, gpu_hour_price, no_greedy_che
 @eval_options
 @click.option("--export-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
               help="dtype of the vLLM checkpoints.")
+@click.option("--recover-tokens", default=RECOVER_TOKENS, show_default=True, type=click.IntRange(1),
+              help="Distil the pruned model from the dense one on this many tokens before exporting it (see recover).")
+@click.option("--no-recover", is_flag=True, help="Export and serve the pruned model as pruned, without recovery.")
 @workload_options
 @click.option("--sparse-runtime", is_flag=True, help=SPARSE_RUNTIME_COLUMN_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
 @server_options
 @_user_errors_as_one_line
-def run_command(model, out, method, structure, nsamples, seqlen, eval_seqlen, eval_windows, export_dtype, concurrency, rounds,
-                gpu_hour_price, sparse_runtime, overwrite, **kwargs):
-    """The whole pipeline: prune, evaluate, export for vLLM and ONNX, serve dense and pruned, benchmark.
+def run_command(model, out, method, structure, nsamples, seqlen, eval_seqlen, eval_windows, export_dtype, recover_tokens, no_recover,
+                concurrency, rounds, gpu_hour_price, sparse_runtime, overwrite, **kwargs):
+    """The whole pipeline: prune, evaluate, recover, export for vLLM and ONNX, serve dense and pruned, benchmark.
 
     \b
     MODEL: as for prune; omitted, the embedded SmolLM2-135M-Instruct. OUT gets pruned/ (with
-    prune_report.json), vllm-dense/, vllm-pruned/, onnx-pruned/, bench/ and REPORT.md.
+    prune_report.json), recovered/ (with recover_report.json; not with --no-recover), vllm-dense/,
+    vllm-pruned/ and onnx-pruned/ (of the recovered model, when there is one), bench/ and REPORT.md.
 
     \b
     Examples:
       wanda-serve run
       wanda-serve run ./my-llama --concurrency 1,16,64 --gpu-hour-price 2.5 --out runs/llama-2of4
     """
+    # Here, not at the top: the pipeline brings every stage's imports (exporters, deploy, Trainer).
     from wanda_serve.pipeline import MainJob, run_main_job
 
     name = Path(model).name if model else EMBEDDED_MODEL_NAME
     out = out or Path("runs") / f"{name}-{method}-{structure.replace(':', 'of').replace('%', 'pct')}"
-    job = MainJob(out, model, method, structure, nsamples, seqlen, EvalOptions("wiki", eval_seqlen, eval_windows), export_dtype,
-                  _pop_workload(kwargs), concurrency, rounds, _pop_server_settings(kwargs),
-                  gpu_hour_price, overwrite, sparse_runtime)
+    job = MainJob(out=out, model=model, method=method, structure=structure, nsamples=nsamples, seqlen=seqlen,
+                  evaluation=EvalOptions("wiki", eval_seqlen, eval_windows), serve_dtype=export_dtype, workload=_pop_workload(kwargs),
+                  concurrency=concurrency, rounds=rounds, server=_pop_server_settings(kwargs), hour_price=gpu_hour_price,
+                  overwrite=overwrite, sparse_runtime=sparse_runtime, recover_tokens=None if no_recover else recover_tokens)
     report = run_main_job(job)
     click.echo(f"wrote {report}")

@@ -23,6 +23,10 @@ from wanda_serve.structure import Structure, audit_linears
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "prune_report.json"
+RECOVER_REPORT_NAME = "recover_report.json"  # written by wanda_serve.recover
+# The main job's recovery budget: about 5 minutes of distillation for SmolLM2 on 2 CPU cores (~110 tokens/s),
+# so that `make run` stays within about 30 minutes; 8k tokens already take its perplexity from 185 to 79.
+RECOVER_TOKENS = 32_768
 
 
 @dataclass

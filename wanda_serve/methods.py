@@ -17,13 +17,19 @@ from wanda_serve.structure import Structure, prune_mask
 
 
 class InputNorms:
-    """Squared L2 norm of each input channel over all calibration tokens, in fp32."""
+    """Squared L2 norm of each input channel over all calibration tokens, accumulated in float64.
+
+    float64 because the sum's order changes with the batch size and the kernels' vector width: in
+    float32 that moves the norms by ~1e-7, enough to flip near-tied masks, and every flip feeds
+    the next block other inputs. The squares of float32 values are exact in float64, and their
+    sum's rounding (~1e-16) no longer reaches the scores.
+    """
 
     def __init__(self, in_features: int, device: torch.device):
-        self.squared_norms = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.squared_norms = torch.zeros(in_features, dtype=torch.float64, device=device)
 
     def add_batch(self, inp: torch.Tensor) -> None:
-        tokens = inp.reshape(-1, inp.shape[-1]).float()  # (B*T, in)
+        tokens = inp.reshape(-1, inp.shape[-1]).double()  # (B*T, in)
         self.squared_norms += tokens.pow(2).sum(0)
 
     def permute(self, perm: torch.Tensor) -> None:
@@ -60,7 +66,7 @@ def magnitude_scores(weight: torch.Tensor, stat: None) -> torch.Tensor:
 
 
 def wanda_scores(weight: torch.Tensor, stat: InputNorms) -> torch.Tensor:
-    # Wanda: |W_ij| * ||X_j||_2, compared within each output row i.
+    # Wanda: |W_ij| * ||X_j||_2, compared within each output row i (in float64 with InputNorms' float64 norms).
     return weight.abs() * stat.squared_norms.sqrt().unsqueeze(0)
 
 
@@ -70,7 +76,8 @@ RIA_EXPONENT = 0.5  # a in RIA's ||X||₂^a, the paper's choice
 def ria_scores(weight: torch.Tensor, stat: InputNorms) -> torch.Tensor:
     # RIA (Zhang et al. 2024): relative importance of |W_ij| within its row and within its column,
     # times the input activation norm to the power a.
-    magnitude = weight.abs()
+    # float64: the row and column sums then do not depend on the order the kernels add in.
+    magnitude = weight.abs().double()
     relative = magnitude / magnitude.sum(dim=1, keepdim=True) + magnitude / magnitude.sum(dim=0, keepdim=True)
     return relative * stat.squared_norms.sqrt().pow(RIA_EXPONENT).unsqueeze(0)
 

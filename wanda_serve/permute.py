@@ -73,8 +73,15 @@ def exact_folds(block: nn.Module, linears: dict[str, nn.Linear], run_block, tole
     return exact
 
 
+# A permutation is kept only if it keeps more than this share of score beyond the identity's. Kernels
+# that round differently (another CPU, another thread count) move the scores by ~1e-7 of their value:
+# a gain within that noise must not decide differently on different machines.
+GAIN_TOLERANCE = 1e-6
+
+
 def kept_score(scores: torch.Tensor, structure: Structure) -> float:
-    return float(scores.masked_fill(prune_mask(scores, structure), 0).sum())
+    # Summed in float64: a float32 sum of ~1e6 scores depends on how the threads split it, in the 7th digit.
+    return float(scores.masked_fill(prune_mask(scores, structure), 0).sum(dtype=torch.float64))
 
 
 def spreading_permutation(scores: torch.Tensor, structure: Structure) -> torch.Tensor:
@@ -82,17 +89,19 @@ def spreading_permutation(scores: torch.Tensor, structure: Structure) -> torch.T
 
     Group g gets one channel from each band of (columns / M) channels: the strongest band goes
     0, 1, ..., G−1, the next G−1, ..., 0, and so on, so no group collects the strong ones.
-    Returns `perm`: new column j is old column perm[j]; the identity if that keeps no more score.
+    Totals are float64 sums; among equal totals the lower column counts as stronger (stable sort).
+    Returns `perm`: new column j is old column perm[j]; the identity unless that keeps more than
+    GAIN_TOLERANCE more score.
     """
     cols = scores.shape[1]
     groups = cols // structure.m
-    strongest_first = torch.sort(scores.sum(0), descending=True, stable=True).indices
+    strongest_first = torch.sort(scores.sum(0, dtype=torch.float64), descending=True, stable=True).indices
     rank = torch.arange(cols, device=scores.device)
     band, within = rank // groups, rank % groups
     group = torch.where(band % 2 == 0, within, groups - 1 - within)
     slot = group * structure.m + band  # each group's members are consecutive columns
     perm = torch.empty_like(strongest_first)
     perm[slot] = strongest_first
-    if kept_score(scores[:, perm], structure) <= kept_score(scores, structure):
+    if kept_score(scores[:, perm], structure) <= kept_score(scores, structure) * (1 + GAIN_TOLERANCE):
         return rank
     return perm

@@ -17,7 +17,8 @@ from exporters.onnx_export import GRAPH_NAME, OnnxExport, export_onnx
 from exporters.vllm_checkpoint import VllmExport, export_vllm
 from wanda_serve.artifacts import replacing_dir, write_file_atomically
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import EvalOptions, PruneJob, recipe_name, run_prune
+from wanda_serve.jobs import RECOVER_TOKENS, EvalOptions, PruneJob, recipe_name, run_prune
+from wanda_serve.recover import RecoverJob, run_recover
 
 REPORT_NAME = "REPORT.md"
 
@@ -39,6 +40,7 @@ class MainJob:
     hour_price: float | None = None
     overwrite: bool = False
     sparse_runtime: bool = False  # bench a third column: the pruned model on the sparse runtime
+    recover_tokens: int | None = RECOVER_TOKENS  # distil the pruned model before exporting it; None: serve it as pruned
 
 
 def run_main_job(job: MainJob) -> Path:
@@ -58,14 +60,21 @@ def run_main_job(job: MainJob) -> Path:
         with replacing_dir(job.out, job.overwrite):
             prune = run_prune(PruneJob(out=job.out / "pruned", model=job.model, method=job.method, structure=job.structure,
                                        nsamples=job.nsamples, seqlen=job.seqlen, evaluation=job.evaluation))
+            served, recovery = job.out / "pruned", None
+            if job.recover_tokens:
+                stage = "recover"
+                # The prune report holds the dense and pruned perplexities on the same windows: not measured again.
+                recovery = run_recover(RecoverJob(out=job.out / "recovered", pruned=str(served), tokens=job.recover_tokens,
+                                                  evaluation=job.evaluation, out_of_domain=None, reference=False))
+                served = job.out / "recovered"
             stage = "export vllm"
             dense_export = export_vllm(VllmExport(job.out / "vllm-dense", job.model, job.serve_dtype))
-            pruned_export = export_vllm(VllmExport(job.out / "vllm-pruned", str(job.out / "pruned"), job.serve_dtype))
+            pruned_export = export_vllm(VllmExport(job.out / "vllm-pruned", str(served), job.serve_dtype))
             stage = "export onnx"
-            onnx = export_onnx(OnnxExport(job.out / "onnx-pruned", str(job.out / "pruned")))
+            onnx = export_onnx(OnnxExport(job.out / "onnx-pruned", str(served)))
             stage = "bench"
             bench = run_bench(bench_job)
-            write_file_atomically(job.out / REPORT_NAME, _report(job, prune, dense_export, pruned_export, onnx, bench,
+            write_file_atomically(job.out / REPORT_NAME, _report(job, prune, recovery, dense_export, pruned_export, onnx, bench,
                                                                    time.perf_counter() - started))
     except (WandaServeError, KeyboardInterrupt) as e:
         if replacing:
@@ -77,7 +86,8 @@ def run_main_job(job: MainJob) -> Path:
     return job.out / REPORT_NAME
 
 
-def _report(job: MainJob, prune: dict, dense_export: dict, pruned_export: dict, onnx: dict, bench: dict, seconds: float) -> str:
+def _report(job: MainJob, prune: dict, recovery: dict | None, dense_export: dict, pruned_export: dict, onnx: dict, bench: dict,
+            seconds: float) -> str:
     ppl = prune["perplexity"]
     exported = pruned_export["sparsity"]["exported"]
     onnx_check = onnx["variants"][GRAPH_NAME]["check"]
@@ -91,6 +101,7 @@ def _report(job: MainJob, prune: dict, dense_export: dict, pruned_export: dict, 
         f"| prune | `pruned/` | {recipe_name(prune)}: perplexity {ppl['dense']['perplexity']:.2f} → "
         f"{ppl['pruned']['perplexity']:.2f} on {ppl['pruned']['data']} ({ppl['pruned']['windows']} × {ppl['pruned']['seqlen']} tokens); "
         f"masks {prune['mask_seconds']:.1f} s of {prune['total_seconds']:.0f} s |",
+        *([_recovery_row(recovery)] if recovery else []),
         f"| export vLLM | `vllm-dense/`, `vllm-pruned/` | {job.serve_dtype}; pruned sparsity {exported['overall_sparsity']:.3f}, "
         + ", ".join(f"{p} valid: {'yes' if ok else 'no'}" for p, ok in exported["all_nm_valid"].items())
         + f"; vLLM greedy check: dense {dense_export['checks']['vllm']['status']}, pruned {pruned_export['checks']['vllm']['status']} |",
@@ -123,3 +134,11 @@ def _report(job: MainJob, prune: dict, dense_export: dict, pruned_export: dict, 
         "",
     ]
     return "\n".join(lines)
+
+
+def _recovery_row(recovery: dict) -> str:
+    (ppl,) = recovery["perplexity"].values()  # in domain only: the main job measures no second text
+    return (f"| recover | `recovered/` | distilled from {recovery['teacher']} on {recovery['tokens']} tokens in "
+            f"{recovery['train_seconds']:.0f} s ({recovery['tokens_per_second']:.0f} tokens/s): perplexity "
+            f"{ppl['after']['perplexity']:.2f}; mask identical: {'yes' if recovery['mask_check']['passed'] else 'no'}. "
+            "The exports and servers below are of this model |")

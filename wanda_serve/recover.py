@@ -33,12 +33,11 @@ from wanda_serve.artifacts import atomic_output_dir, package_versions, read_json
 from wanda_serve.data import EMBEDDED_NEWS, EMBEDDED_TEXT, Corpus, calibration_batches, load_corpus
 from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import REPORT_NAME, EvalOptions, Evaluation, peak_memory, resolve_device
+from wanda_serve.jobs import RECOVER_REPORT_NAME, REPORT_NAME, EvalOptions, Evaluation, peak_memory, resolve_device
 from wanda_serve.models import load_model, save_model
 from wanda_serve.structure import audit_linears
 
 
-RECOVER_REPORT_NAME = "recover_report.json"
 JOB_NAME = "recover_job.json"  # in the checkpoint directory: what a --resume must match
 
 
@@ -63,6 +62,7 @@ class RecoverJob:
     gradient_checkpointing: bool = False
     evaluation: EvalOptions | None = field(default_factory=EvalOptions)  # in domain; None: no perplexity
     out_of_domain: str | None = EMBEDDED_NEWS  # a second evaluation text; None: skip it
+    reference: bool = True  # also measure the teacher and the un-recovered model (a caller that has them skips it)
     overwrite: bool = False
     progress: bool = True
 
@@ -311,8 +311,8 @@ def run_recover(job: RecoverJob) -> dict:
                        for options in ([job.evaluation] if job.evaluation else [])
                        + ([EvalOptions(job.out_of_domain, job.evaluation.seqlen, job.evaluation.max_windows)]
                           if job.evaluation and job.out_of_domain else [])]
-        before = {e.name: e.perplexity(student.model) for e in evaluations}
-        teacher_ppl = {e.name: e.perplexity(teacher.model) for e in evaluations}
+        before = {e.name: e.perplexity(student.model) if job.reference else None for e in evaluations}
+        teacher_ppl = {e.name: e.perplexity(teacher.model) if job.reference else None for e in evaluations}
         zeros_before = _zero_positions(linears)
 
         job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -347,6 +347,8 @@ def run_recover(job: RecoverJob) -> dict:
         if job.gradient_checkpointing:
             student.model.gradient_checkpointing_disable()
         save_model(student, tmp)
+        if (Path(student.location) / REPORT_NAME).is_file():  # how the mask was made still describes this model
+            shutil.copyfile(Path(student.location) / REPORT_NAME, tmp / REPORT_NAME)
         mask = _mask_check(zeros_before, audit_before, tmp, student.model)
         if not mask["passed"]:
             raise WandaServeError(f"recovery changed the sparsity mask (layers {mask['changed_layers'][:3]}, N:M lost: "
