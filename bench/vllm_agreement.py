@@ -72,7 +72,7 @@ def main() -> None:
         dataset = scratch / "workload.jsonl"
         write_custom_dataset(requests, tokenizer, dataset)
         with VllmServer(args.model, scratch / "server.log", settings) as server:
-            endpoint = Endpoint(server.base_url, server.model_name)
+            endpoint = Endpoint(server.base_url, server.model_name, settings.api_key)
             run_level(endpoint, requests[:2], 2)  # warm-up, as vllm bench serve's own test request
             for level in levels:
                 for _ in range(args.repeats):

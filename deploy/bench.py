@@ -108,7 +108,7 @@ def _keep_log_on_failure(out: Path) -> Iterator[list[Path]]:
             raise
         kept = out.with_name(f"{out.name}-failed-server.log")
         shutil.copyfile(log_paths[-1], kept)
-        raise ServerFailed(f"{e}\n(full log: {kept})") from None
+        raise ServerFailed(f"{e}\n(full log: {kept})") from e
 
 
 def _test_request(endpoint: Endpoint, request: Request, label: str) -> None:
@@ -144,16 +144,29 @@ def _perplexities(dense: _Target, pruned: _Target) -> dict:
     }
 
 
+def _load_tokenizer(tokenizer: str | None, dense_checkpoint: Path | None):
+    """The prompts' tokenizer: --tokenizer's directory, else the dense checkpoint's."""
+    if tokenizer is None:
+        if dense_checkpoint is None:
+            raise WandaServeError("the dense server's model files are not on this machine; give --tokenizer")
+        option, source, hint = "--dense", dense_checkpoint, "; give --tokenizer DIR"
+    else:
+        option, source, hint = "--tokenizer", Path(tokenizer), ""
+        if not source.is_dir():
+            raise WandaServeError(f"--tokenizer: {tokenizer} is not a directory")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:  # transformers' errors for missing or unusable tokenizer files
+        raise WandaServeError(f"{option}: {source} has no tokenizer that transformers can load{hint}") from e
+
+
 def run_bench(job: BenchJob) -> dict:
     """Benchmark both models, write the run directory (JSON, Markdown, plots, logs); return the results."""
     targets = [_resolve_target("dense", job.dense, job.server.api_key), _resolve_target("pruned", job.pruned, job.server.api_key)]
     if job.sparse_runtime:
         targets.append(_resolve_target(SPARSE_RUNTIME, job.pruned, job.server.api_key, sparse_runtime=True))
     labels = [target.label for target in targets]
-    tokenizer_source = job.tokenizer or targets[0].checkpoint
-    if tokenizer_source is None:
-        raise WandaServeError("the dense server's model files are not on this machine; give --tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer = _load_tokenizer(job.tokenizer, targets[0].checkpoint)
     levels = list(job.concurrency)
     per_level = job.workload.num_prompts
     *requests, test_request = build_requests(job.workload, tokenizer, job.rounds * len(levels) * per_level + 1)
@@ -211,7 +224,7 @@ def _describe(target: _Target, endpoint: Endpoint, server: VllmServer | None, to
                  "checkpoint": str(target.checkpoint) if target.checkpoint else None}
     if server is not None:
         described["vllm"] = server.build
-        described["command"] = server.command("python")
+        described["command"] = server.shown_command("python")
         if target.sparse_runtime:
             described["sparse_runtime"] = server.sparse_plan()
     if not greedy_check:
@@ -222,7 +235,7 @@ def _describe(target: _Target, endpoint: Endpoint, server: VllmServer | None, to
         try:
             described["greedy_check"] = check_greedy(endpoint, target.checkpoint, tokenizer)
         except ServerRequestFailed as e:
-            raise WandaServeError(f"the {target.label} server failed the greedy check request: {e}") from None
+            raise WandaServeError(f"the {target.label} server failed the greedy check request: {e}") from e
         if not described["greedy_check"]["passed"]:
             gap = described["greedy_check"]["max_logprob_gap"]
             raise WandaServeError(

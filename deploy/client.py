@@ -13,7 +13,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -31,7 +31,7 @@ class ServerRequestFailed(WandaServeError):
 class Endpoint:
     base_url: str  # http://host:port
     model: str  # the name the server serves the model under
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -133,9 +133,9 @@ def call_json(base_url: str, path: str, payload: dict | None = None, api_key: st
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             body = response.read()
     except urllib.error.HTTPError as e:
-        raise ServerRequestFailed(f"{base_url}{path} answered HTTP {e.code}: {e.read()[:200].decode(errors='replace')}") from None
+        raise ServerRequestFailed(f"{base_url}{path} answered HTTP {e.code}: {e.read()[:200].decode(errors='replace')}") from e
     except (urllib.error.URLError, OSError) as e:
-        raise ServerRequestFailed(f"{base_url}{path} did not answer: {getattr(e, 'reason', e)}") from None
+        raise ServerRequestFailed(f"{base_url}{path} did not answer: {getattr(e, 'reason', e)}") from e
     return json.loads(body) if body.strip() else {}
 
 

