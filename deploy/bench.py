@@ -29,9 +29,9 @@ from deploy.report import write_plots, write_summary
 from deploy.vllm_server import ServerFailed, ServerSettings, VllmServer
 from deploy.workload import WorkloadSpec, build_requests, write_custom_dataset
 from exporters.verify import MANIFEST_NAME
-from wanda_serve.artifacts import atomic_output_dir, package_versions
+from wanda_serve.artifacts import atomic_output_dir, package_versions, read_json_file
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import REPORT_NAME
+from wanda_serve.jobs import RECOVER_REPORT_NAME, REPORT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +118,29 @@ def _test_request(endpoint: Endpoint, request: Request, label: str) -> None:
 
 
 def quality(checkpoint: Path | None) -> dict | None:
-    """Perplexities recorded for a checkpoint: its prune report's, found directly or through its export manifest."""
+    """Perplexities recorded for a checkpoint: its prune report's, found directly or through its export manifest.
+
+    A recovered model (wanda-serve recover) is measured again after recovery on the same text: that is
+    its perplexity, and the prune report's is kept as `pruned_before_recovery`.
+    """
     if checkpoint is None:
         return None
-    report = None
     if (checkpoint / REPORT_NAME).is_file():
-        report = json.loads((checkpoint / REPORT_NAME).read_text())
+        report = read_json_file(checkpoint / REPORT_NAME)
+        recovery = read_json_file(checkpoint / RECOVER_REPORT_NAME) if (checkpoint / RECOVER_REPORT_NAME).is_file() else None
     elif (checkpoint / MANIFEST_NAME).is_file():
-        report = json.loads((checkpoint / MANIFEST_NAME).read_text()).get("source_prune_report")
+        manifest = read_json_file(checkpoint / MANIFEST_NAME)
+        report, recovery = manifest.get("source_prune_report"), manifest.get("source_recover_report")
+    else:
+        return None
     if not report or not report.get("perplexity"):
         return None
-    return {"method": report.get("method"), "structure": report.get("structure"), **report["perplexity"]}
+    measured = {"method": report.get("method"), "structure": report.get("structure"), **report["perplexity"]}
+    pruned_data = (report["perplexity"].get("pruned") or {}).get("data")
+    after = [ppl["after"] for ppl in (recovery or {}).get("perplexity", {}).values() if ppl["after"]["data"] == pruned_data]
+    if after:
+        measured |= {"pruned": after[0], "pruned_before_recovery": measured["pruned"], "recovery_tokens": recovery["tokens"]}
+    return measured
 
 
 def _perplexities(dense: _Target, pruned: _Target) -> dict:
@@ -137,10 +149,11 @@ def _perplexities(dense: _Target, pruned: _Target) -> dict:
     The sparse runtime serves the pruned weights: its quality is the pruned one's (its greedy check says
     whether the kernels keep it).
     """
-    pruned_quality, dense_quality = quality(pruned.checkpoint), quality(dense.checkpoint)
+    pruned_quality, dense_quality = quality(pruned.checkpoint) or {}, quality(dense.checkpoint) or {}
     return {
-        "dense": (dense_quality or {}).get("pruned") or (pruned_quality or {}).get("dense"),
-        "pruned": (pruned_quality or {}).get("pruned"),
+        "dense": dense_quality.get("pruned") or pruned_quality.get("dense"),
+        "pruned": pruned_quality.get("pruned"),
+        **{key: pruned_quality[key] for key in ("pruned_before_recovery", "recovery_tokens") if key in pruned_quality},
     }
 
 

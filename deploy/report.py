@@ -37,7 +37,11 @@ def _perplexity_line(results: dict) -> str:
 
     measured = results["perplexity"].get("pruned") or results["perplexity"].get("dense")
     where = f" on {measured['data']} ({measured['windows']} × {measured['seqlen']} tokens)" if measured else ""
-    return f"- Perplexity{where}, from the prune reports: {one('dense')}, {one('pruned')}"
+    line = f"- Perplexity{where}, from the prune reports: {one('dense')}, {one('pruned')}"
+    if before := results["perplexity"].get("pruned_before_recovery"):
+        line += (f" (recovered by distillation on {results['perplexity']['recovery_tokens']} tokens; "
+                 f"{before['perplexity']:.2f} before)")
+    return line
 
 
 def _greedy_line(label: str, model: dict) -> str:

@@ -396,3 +396,19 @@ def test_serve_stops_the_whole_server_on_ctrl_c_and_sigterm(fake_vllm, tiny_mode
     cli_process.send_signal(signum)
     assert cli_process.wait(timeout=60) == (0 if signum == signal.SIGINT else 128 + signum)
     assert not process_group_alive(server_group)
+
+
+def test_a_recovered_model_is_judged_by_its_perplexity_after_recovery(tmp_path):
+    from deploy.bench import quality
+
+    def ppl(data, value):
+        return {"data": data, "perplexity": value, "windows": 4, "seqlen": 512, "predicted_tokens": 2044}
+
+    (tmp_path / "prune_report.json").write_text(json.dumps(
+        {"method": "wanda", "structure": "2:4", "perplexity": {"dense": ppl("wiki", 20.0), "pruned": ppl("wiki", 140.0)}}))
+    assert quality(tmp_path)["pruned"]["perplexity"] == 140.0
+    (tmp_path / "recover_report.json").write_text(json.dumps({"tokens": 2048, "perplexity": {
+        "news": {"after": ppl("news", 90.0)}, "wiki": {"after": ppl("wiki", 45.0)}}}))
+    measured = quality(tmp_path)
+    assert measured["pruned"]["perplexity"] == 45.0 and measured["pruned_before_recovery"]["perplexity"] == 140.0
+    assert measured["dense"]["perplexity"] == 20.0 and measured["recovery_tokens"] == 2048
