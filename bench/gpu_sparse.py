@@ -1,33 +1,47 @@
-"""GPU check of the 2:4 runtime: dense vs semi-structured GEMMs, then a 7B-sized Llama end to end.
+"""GPU check of the 2:4 runtime: dense vs semi-structured GEMMs per backend and dtype, then a 7B-sized Llama through
+the runtime's own per-layer code, eagerly, under torch.compile and replayed from CUDA graphs.
 
-Per linear shape of LLaMA-2-7B, Llama-3-8B and SmolLM2-135M, at 1 to 8192 tokens, on both PyTorch
-backends (CUTLASS, cuSPARSELt): median time of the dense and the sparse GEMM of the same 2:4 weight
-(CUDA events), and their max abs difference. Then a transformers Llama at 7B dimensions (random
-weights pruned 2:4, bf16): prefill and decode, dense vs its linear layers swapped to
-deploy.sparse24.Sparse24Linear, decided per layer by the vLLM plugin's own plan_layer with the
-thresholds just measured. PyTorch only, one process.
+GEMMs: per linear shape of LLaMA-2-7B, Llama-3-8B and SmolLM2-135M, in bfloat16, float16 and float32, at 1 to
+8192 tokens, on both PyTorch backends (cuSPARSELt, CUTLASS), each tried whether or not the vLLM plugin would use
+it: median time of the dense GEMM and of the runtime's sparse path (CUDA events), the relative error against the
+probe's tolerance, and why the plugin would not use that backend there, if it would not. A backend that raises
+is a row with its error, and the run goes on.
 
-    python bench/gpu_sparse.py --out docs/gpu_sparse.md             # a CUDA GPU, SM80+ (minutes on an H100)
+End to end: a transformers Llama at 7B dimensions (random weights pruned 2:4, --dtype). Every linear of its blocks
+is decided by the plugin's own plan_layer (probe included, replayed from a CUDA graph) with the thresholds just
+measured and swapped to deploy.sparse24.Sparse24Linear; prefill and decode are timed dense and swapped. Then the
+swapped model runs eagerly, under torch.compile (dynamic shapes), captured in a CUDA graph, and compiled and
+captured (what vLLM does), at 1 token (the dense path where a layer keeps one) and at the prefill length (the
+sparse path); each is compared with the dense model's logits, and each failure is a row with its error.
+PyTorch only, one process.
+
+    python bench/gpu_sparse.py --out docs/gpu_sparse.md             # a CUDA GPU (minutes on an H100)
     python bench/gpu_sparse.py --dry-run --out /tmp/gpu_sparse.md   # anywhere: tiny shapes on the CPU
 
-The dry run times both paths with dense kernels (there are no 2:4 kernels on a CPU) and checks the
-arithmetic: medians, speedups, thresholds, differences (which must be exactly 0 there), the report.
+The dry run is the same code on the CPU with tiny shapes and the "standin" backend (the CUTLASS layout: kept
+values and their 2-bit positions, packed by PyTorch and unpacked on every call), the swap at a fixed threshold so
+that both paths run, and torch.compile's aot_eager backend (inductor would need minutes of C++ builds): the
+packing, the swap, the dispatch and the comparisons run for real. It fails unless every comparison the plugin
+would rely on is within tolerance, every layer was swapped, and the derived numbers agree. CUDA graphs are
+skipped there.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from deploy.sparse24 import (
-    BACKENDS, Sparse24Linear, compress, measure_timings, median_ms, plan_layer, runtime_unavailable_reason, threshold_from_timings,
-    unsupported_reason,
+    GPU_BACKENDS, PROBE_TOLERANCE_EPS, Execution, Sparse24Linear, Sparse24Weight, backend_reason, measure_timings, median_ms, plan_layer,
+    relative_error, run_in_cuda_graph, runtime_unavailable_reason, threshold_from_timings, tolerance,
 )
 from wanda_serve.engine import find_decoder_blocks, find_linears
 from wanda_serve.structure import Structure, prune_mask
@@ -37,185 +51,280 @@ SHAPES = {  # model -> layer -> (out, in)
     "Llama-3-8B": {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)},
     "SmolLM2-135M": {"q/o": (576, 576), "k/v": (192, 576), "gate/up": (1536, 576), "down": (576, 1536)},
 }
-TOKENS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-DRY_SHAPES = {"tiny": {"a": (64, 128), "b": (128, 64)}}
-DRY_TOKENS = (1, 8, 64)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000)
-DRY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=320)
+
+
+@dataclass(frozen=True)
+class Setup:
+    device: torch.device
+    shapes: dict
+    tokens: tuple[int, ...]
+    llama: dict
+    prefill_tokens: int
+    decode_steps: int
+    backends: tuple[str, ...]
+    compile_backend: str
+    swap_threshold: int | None  # None: the thresholds just measured; else this one for every layer
+
+
+GPU = Setup(torch.device("cuda"), SHAPES, (1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192), LLAMA_7B, 2048, 64,
+            GPU_BACKENDS, "inductor", None)
+# CPU timings of a stand-in say nothing: a fixed threshold between decode (1 token) and prefill makes both paths run.
+DRY = Setup(torch.device("cpu"), {"tiny": {"a": (64, 128), "b": (128, 64)}}, (1, 8, 64),
+            dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                 vocab_size=320), 32, 4, ("standin",), "aot_eager", 8)
 
 
 def prune_2_of_4(weight: torch.Tensor) -> torch.Tensor:
     return weight.masked_fill(prune_mask(weight.abs().float(), Structure(n=2, m=4)), 0)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def error_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
 @torch.no_grad()
-def gemm_rows(shapes: dict, tokens_list, dtype, device, repeats: int, dry: bool) -> list[dict]:
+def gemm_rows(setup: Setup, dtypes, repeats: int) -> list[dict]:
     rows = []
-    generator = torch.Generator(device=device).manual_seed(0)
-    for model, layers in shapes.items():
-        for layer, (out_features, in_features) in layers.items():
-            weight = prune_2_of_4(torch.randn(out_features, in_features, device=device, generator=generator)).to(dtype)
-            for backend in BACKENDS:
-                row = {"model": model, "layer": layer, "shape": [out_features, in_features], "backend": backend}
-                reason = unsupported_reason(weight, backend)
-                if reason is not None:
-                    rows.append(row | {"unsupported": reason})
-                    continue
-                sparse = weight.clone() if dry else compress(weight, backend)
-                # the plugin's own load-time timing, here at every token count and repeat count asked for
-                timings = measure_timings(weight, sparse, tokens_list, repeats)
-                for tokens, (dense_ms, sparse_ms) in timings.items():
-                    x = torch.randn(tokens, in_features, device=device, dtype=dtype, generator=generator)
-                    dense_out, sparse_out = F.linear(x, weight), F.linear(x, sparse)
-                    rows.append(row | {"tokens": tokens, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
-                                       "speedup": dense_ms / sparse_ms,
-                                       "max_abs_diff": float((sparse_out.float() - dense_out.float()).abs().max())})
+    generator = torch.Generator(device=setup.device).manual_seed(0)
+    for dtype in dtypes:
+        for model, layers in setup.shapes.items():
+            for layer, (out_features, in_features) in layers.items():
+                weight = prune_2_of_4(torch.randn(out_features, in_features, device=setup.device, generator=generator)).to(dtype)
+                for backend in setup.backends:
+                    row = {"dtype": dtype_name(dtype), "model": model, "layer": layer, "shape": [out_features, in_features],
+                           "backend": backend, "plugin_skips": backend_reason(weight, backend)}
+                    try:
+                        weight24 = Sparse24Weight.pack(weight, backend)
+                        # the plugin's own load-time timing, here at every token count and repeat count asked for
+                        timings = measure_timings(weight, weight24.linear, setup.tokens, repeats)
+                        for tokens, (dense_ms, sparse_ms) in timings.items():
+                            x = torch.randn(tokens, in_features, device=setup.device, dtype=dtype, generator=generator)
+                            error = relative_error(weight24.linear(x), F.linear(x, weight))
+                            rows.append(row | {"tokens": tokens, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
+                                               "speedup": dense_ms / sparse_ms, "relative_error": error,
+                                               "within_tolerance": error <= tolerance(dtype)})
+                    except Exception as e:  # noqa: BLE001 - a failing backend is a result: record it and go on
+                        rows.append(row | {"error": error_text(e)})
     return rows
 
 
+def shape_key(rows: int, cols: int, dtype: str, backend: str) -> str:
+    return f"{rows}x{cols} {dtype} {backend}"
+
+
 def thresholds(rows: list[dict]) -> dict[str, int | None]:
-    """Per 'out x in backend': the token count from which sparse wins (deploy.sparse24's rule)."""
+    """Per shape, dtype and backend the plugin would try: the token count from which sparse wins (deploy.sparse24's rule)."""
     timings: dict[str, dict[int, tuple[float, float]]] = {}
     for row in rows:
-        if "tokens" in row:
-            key = f"{row['shape'][0]}x{row['shape'][1]} {row['backend']}"
+        if "tokens" in row and row["plugin_skips"] is None:
+            key = shape_key(*row["shape"], row["dtype"], row["backend"])
             timings.setdefault(key, {})[row["tokens"]] = (row["dense_ms"], row["sparse_ms"])
     return {key: threshold_from_timings(by_tokens) for key, by_tokens in timings.items()}
 
 
-def swap_to_sparse(model, measured: dict[str, int | None]) -> dict:
-    """Decide every linear of the decoder blocks as the vLLM plugin does (plan_layer), with the thresholds just
-    measured instead of its load-time timing; swap the ones it takes over. What stayed dense and why."""
-    kept_dense, extra_bytes = {}, 0
+def swap_to_sparse(model, threshold_for_shape, backends: tuple[str, ...], execution: Execution) -> dict:
+    """Decide every linear of the decoder blocks as the vLLM plugin does (plan_layer, probe included), with the given
+    thresholds instead of its load-time timing; swap the ones it takes over. What stayed dense and why."""
+    kept_dense, swapped, extra_bytes = {}, 0, 0
     for index, block in enumerate(find_decoder_blocks(model)):
         for name, linear in find_linears(block).items():
-            weight24, record = plan_layer(linear.weight.detach(),
-                                          lambda rows, cols, dtype, backend, device: measured.get(f"{rows}x{cols} {backend}"))
+            weight24, record = plan_layer(linear.weight.detach(), threshold_for_shape, backends, execution)
             if weight24 is None:
                 kept_dense[f"{index}.{name}"] = record["reason"]
                 continue
-            extra_bytes += record["extra_bytes"]
+            swapped, extra_bytes = swapped + 1, extra_bytes + record["extra_bytes"]
             parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
             setattr(parent, name.rpartition(".")[2], Sparse24Linear(weight24, linear.bias))
-    return {"kept_dense": kept_dense, "extra_gib": extra_bytes / 2**30}
+    return {"swapped": swapped, "kept_dense": kept_dense, "extra_gib": extra_bytes / 2**30}
+
+
+def logits(forward, ids: torch.Tensor) -> torch.Tensor:
+    return forward(input_ids=ids, use_cache=False).logits
+
+
+def compare_logits(run, reference: torch.Tensor) -> dict:
+    """run() -> logits, compared with the dense model's; what it raises is recorded, not raised."""
+    try:
+        logits = run()
+    except Exception as e:  # noqa: BLE001 - a mode that fails is a result
+        return {"error": error_text(e)}
+    return {"relative_error": relative_error(logits, reference),
+            "max_abs_diff": float((logits.float() - reference.float()).abs().max())}
 
 
 @torch.no_grad()
-def end_to_end(config_kwargs: dict, measured: dict, dtype, device, repeats: int, dry: bool, prefill_tokens: int,
-               decode_steps: int) -> dict:
+def end_to_end(setup: Setup, measured: dict, dtype: torch.dtype, repeats: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    device = setup.device
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(LlamaConfig(**config_kwargs), torch_dtype=dtype).eval()
+        model = LlamaForCausalLM._from_config(LlamaConfig(**setup.llama), dtype=dtype).eval()
     for block in find_decoder_blocks(model):
         for linear in find_linears(block).values():
             linear.weight.data = prune_2_of_4(linear.weight.data)
-    ids = torch.randint(0, config_kwargs["vocab_size"], (1, prefill_tokens), device=device)
+    ids = torch.randint(0, setup.llama["vocab_size"], (1, setup.prefill_tokens), device=device)
+    sizes = (1, setup.prefill_tokens)  # below every threshold above 1 (the dense path), and the sparse one
 
     def prefill():
         return model(input_ids=ids, use_cache=True)
 
     def decode():
         out = model(input_ids=ids[:, :16], use_cache=True)
-        for _ in range(decode_steps):
+        for _ in range(setup.decode_steps):
             out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
 
-    result = {"prefill_tokens": prefill_tokens, "decode_steps": decode_steps}
-    reference = prefill().logits.float()
+    result = {"prefill_tokens": setup.prefill_tokens, "decode_steps": setup.decode_steps}
+    reference = {tokens: logits(model, ids[:, :tokens]) for tokens in sizes}
     result["dense"] = {"prefill_ms": median_ms(prefill, repeats, device), "decode_ms": median_ms(decode, max(1, repeats // 4), device)}
-    result["swap"] = {"kept_dense": {}, "extra_gib": 0.0, "note": "dry run: nothing swapped"} if dry else swap_to_sparse(model, measured)
-    result["max_abs_logit_diff"] = float((prefill().logits.float() - reference).abs().max())
+
+    def threshold_for_shape(rows, cols, weight_dtype, backend, weight_device):
+        return setup.swap_threshold or measured.get(shape_key(rows, cols, dtype_name(weight_dtype), backend))
+
+    # what vLLM does by default, so the probe also replays each layer from a CUDA graph where there is one
+    execution = Execution(compiled=True, cuda_graphs=device.type == "cuda")
+    result["swap"] = swap_to_sparse(model, threshold_for_shape, setup.backends, execution)
     result["sparse"] = {"prefill_ms": median_ms(prefill, repeats, device), "decode_ms": median_ms(decode, max(1, repeats // 4), device)}
     result["prefill_speedup"] = result["dense"]["prefill_ms"] / result["sparse"]["prefill_ms"]
     result["decode_speedup"] = result["dense"]["decode_ms"] / result["sparse"]["decode_ms"]
+
+    # vLLM compiles with dynamic shapes, then replays CUDA graphs of the compiled model per batch size.
+    forwards = {"eager": model, "torch.compile": torch.compile(model, dynamic=True, backend=setup.compile_backend)}
+    result["modes"] = []
+    for mode, forward in forwards.items():
+        for tokens in sizes:
+            run = functools.partial(logits, forward, ids[:, :tokens])
+            result["modes"].append({"mode": mode, "tokens": tokens} | compare_logits(run, reference[tokens]))
+            graph_mode = {"mode": f"{mode} + CUDA graph" if mode != "eager" else "CUDA graph", "tokens": tokens}
+            result["modes"].append(graph_mode | (compare_logits(lambda: run_in_cuda_graph(run), reference[tokens])
+                                                 if device.type == "cuda" else {"skipped": "no CUDA device"}))
     return result
 
 
-def check_dry_arithmetic(rows: list[dict], measured: dict, e2e: dict) -> None:
-    """In a dry run both paths are the same dense GEMM: results must be exact, and the derived numbers consistent."""
-    for row in rows:
-        if "tokens" in row:
-            assert row["max_abs_diff"] == 0.0, row
-            assert abs(row["speedup"] - row["dense_ms"] / row["sparse_ms"]) < 1e-12, row
-    for key, threshold in measured.items():
-        timings = {r["tokens"]: (r["dense_ms"], r["sparse_ms"]) for r in rows
-                   if "tokens" in r and f"{r['shape'][0]}x{r['shape'][1]} {r['backend']}" == key}
-        assert threshold is None or all(s < d for t, (d, s) in timings.items() if t >= threshold), key
-    assert e2e["max_abs_logit_diff"] == 0.0
+def dry_run_failures(result: dict) -> list[str]:
+    """On the stand-in the sparse path must give the dense outputs and everything must be swapped; the derived
+    numbers must agree with the measured ones. An empty list: the dry run passed."""
+    failures = []
+    checked = [row for row in result["gemm"] if row["plugin_skips"] is None]
+    if not checked:
+        failures.append("no GEMM row the plugin would use")
+    for row in checked:
+        if "error" in row or not row["within_tolerance"]:
+            failures.append(f"GEMM row differs from dense or failed: {row}")
+        elif abs(row["speedup"] - row["dense_ms"] / row["sparse_ms"]) > 1e-12:
+            failures.append(f"speedup is not dense / sparse: {row}")
+    for key, threshold in result["thresholds"].items():
+        timings = {r["tokens"]: (r["dense_ms"], r["sparse_ms"]) for r in checked
+                   if "tokens" in r and shape_key(*r["shape"], r["dtype"], r["backend"]) == key}
+        if threshold is not None and not all(s < d for t, (d, s) in timings.items() if t >= threshold):
+            failures.append(f"threshold {threshold} of {key} is not where sparse wins for good: {timings}")
+    e2e = result["end_to_end"]
+    if e2e["swap"]["kept_dense"] or not e2e["swap"]["swapped"]:
+        failures.append(f"layers kept dense: {e2e['swap']['kept_dense']}")
+    limit = tolerance(getattr(torch, result["dtype"]))
+    for row in e2e["modes"]:
+        if "skipped" not in row and ("error" in row or not row["relative_error"] <= limit):
+            failures.append(f"logits differ from the dense model's beyond {limit:.3g} or failed: {row}")
+    return failures
 
 
 def render(result: dict) -> str:
     lines = [
-        "# 2:4 semi-structured GEMMs vs dense" + (" (dry run: CPU, both paths dense)" if result["dry_run"] else ""),
+        "# 2:4 semi-structured GEMMs vs dense" + (" (dry run: CPU, the stand-in backend)" if result["dry_run"] else ""),
         "",
         f"Command: `{result['command']}`  ",
-        f"Device: {result['device']}; torch {result['torch']}; dtype {result['dtype']}; median of {result['repeats']} runs.",
+        f"Device: {result['device']}; torch {result['torch']}; median of {result['repeats']} runs; probe tolerance "
+        f"{result['tolerance_eps']} epsilons of the dtype (relative error: max |sparse - dense| / (|dense| + mean |dense|)).",
         "",
-        "| model | layer | out x in | backend | tokens | dense ms | sparse ms | speedup | max abs diff |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "## GEMMs, every backend tried (`plugin skips`: why the vLLM plugin would not use it; empty: it probes and times it)",
+        "",
+        "| dtype | model | layer | out x in | backend | plugin skips | tokens | dense ms | sparse ms | speedup | relative error | within tolerance |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["gemm"]:
-        shape = f"{row['shape'][0]}x{row['shape'][1]}"
-        if "unsupported" in row:
-            lines.append(f"| {row['model']} | {row['layer']} | {shape} | {row['backend']} | | | | unsupported: {row['unsupported']} | |")
+        head = (f"| {row['dtype']} | {row['model']} | {row['layer']} | {row['shape'][0]}x{row['shape'][1]} | {row['backend']} | "
+                f"{row['plugin_skips'] or ''} |")
+        if "error" in row:
+            lines.append(f"{head} | | | | error: {row['error'].replace('|', '/')} | |")
         else:
-            lines.append(f"| {row['model']} | {row['layer']} | {shape} | {row['backend']} | {row['tokens']} | {row['dense_ms']:.4f} | "
-                         f"{row['sparse_ms']:.4f} | {row['speedup']:.2f} | {row['max_abs_diff']:.3g} |")
-    lines += ["", "## Thresholds (tokens from which sparse wins)", "", "| shape backend | threshold |", "|---|---:|"]
+            lines.append(f"{head} {row['tokens']} | {row['dense_ms']:.4f} | {row['sparse_ms']:.4f} | {row['speedup']:.2f} | "
+                         f"{row['relative_error']:.3g} | {'yes' if row['within_tolerance'] else 'NO'} |")
+    lines += ["", "## Thresholds (tokens from which sparse wins), where the plugin would try the backend", "",
+              "| shape dtype backend | threshold |", "|---|---:|"]
     lines += [f"| {key} | {'never' if value is None else value} |" for key, value in result["thresholds"].items()]
     e2e = result["end_to_end"]
+    swap = e2e["swap"]
+    reasons: dict[str, int] = {}
+    for reason in swap["kept_dense"].values():
+        reasons[reason] = reasons.get(reason, 0) + 1
     lines += [
-        "", "## End to end: Llama at 7B dimensions, random weights pruned 2:4" if not result["dry_run"] else "", "",
+        "", f"## End to end: Llama at {'7B' if not result['dry_run'] else 'tiny'} dimensions, random weights pruned 2:4, "
+        f"{result['dtype']}", "",
+        f"Swapped {swap['swapped']} linear layers to the 2:4 path ({swap['extra_gib']:.2f} GiB extra memory); kept dense: "
+        f"{len(swap['kept_dense'])}" + "".join(f"; {count} × {reason}" for reason, count in reasons.items()) + ".",
+        "",
         f"Prefill of {e2e['prefill_tokens']} tokens: dense {e2e['dense']['prefill_ms']:.1f} ms, sparse {e2e['sparse']['prefill_ms']:.1f} ms "
         f"(x{e2e['prefill_speedup']:.2f}). Decode of {e2e['decode_steps']} tokens after a 16-token prompt, batch 1: dense "
-        f"{e2e['dense']['decode_ms']:.1f} ms, sparse {e2e['sparse']['decode_ms']:.1f} ms (x{e2e['decode_speedup']:.2f}). "
-        f"Max abs logit difference {e2e['max_abs_logit_diff']:.3g}. Extra memory of the compressed copies: "
-        f"{e2e['swap']['extra_gib']:.2f} GiB; layers kept dense: {len(e2e['swap']['kept_dense'])}.",
+        f"{e2e['dense']['decode_ms']:.1f} ms, sparse {e2e['sparse']['decode_ms']:.1f} ms (x{e2e['decode_speedup']:.2f}).",
         "",
+        "The swapped model's logits against the dense model's, per execution mode:",
+        "",
+        "| mode | tokens | relative error | max abs diff |",
+        "|---|---:|---:|---:|",
     ]
-    return "\n".join(lines)
+    for row in e2e["modes"]:
+        head = f"| {row['mode']} | {row['tokens']} |"
+        if "relative_error" in row:
+            lines.append(f"{head} {row['relative_error']:.3g} | {row['max_abs_diff']:.3g} |")
+        else:
+            lines.append(f"{head} {'error: ' + row['error'].replace('|', '/') if 'error' in row else 'skipped: ' + row['skipped']} | |")
+    return "\n".join(lines) + "\n"
+
+
+def measure(setup: Setup, dtype: torch.dtype, repeats: int) -> dict:
+    rows = gemm_rows(setup, DTYPES, repeats)
+    measured = thresholds(rows)
+    return {"dtype": dtype_name(dtype), "gemm": rows, "thresholds": measured,
+            "end_to_end": end_to_end(setup, measured, dtype, max(3, repeats // 4))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="Markdown table; the JSON goes beside it.")
-    parser.add_argument("--dry-run", action="store_true", help="Tiny shapes on the CPU, both paths dense: checks the arithmetic.")
+    parser.add_argument("--out", type=Path, required=True, help="Markdown report; the JSON goes beside it.")
+    parser.add_argument("--dry-run", action="store_true", help="Tiny shapes on the CPU with the stand-in backend; fails on any wrong result.")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="Of the end-to-end model.")
     args = parser.parse_args()
 
-    dtype = getattr(torch, args.dtype)
-    if args.dry_run:
-        device, shapes, tokens, llama, prefill, steps = torch.device("cpu"), DRY_SHAPES, DRY_TOKENS, DRY_LLAMA, 32, 4
-        dtype = torch.float32 if dtype == torch.float16 else dtype
-    else:
+    if not args.dry_run:
         reason = runtime_unavailable_reason()
         if reason is not None:
             sys.exit(f"error: the 2:4 kernels cannot run here: {reason}; use --dry-run to check the script on a CPU")
-        device, shapes, tokens, llama, prefill, steps = torch.device("cuda"), SHAPES, TOKENS, LLAMA_7B, 2048, 64
-
+    setup = DRY if args.dry_run else GPU
     started = time.perf_counter()
-    rows = gemm_rows(shapes, tokens, dtype, device, args.repeats, args.dry_run)
-    measured = thresholds(rows)
-    e2e = end_to_end(llama, measured, dtype, device, max(3, args.repeats // 4), args.dry_run, prefill, steps)
-    if args.dry_run:
-        check_dry_arithmetic(rows, measured, e2e)
     result = {
         "command": "python bench/gpu_sparse.py " + " ".join(sys.argv[1:]),
         "dry_run": args.dry_run,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "repeats": args.repeats,
-        "seconds": time.perf_counter() - started,
-        "gemm": rows, "thresholds": measured, "end_to_end": e2e,
-    }
+        "device": torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "repeats": args.repeats, "tolerance_eps": PROBE_TOLERANCE_EPS,
+    } | measure(setup, getattr(torch, args.dtype), args.repeats)
+    result["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.out.write_text(render(result))
     print(args.out.read_text())
     print(f"{result['seconds']:.0f} s")
+    if args.dry_run:
+        failures = dry_run_failures(result)
+        if failures:
+            sys.exit("dry run failed:\n" + "\n".join(failures))
 
 
 if __name__ == "__main__":

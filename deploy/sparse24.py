@@ -1,50 +1,136 @@
 """2:4 linear layers on PyTorch's semi-structured sparse kernels, with a dense path for small batches.
 
 vLLM and torchao dropped their 2:4 kernels in 2026; PyTorch core keeps
-`torch.sparse.to_sparse_semi_structured` (CUTLASS and cuSPARSELt, CUDA compute capability 8.0+).
-A weight is taken over only when it is exactly 2:4 along the input dimension, sits on a CUDA device
-that has the kernels, fits the backend's tiles, and beats dense from some measured token count up;
-otherwise it stays dense and `plan_layer` says why. Sparse GEMMs lose to dense ones at small token
-counts (decode), so below the threshold the dense weight is kept and used: that is the memory the
-choice costs, and it is reported. This module needs torch only: the vLLM plugin
+`torch.sparse.to_sparse_semi_structured` (CUTLASS and cuSPARSELt). A weight is taken over only when
+it is exactly 2:4 along the input dimension, in a dtype the kernels run 2:4 (not float32), on a
+device where PyTorch runs a backend, with a shape that fits its tiles; when that backend, packed
+and multiplied inside a `try`, gives the dense layer's outputs on probe inputs (also replayed from a
+CUDA graph when the server captures graphs); and when it beats dense from some measured token count
+up. Otherwise the layer stays dense and `plan_layer` says why: a failing backend never fails a load.
+
+Sparse GEMMs lose to dense ones at small token counts (decode), so below the threshold the dense
+weight is kept and used. The choice is made per call inside the custom op `wanda24::linear`:
+torch.compile cannot see into it, so it cannot freeze the branch it traced, and each batch size
+captured in a CUDA graph records its own path. This module needs torch only: the vLLM plugin
 (deploy/vllm_plugin.py) and bench/gpu_sparse.py both run on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+# PyTorch's own CUTLASS packing, written in plain torch ops: it runs on a CPU, where the kernels do not.
+from torch.sparse._semi_structured_conversions import (
+    sparse_semi_structured_from_dense_cutlass,
+    sparse_semi_structured_to_dense_cutlass,
+)
 
 PLUGIN_NAME = "wanda24"  # the vLLM plugin's entry point and --quantization name (deploy/vllm_plugin.py)
 PLAN_REPORT_ENV = "WANDA_SERVE_SPARSE_REPORT"  # where the plugin appends each layer's record, when set
-BACKENDS = ("cusparselt", "cutlass")  # order of preference when both fit
-MIN_COMPUTE_CAPABILITY = (8, 0)
+GPU_BACKENDS = ("cusparselt", "cutlass")  # order of preference when both pass
 THRESHOLD_TOKENS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # token counts timed at load time
 THRESHOLD_REPEATS = 10
+PROBE_TOKENS = (1, 37, 256)  # 1 and 37 are padded to the kernels' tiles, 256 is not
+PROBE_TOLERANCE_EPS = 8  # the probe's tolerance, in machine epsilons of the weight's dtype (see relative_error)
+EXECUTION_NOTES = {  # what each of vLLM's execution modes does to the per-call choice (describe_plan)
+    "torch.compile": f"dense or sparse is chosen per call inside the op {PLUGIN_NAME}::linear, which torch.compile does not trace into",
+    "CUDA graphs": "each captured batch size records its own path; the replay from a CUDA graph was checked against dense at load",
+}
+DENSE_DTYPES = {  # dtypes the kernels do not run 2:4
+    torch.float32: "float32 is 1:2, not 2:4, on these kernels (CUTLASS pairs float32 values; cuSPARSELt has no float32)",
+}
 
 
 def runtime_unavailable_reason(device: torch.device | str = "cuda") -> str | None:
-    """Why `device` cannot run the semi-structured kernels, or None when it can."""
+    """Why `device` is not a CUDA device the 2:4 kernels could run on, or None when it is."""
     device = torch.device(device)
     if not torch.cuda.is_available():
         return f"no CUDA device (torch {torch.__version__})"
     if device.type != "cuda":
         return f"the weight is on {device}, not on a CUDA device"
-    capability = torch.cuda.get_device_capability(device)
-    if capability < MIN_COMPUTE_CAPABILITY:
-        return f"compute capability {capability[0]}.{capability[1]}; the 2:4 kernels need 8.0 or newer"
     return None
 
 
-def _tensor_class(backend: str):
-    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+def _cutlass_unavailable(device: torch.device) -> str | None:
+    reason = runtime_unavailable_reason(device)
+    if reason is not None:
+        return reason
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 8:  # PyTorch's CUTLASS 2:4 op checks this (pytorch issue 132928: it fails on an H100)
+        return f"PyTorch runs CUTLASS 2:4 on compute capability 8.x only; this GPU is {major}.{minor}"
+    return None
 
-    return {"cutlass": SparseSemiStructuredTensorCUTLASS, "cusparselt": SparseSemiStructuredTensorCUSPARSELT}[backend]
+
+def _cusparselt_unavailable(device: torch.device) -> str | None:
+    reason = runtime_unavailable_reason(device)
+    if reason is not None:
+        return reason
+    if not torch.backends.cusparselt.is_available():
+        return "cuSPARSELt is not in this PyTorch build"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"cuSPARSELt 2:4 needs compute capability 8.0 or newer; this GPU is {major}.{minor}"
+    return None
+
+
+def _semi_structured(cls) -> tuple[Callable, Callable]:
+    """Packing and multiplying with PyTorch's tensor subclass `cls`: its own checks, layout and dispatch."""
+    def pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tensor = cls.from_dense(weight)
+        return tensor.packed, tensor.meta
+
+    def mm(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor | None, out_features: int) -> torch.Tensor:
+        # Rebuilt from the packed tensors on each call: a custom op takes plain tensors, and the wrapper is only metadata.
+        return F.linear(x, cls(torch.Size((out_features, x.shape[1])), packed, meta, None, None, None))
+
+    return pack, mm
+
+
+def _standin_mm(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return F.linear(x, sparse_semi_structured_to_dense_cutlass(packed, meta))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run a 2:4 weight: where it runs, the tiles it takes, how it packs a weight and multiplies from the packing."""
+
+    unavailable: Callable[[torch.device], str | None]  # why it cannot run on a device, None when it can
+    tiles: dict  # dtype -> PyTorch's per-dtype shape constraints (sparse_min_rows, sparse_min_cols, ...)
+    pack: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]  # weight (out, in) -> (packed, meta)
+    mm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor]  # x (tokens, in) -> (tokens, out)
+
+
+BACKENDS = {
+    "cusparselt": Backend(_cusparselt_unavailable, SparseSemiStructuredTensorCUSPARSELT._DTYPE_SHAPE_CONSTRAINTS,
+                          *_semi_structured(SparseSemiStructuredTensorCUSPARSELT)),
+    "cutlass": Backend(_cutlass_unavailable, SparseSemiStructuredTensorCUTLASS._DTYPE_SHAPE_CONSTRAINTS,
+                       *_semi_structured(SparseSemiStructuredTensorCUTLASS)),
+    # For CPUs (tests, the GPU benchmark's dry run): the CUTLASS layout itself, kept values plus their 2-bit
+    # positions, packed by PyTorch's code and unpacked on every call, so that a wrong position gives wrong outputs.
+    "standin": Backend(lambda device: None, SparseSemiStructuredTensorCUTLASS._DTYPE_SHAPE_CONSTRAINTS,
+                       sparse_semi_structured_from_dense_cutlass, _standin_mm),
+}
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the server runs the model's forward pass (vLLM decides it before loading); the probe follows it."""
+
+    compiled: bool = False
+    cuda_graphs: bool = False
+
+    def __str__(self) -> str:
+        modes = [name for name, used in (("torch.compile", self.compiled), ("CUDA graphs", self.cuda_graphs)) if used]
+        return " + ".join(modes) or "eager"
 
 
 def not_2_of_4_reason(weight: torch.Tensor) -> str | None:
@@ -62,19 +148,20 @@ def not_2_of_4_reason(weight: torch.Tensor) -> str | None:
 
 
 def unsupported_reason(weight: torch.Tensor, backend: str) -> str | None:
-    """Why `weight` (out, in) cannot go on the 2:4 kernels of `backend`, or None when it can."""
-    reason = not_2_of_4_reason(weight)
-    if reason is not None:
-        return reason
+    """Why `weight` (out, in), 2:4, does not fit the tiles of `backend` in its dtype, or None when it does."""
     rows, cols = weight.shape
-    # PyTorch's own table of the smallest tiles each backend takes, per dtype (rows, columns).
-    constraints = _tensor_class(backend)._DTYPE_SHAPE_CONSTRAINTS.get(weight.dtype)
+    constraints = BACKENDS[backend].tiles.get(weight.dtype)
     if constraints is None:
         return f"{weight.dtype} is not supported by the {backend} backend"
     min_rows, min_cols = constraints.sparse_min_rows, constraints.sparse_min_cols
     if rows % min_rows or cols % min_cols:
         return f"shape {rows}x{cols} is not a multiple of {min_rows}x{min_cols} ({backend}, {weight.dtype})"
     return None
+
+
+def backend_reason(weight: torch.Tensor, backend: str) -> str | None:
+    """Why the plugin will not even probe `backend` for `weight` (2:4): device, dtype or tiles. None: it will."""
+    return BACKENDS[backend].unavailable(weight.device) or DENSE_DTYPES.get(weight.dtype) or unsupported_reason(weight, backend)
 
 
 def threshold_from_timings(timings: dict[int, tuple[float, float]]) -> int | None:
@@ -91,8 +178,19 @@ def threshold_from_timings(timings: dict[int, tuple[float, float]]) -> int | Non
     return threshold
 
 
-def use_sparse(tokens: int, threshold: int | None) -> bool:
-    return threshold is not None and tokens >= threshold
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |out - reference| / (|reference| + mean |reference|), elementwise.
+
+    Two roundings of the same product differ by about one epsilon of |reference|; the mean term keeps
+    outputs near zero (cancellations) from counting as large errors. NaN when out holds a NaN.
+    """
+    out, reference = out.float(), reference.float()
+    scale = reference.abs() + reference.abs().mean() + torch.finfo(torch.float32).tiny
+    return float(((out - reference).abs() / scale).max())
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return PROBE_TOLERANCE_EPS * torch.finfo(dtype).eps
 
 
 def median_ms(fn, repeats: int, device: torch.device) -> float:
@@ -114,19 +212,81 @@ def median_ms(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def compress(weight: torch.Tensor, backend: str) -> torch.Tensor:
-    return _tensor_class(backend).from_dense(weight.contiguous())
+def run_in_cuda_graph(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn() captured in a CUDA graph and replayed once: what a server's CUDA graph of it computes."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up outside the capture: library handles, workspaces and plans are made here
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    return out.clone()  # out lives in the graph's memory pool
+
+
+@torch.library.custom_op(f"{PLUGIN_NAME}::linear", mutates_args=())
+def sparse24_linear(x: torch.Tensor, dense: torch.Tensor | None, packed: torch.Tensor, meta: torch.Tensor | None,
+                    bias: torch.Tensor | None, backend: str, out_features: int, threshold: int) -> torch.Tensor:
+    """x (tokens, in) times the layer's weight: dense below `threshold` tokens when `dense` is kept, else on `backend`."""
+    if dense is not None and x.shape[0] < threshold:
+        return F.linear(x, dense, bias)
+    out = BACKENDS[backend].mm(x, packed, meta, out_features)
+    return out if bias is None else out + bias  # bias outside the kernels: the probe checks exactly what runs
+
+
+@sparse24_linear.register_fake
+def _sparse24_linear_fake(x, dense, packed, meta, bias, backend, out_features, threshold):
+    return x.new_empty(x.shape[0], out_features)
+
+
+def _nbytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+@dataclass(frozen=True, eq=False)
+class Sparse24Weight:
+    """A 2:4 weight packed for one backend; with `dense` kept, calls below `threshold` tokens use it instead."""
+
+    backend: str
+    packed: torch.Tensor
+    meta: torch.Tensor | None
+    out_features: int
+    dense_bytes: int
+    dense: torch.Tensor | None = None  # None: sparse at every token count
+    threshold: int = THRESHOLD_TOKENS[0]
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, backend: str) -> Sparse24Weight:
+        packed, meta = BACKENDS[backend].pack(weight.contiguous())
+        return cls(backend, packed, meta, weight.shape[0], _nbytes(weight))
+
+    def with_threshold(self, weight: torch.Tensor, threshold: int) -> Sparse24Weight:
+        # From the first timed count up, sparse always wins: the dense copy is not needed.
+        return dataclasses.replace(self, threshold=threshold, dense=weight if threshold > THRESHOLD_TOKENS[0] else None)
+
+    @property
+    def extra_bytes(self) -> int:
+        """Memory beyond the dense layer (negative: a saving)."""
+        packed = _nbytes(self.packed) + _nbytes(self.meta)
+        return packed if self.dense is not None else packed - self.dense_bytes
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # the kernels take 2-D inputs
+        out = sparse24_linear(flat, self.dense, self.packed, self.meta, bias, self.backend, self.out_features, self.threshold)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
 
 @torch.no_grad()
-def measure_timings(weight: torch.Tensor, sparse: torch.Tensor, tokens_list=THRESHOLD_TOKENS,
+def measure_timings(weight: torch.Tensor, sparse_linear: Callable[[torch.Tensor], torch.Tensor], tokens_list=THRESHOLD_TOKENS,
                     repeats: int = THRESHOLD_REPEATS) -> dict[int, tuple[float, float]]:
     """tokens -> (dense ms, sparse ms) of one GEMM with this weight, on its device."""
     timings = {}
     for tokens in tokens_list:
         x = torch.randn(tokens, weight.shape[1], device=weight.device, dtype=weight.dtype)
         timings[tokens] = (median_ms(lambda: F.linear(x, weight), repeats, weight.device),
-                           median_ms(lambda: F.linear(x, sparse), repeats, weight.device))
+                           median_ms(lambda: sparse_linear(x), repeats, weight.device))
     return timings
 
 
@@ -135,64 +295,70 @@ def _threshold_for_shape(rows: int, cols: int, dtype: torch.dtype, backend: str,
     """Measured once per shape: every layer of that shape shares the GEMM and so the threshold."""
     weight = torch.randn(rows, cols, device=device, dtype=dtype)
     weight.view(rows, cols // 4, 4)[..., 2:] = 0
-    return threshold_from_timings(measure_timings(weight, compress(weight, backend)))
+    return threshold_from_timings(measure_timings(weight, Sparse24Weight.pack(weight, backend).linear))
 
 
-def _nbytes(tensor: torch.Tensor | None) -> int:
-    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+@torch.no_grad()
+def probe_reason(weight24: Sparse24Weight, weight: torch.Tensor, cuda_graphs: bool) -> str | None:
+    """Why weight24's sparse path does not give weight's outputs on probe inputs, within `tolerance`, or None.
+
+    Eagerly, and replayed from a CUDA graph when the server will capture graphs. Errors propagate to the caller.
+    """
+    limit = tolerance(weight.dtype)
+    generator = torch.Generator(weight.device).manual_seed(0)
+    for tokens in PROBE_TOKENS:
+        x = torch.randn(tokens, weight.shape[1], generator=generator, device=weight.device, dtype=weight.dtype)
+        reference = F.linear(x, weight)
+        runs = [("", weight24.linear(x))]
+        if cuda_graphs:
+            runs.append((" replayed from a CUDA graph", run_in_cuda_graph(lambda: weight24.linear(x))))
+        for how, out in runs:
+            error = relative_error(out, reference)
+            if not error <= limit:  # NaN fails too
+                return f"output{how} at {tokens} tokens differs from dense: relative error {error:.3g} > {limit:.3g}"
+    return None
 
 
-class Sparse24Weight:
-    """A 2:4 weight compressed for one backend, plus the dense weight when calls below the threshold need it."""
-
-    def __init__(self, weight: torch.Tensor, backend: str, threshold: int):
-        self.backend, self.threshold = backend, threshold
-        self.sparse = compress(weight, backend)
-        self.dense_bytes = _nbytes(weight)
-        # From the first timed count up, sparse always wins: the dense copy is not needed.
-        self.dense = weight if threshold > THRESHOLD_TOKENS[0] else None
-
-    @property
-    def extra_bytes(self) -> int:
-        """Memory beyond the dense layer (negative: a saving)."""
-        compressed = _nbytes(self.sparse.packed) + _nbytes(self.sparse.meta)
-        return compressed if self.dense is not None else compressed - self.dense_bytes
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = x.numel() // x.shape[-1]
-        if self.dense is not None and not use_sparse(tokens, self.threshold):
-            return F.linear(x, self.dense, bias)
-        flat = x.reshape(tokens, x.shape[-1])  # the kernels take 2-D inputs
-        return F.linear(flat, self.sparse, bias).reshape(*x.shape[:-1], -1)
+def _take_over(weight: torch.Tensor, backend: str, threshold_for_shape, execution: Execution) -> tuple[Sparse24Weight | None, str | None]:
+    weight24 = Sparse24Weight.pack(weight, backend)  # dense=None: the probe sees the sparse path at every count
+    reason = probe_reason(weight24, weight, execution.cuda_graphs)
+    if reason is not None:
+        return None, reason
+    threshold = threshold_for_shape(*weight.shape, weight.dtype, backend, str(weight.device))
+    if threshold is None:
+        return None, "never faster than dense at the timed token counts"
+    return weight24.with_threshold(weight, threshold), None
 
 
-def plan_layer(weight: torch.Tensor, threshold_for_shape=_threshold_for_shape) -> tuple[Sparse24Weight | None, dict]:
+def plan_layer(weight: torch.Tensor, threshold_for_shape=_threshold_for_shape, backends=GPU_BACKENDS,
+               execution: Execution = Execution()) -> tuple[Sparse24Weight | None, dict]:
     """Take one layer's weight over, or say why it stays dense. Returns (the sparse weight or None, a record).
 
-    threshold_for_shape(rows, cols, dtype, backend, device) -> int | None: measured on the GPU by
-    default; tests pass a fake timing table.
+    Never raises for a backend's sake: anything a backend throws keeps the layer dense with the error as the reason.
+    threshold_for_shape(rows, cols, dtype, backend, device) -> int | None: measured on the device by default;
+    tests pass a fake timing table. backends: names in BACKENDS, in order of preference.
     """
     record = {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."), "2:4": False, "path": "dense"}
     reason = not_2_of_4_reason(weight)
     if reason is not None:
         return None, record | {"reason": reason}
     record["2:4"] = True
-    reason = runtime_unavailable_reason(weight.device)
-    if reason is not None:
-        return None, record | {"reason": f"2:4 kernels unavailable: {reason}"}
+    unavailable = {backend: BACKENDS[backend].unavailable(weight.device) for backend in backends}
+    if all(unavailable.values()):
+        return None, record | {"reason": "2:4 kernels unavailable: " + "; ".join(dict.fromkeys(unavailable.values()))}
+    if weight.dtype in DENSE_DTYPES:
+        return None, record | {"reason": DENSE_DTYPES[weight.dtype]}
     reasons = []
-    for backend in BACKENDS:
-        if backend == "cusparselt" and not torch.backends.cusparselt.is_available():
-            reasons.append("cusparselt: not in this PyTorch build")
-            continue
-        reason = unsupported_reason(weight, backend)
+    for backend in backends:
+        reason = backend_reason(weight, backend)
         if reason is None:
-            threshold = threshold_for_shape(*weight.shape, weight.dtype, backend, str(weight.device))
-            if threshold is not None:
-                sparse = Sparse24Weight(weight, backend, threshold)
-                return sparse, record | {"path": "sparse", "backend": backend, "threshold_tokens": threshold,
-                                         "extra_bytes": sparse.extra_bytes}
-            reason = "never faster than dense at the timed token counts"
+            try:
+                weight24, reason = _take_over(weight, backend, threshold_for_shape, execution)
+            except Exception as e:  # noqa: BLE001 - whatever a kernel raises, the layer stays dense and the load goes on
+                weight24, reason = None, f"failed: {type(e).__name__}: {e}"
+            if weight24 is not None:
+                return weight24, record | {"path": "sparse", "backend": backend, "threshold_tokens": weight24.threshold,
+                                           "extra_bytes": weight24.extra_bytes, "execution": str(execution)}
         reasons.append(f"{backend}: {reason}")
     return None, record | {"reason": "; ".join(reasons)}
 
@@ -205,13 +371,19 @@ def summarize_plan(records: list[dict]) -> dict:
         if record["path"] == "dense":
             reasons[record["reason"]] = reasons.get(record["reason"], 0) + 1
     return {"layers": len(records), "2:4": sum(r["2:4"] for r in records), "sparse": len(sparse),
-            "extra_bytes": sum(r["extra_bytes"] for r in sparse), "dense_reasons": reasons}
+            "extra_bytes": sum(r["extra_bytes"] for r in sparse), "dense_reasons": reasons,
+            "execution": sorted({r["execution"] for r in sparse})}
 
 
 def describe_plan(summary: dict) -> str:
-    """One line for people: how many layers run sparse, at what memory, and why the others do not."""
+    """One line for people: how many layers run sparse and how (eager, compiled, CUDA graphs), at what memory, and why the others do not."""
     line = (f"{summary['sparse']} of {summary['layers']} linear layers on the 2:4 kernels ({summary['2:4']} are 2:4), "
             f"extra memory {summary['extra_bytes'] / 2**20:+.1f} MiB")
+    if summary["sparse"]:
+        modes = summary["execution"]
+        notes = [note for mode, note in EXECUTION_NOTES.items() if any(mode in m for m in modes)]
+        line += f"; they run {' / '.join(modes)}" + (f" ({'; '.join(notes)})" if notes else "")
+        line += "; not yet run inside vLLM on a GPU (docs/gpu_sparse.md)"
     if summary["dense_reasons"]:
         line += "; dense: " + "; ".join(f"{count} × {reason}" for reason, count in summary["dense_reasons"].items())
     return line
