@@ -7,11 +7,18 @@ per recipe, with the same calibration windows and the same evaluation windows. W
 table and the raw JSON.
 
     python bench/prune_methods.py --out docs/prune_benchmark.md
+
+Every recipe spells out every option that decides its numbers, `--permute` or `--no-permute`
+included, so a change of wanda-serve's defaults cannot change what a row means. Each result is
+stored in --work with those options, the code version and the machine; `--resume` reuses one only
+if all of them are the same now, and otherwise stops with one line saying what differs
+(`--recompute-stale` measures such recipes again instead).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -20,24 +27,88 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 
+import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "wanda_serve"
+# The modules whose code decides the numbers: calibration and evaluation text, model loading, the
+# engine, the methods, masks and permutations, perplexity, and the job that wires them together.
+# The code version is a hash of their contents. A git commit would change with every unrelated
+# commit (README, deploy/) and miss uncommitted edits; a dirty flag would stop a resume for an edit
+# anywhere. The CLI only parses options, which are recorded in full. Editing a comment in these
+# files changes the version too: that errs towards measuring again.
+NUMERIC_SOURCES = ("data.py", "models.py", "engine.py", "methods.py", "permute.py", "structure.py", "evaluate.py", "jobs.py")
+# Packages whose code computes the numbers (the model's forward pass, tokenization).
+NUMERIC_PACKAGES = ("torch", "transformers", "tokenizers")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: str
+    structure: str
+    flags: tuple[str, ...]  # the recipe's own options; shared settings come from Settings
+
+    @property
+    def name(self) -> str:
+        return "-".join([self.method, self.structure.replace(":", "of"), *(f.removeprefix("--") for f in self.flags)])
+
+
 SCORING = ("magnitude", "wanda", "ria")
-RECIPES = (  # (method, structure, options)
-    *((m, "2:4", ()) for m in (*SCORING, "sparsegpt")),
-    *((m, "2:4", ("--permute",)) for m in (*SCORING, "sparsegpt")),
-    *((m, "2:4", ("--reconstruct",)) for m in SCORING),
-    *((m, "2:4", ("--permute", "--reconstruct")) for m in SCORING),
-    *((m, "0.5", ()) for m in (*SCORING, "sparsegpt")),
-    *((m, "0.5", ("--reconstruct",)) for m in SCORING),
-    *((m, "0.5", ("--owl",)) for m in ("wanda", "ria")),
+RECIPES = (
+    *(Recipe(m, "2:4", ("--no-permute",)) for m in (*SCORING, "sparsegpt")),
+    *(Recipe(m, "2:4", ("--permute",)) for m in (*SCORING, "sparsegpt")),
+    *(Recipe(m, "2:4", ("--no-permute", "--reconstruct")) for m in SCORING),
+    *(Recipe(m, "2:4", ("--permute", "--reconstruct")) for m in SCORING),
+    *(Recipe(m, "0.5", ("--no-permute",)) for m in (*SCORING, "sparsegpt")),
+    *(Recipe(m, "0.5", ("--no-permute", "--reconstruct")) for m in SCORING),
+    *(Recipe(m, "0.5", ("--no-permute", "--owl")) for m in ("wanda", "ria")),
 )
+DEFAULT_RECIPE = Recipe("wanda", "2:4", ("--permute",))  # what `wanda-serve prune` does without options
+OWL_OPTIONS = {"--owl-spread": "0.08", "--owl-outlier-factor": "5"}
 
 
-def wanda_serve(*args: str) -> None:
-    command = [sys.executable, "-m", "wanda_serve", *args]
-    print("$", shlex.join(["wanda-serve", *args]), flush=True)
-    subprocess.run(command, check=True)
+@dataclass(frozen=True)
+class Settings:
+    """What every recipe shares: the model, calibration, evaluation and device."""
+
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    calib: str = "wiki"
+    nsamples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "cpu"
+    eval_data: str = "wiki"
+    eval_seqlen: int = 1024
+    eval_windows: int | None = None  # None: every window of the held-out region
+
+    def eval_options(self) -> dict[str, str]:
+        windows = {"--eval-windows": str(self.eval_windows)} if self.eval_windows else {}
+        return {"--data": self.eval_data, "--eval-seqlen": str(self.eval_seqlen), **windows, "--device": self.device}
+
+    def prune_options(self, recipe: Recipe) -> dict[str, str | None]:
+        """Every option of `wanda-serve prune` that decides the recipe's numbers (None: a flag)."""
+        return {
+            "--method": recipe.method, "--structure": recipe.structure, **dict.fromkeys(recipe.flags),
+            **(OWL_OPTIONS if "--owl" in recipe.flags else {}),
+            "--calib": self.calib, "--nsamples": str(self.nsamples), "--seqlen": str(self.seqlen), "--seed": str(self.seed),
+            "--batch-size": str(self.batch_size), "--dtype": self.dtype, "--device": self.device,
+        }
+
+
+def argv(options: dict[str, str | None]) -> list[str]:
+    return [token for option, value in options.items() for token in (option, *(() if value is None else (value,)))]
+
+
+def code_version(package_dir: Path = PACKAGE_DIR) -> str:
+    digest = hashlib.sha256()
+    for name in NUMERIC_SOURCES:
+        digest.update(f"{name} {hashlib.sha256((package_dir / name).read_bytes()).hexdigest()}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def cpu_name() -> str:
@@ -48,6 +119,76 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def provenance() -> dict:
+    """What else decides the numbers: the code, the packages that compute, and the CPU's kernels (docs/determinism.md)."""
+    return {
+        "code_version": code_version(),
+        **{name: metadata.version(name) for name in NUMERIC_PACKAGES},
+        "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def differences(stored: dict, expected: dict) -> list[str]:
+    """'what: stored X, now Y' for each option or provenance entry that differs."""
+    if unrecorded := [key for key in expected if key not in stored]:
+        return [f"it records no {' and no '.join(unrecorded)} (stored by an older bench/prune_methods.py)"]
+
+    def flat(record: dict) -> dict:
+        return {**{f"{command} {option}": value for command, given in record["options"].items() for option, value in given.items()},
+                **record["provenance"]}
+
+    def show(record: dict, key: str) -> str:
+        return "(absent)" if key not in record else "(given)" if record[key] is None else str(record[key])
+
+    old, new = flat(stored), flat(expected)
+    return [f"{key}: stored {show(old, key)}, now {show(new, key)}"
+            for key in dict.fromkeys([*new, *old]) if (key in old, old.get(key)) != (key in new, new.get(key))]
+
+
+def stored_result(path: Path, label: str, expected: dict, recompute_stale: bool) -> dict | None:
+    """The result stored at `path` if it was measured as `expected` says; None if it must be measured.
+
+    A result measured otherwise stops the benchmark with one line, unless `recompute_stale`.
+    """
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    differ = differences(stored, expected)
+    if not differ:
+        return stored
+    if recompute_stale:
+        print(f"measuring {label} again: {'; '.join(differ)}", flush=True)
+        return None
+    sys.exit(f"error: --resume: the stored result of {label} ({path}) was measured otherwise: {'; '.join(differ)}. "
+             "Use --recompute-stale to measure it again, or run without --resume.")
+
+
+def wanda_serve(*args: str, env: dict[str, str] | None = None) -> None:
+    """Run `wanda-serve ARGS` in its own process, with `env` added to this one's environment."""
+    env = env or {}
+    print("$", shlex.join([*(f"{k}={v}" for k, v in env.items()), "wanda-serve", *args]), flush=True)
+    subprocess.run([sys.executable, "-m", "wanda_serve", *args], check=True, env=os.environ | env)
+
+
+def measure(recipe: Recipe | None, settings: Settings, work: Path, keep: bool) -> dict:
+    """Prune with the recipe (None: the dense model) in its own process, then evaluate in another."""
+    model = [settings.model] if settings.model else []
+    evaluated = model
+    if recipe is not None:
+        out = work / recipe.name
+        wanda_serve("prune", *model, *argv(settings.prune_options(recipe)), "--no-eval", "--overwrite", "--out", str(out))
+        evaluated = [str(out)]
+    eval_path = work / f"{recipe.name if recipe else 'dense'}.eval.json"
+    wanda_serve("eval", *evaluated, *argv(settings.eval_options()), "--json", str(eval_path), "--overwrite")
+    result = {"eval": json.loads(eval_path.read_text())}
+    if recipe is not None:
+        result["report"] = json.loads((out / "prune_report.json").read_text())
+        if not keep:
+            shutil.rmtree(out)
+    return result
 
 
 def main() -> None:
@@ -62,54 +203,54 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/prune_benchmark.md"))
     parser.add_argument("--keep", action="store_true", help="keep the pruned checkpoints")
     parser.add_argument("--resume", action="store_true",
-                        help="reuse the results of recipes already measured in --work (same settings assumed)")
+                        help="reuse results stored in --work that were measured with the same options, code version and machine")
+    parser.add_argument("--recompute-stale", action="store_true",
+                        help="with --resume: measure again the recipes whose stored result was measured otherwise, instead of stopping")
     args = parser.parse_args()
+    if args.recompute_stale and not args.resume:
+        parser.error("--recompute-stale goes with --resume")
 
-    model = [args.model] if args.model else []
-    evaluation = ["--eval-seqlen", str(args.eval_seqlen), "--device", args.device]
-    if args.eval_windows:
-        evaluation += ["--eval-windows", str(args.eval_windows)]
+    settings = Settings(model=args.model, nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
+                        eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-
-    if not (args.resume and (args.work / "dense.eval.json").is_file()):
-        wanda_serve("eval", *model, *evaluation, "--json", str(args.work / "dense.eval.json"))
-    rows = [{"method": "dense", "structure": "-", "eval": json.loads((args.work / "dense.eval.json").read_text())}]
-    for method, structure, options in RECIPES:
-        name = "-".join([method, structure.replace(":", "of"), *(o.removeprefix("--") for o in options)])
-        out, report_path, eval_path = args.work / name, args.work / f"{name}.report.json", args.work / f"{name}.eval.json"
-        if not (args.resume and report_path.is_file() and eval_path.is_file()):
-            wanda_serve(
-                "prune", *model, "--method", method, "--structure", structure, *options, "--nsamples", str(args.nsamples),
-                "--seqlen", str(args.seqlen), "--device", args.device, "--no-eval", "--overwrite", "--out", str(out),
-            )
-            shutil.copyfile(out / "prune_report.json", report_path)
-            wanda_serve("eval", str(out), *evaluation, "--json", str(eval_path))
-            if not args.keep:
-                shutil.rmtree(out)
-        rows.append({"method": method, "structure": structure, "options": list(options),
-                     "report": json.loads(report_path.read_text()), "eval": json.loads(eval_path.read_text())})
+    now = provenance()
+    rows = []
+    for recipe in (None, *RECIPES):  # None: the dense model
+        name = recipe.name if recipe else "dense"
+        options = {**({"prune": settings.prune_options(recipe)} if recipe else {}), "eval": settings.eval_options()}
+        path, expected = args.work / f"{name}.json", {"options": options, "provenance": now}
+        result = stored_result(path, name, expected, args.recompute_stale) if args.resume else None
+        if result is None:
+            result = {"name": name, "recipe": asdict(recipe) if recipe else None, **expected,
+                      **measure(recipe, settings, args.work, args.keep)}
+            path.write_text(json.dumps(result, indent=2) + "\n")
+        rows.append(result)
 
     command = "python bench/prune_methods.py " + shlex.join(sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    args.out.write_text(render(rows, command, args, time.time() - started))
+    args.out.write_text(render(rows, command, settings, now, time.time() - started))
     print(args.out.read_text())
 
 
-def render(rows: list[dict], command: str, args, elapsed: float) -> str:
+def render(rows: list[dict], command: str, settings: Settings, now: dict, elapsed: float) -> str:
     dense = rows[0]["eval"]["perplexity"]
     lines = [
         "# Pruning benchmark",
         "",
         f"Command: `{command}` ({elapsed / 60:.0f} min for the recipes this invocation measured)",
         "",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, device `{args.device}`; "
-        + ", ".join(f"{k} {v}" for k, v in rows[0]["eval"]["versions"].items()) + ".",
+        f"Machine: {now['cpu']}, {os.cpu_count()} cores, ATen kernels {now['cpu_capability']}, device `{settings.device}`; "
+        + ", ".join(f"{k} {v}" for k, v in rows[0]["eval"]["versions"].items())
+        + f". Code version {now['code_version']} (a hash of wanda_serve/{{{','.join(NUMERIC_SOURCES)}}}); every row was measured "
+        "with it on this machine. Results of the same recipe move between CPUs: [determinism.md](determinism.md).",
         "",
-        f"Model: {rows[0]['eval']['model']}. Calibration: {args.nsamples} windows of {args.seqlen} tokens from the "
-        f"calibration region (seed 0, identical for every method). Evaluation: perplexity on {dense['windows']} "
-        f"non-overlapping windows of {dense['seqlen']} tokens of {dense['data']}, held-out region.",
+        f"Model: {rows[0]['eval']['model']}. Calibration: {settings.nsamples} windows of {settings.seqlen} tokens of "
+        f"{settings.calib} from the calibration region (seed {settings.seed}, batches of {settings.batch_size}, identical for "
+        f"every method), {settings.dtype}. Evaluation: perplexity on {dense['windows']} non-overlapping windows of "
+        f"{dense['seqlen']} tokens of {dense['data']}, held-out region. Options: each recipe's own; the rest as above, "
+        "spelled out in the JSON.",
         "",
         "Mask s: time spent choosing masks and updating weights, forward passes excluded (as the Wanda paper reports). "
         "Total s: the whole `wanda-serve prune` process (loading, calibration, forward passes, saving). "
@@ -124,13 +265,14 @@ def render(rows: list[dict], command: str, args, elapsed: float) -> str:
         if "report" not in row:
             lines.append(f"| dense | | - | {ppl:.2f} | 1.00x | - | - | - | - | {audit['overall_sparsity']:.3f} | - |")
             continue
-        report = row["report"]
-        structure = row["structure"]
+        report, recipe = row["report"], row["recipe"]
+        structure = recipe["structure"]
         valid = audit["all_nm_valid"].get(structure, "-") if ":" in structure else "-"
         lines.append(
-            f"| {row['method']} | {' '.join(row['options'])} | {structure} | {ppl:.2f} | {ppl / dense['perplexity']:.2f}x | {report['mask_seconds']:.2f} | "
-            f"{report['forward_seconds']:.1f} | {report['total_seconds']:.1f} | {report['memory']['peak_rss_mib']:.0f} | "
-            f"{audit['overall_sparsity']:.3f} | {valid if valid == '-' else ('yes' if valid else 'NO')} |"
+            f"| {recipe['method']} | {' '.join(recipe['flags'])} | {structure} | {ppl:.2f} | {ppl / dense['perplexity']:.2f}x | "
+            f"{report['mask_seconds']:.2f} | {report['forward_seconds']:.1f} | {report['total_seconds']:.1f} | "
+            f"{report['memory']['peak_rss_mib']:.0f} | {audit['overall_sparsity']:.3f} | "
+            f"{valid if valid == '-' else ('yes' if valid else 'NO')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -147,6 +147,20 @@ def test_spreading_permutation_keeps_more_score_under_2_of_4():
     assert torch.equal(spreading_permutation(uniform, structure), torch.arange(8))  # nothing to gain: unchanged
 
 
+def test_a_gain_within_rounding_noise_keeps_the_identity():
+    structure = Structure(n=2, m=4)
+    scores = torch.ones(4, 8, dtype=torch.float64)
+    scores[:, :3] += 1e-8  # three strongest in one group, one of them pruned: spreading gains 2.5e-9 of the score
+    assert torch.equal(spreading_permutation(scores, structure), torch.arange(8))
+    scores[:, :3] += 1e-3  # a gain well above another machine's rounding: taken
+    assert not torch.equal(spreading_permutation(scores, structure), torch.arange(8))
+
+
+def test_kept_score_is_summed_in_float64():
+    scores = torch.tensor([[1e8, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]])  # float32 cannot hold 1e8 + 3
+    assert kept_score(scores, Structure(n=2, m=4)) == 100_000_003
+
+
 def test_permuted_pruning_is_n_m_valid_and_keeps_more_than_unpermuted():
     plain, permuted = tiny_model("llama"), tiny_model("llama")
     prune_model(plain, batches(), get_method("wanda"), Structure(n=2, m=4), progress=False)

@@ -22,12 +22,13 @@ def test_wanda_score_is_weight_magnitude_times_input_norm():
     layer = torch.nn.Linear(6, 4, bias=False)
     batches = [torch.randn(2, 5, 6), torch.randn(3, 7, 6)]  # (B, T, in)
     stat = collect(InputNorms, layer, batches)
-    tokens = torch.cat([b.reshape(-1, 6) for b in batches])  # every token, (41, 6)
-    by_hand = torch.empty(4, 6)
+    tokens = torch.cat([b.reshape(-1, 6) for b in batches]).double()  # every token, (41, 6)
+    by_hand = torch.empty(4, 6, dtype=torch.float64)
     for i in range(4):
         for j in range(6):
             by_hand[i, j] = layer.weight[i, j].abs() * torch.sqrt(sum(t[j] ** 2 for t in tokens))
-    assert torch.allclose(wanda_scores(layer.weight.detach(), stat), by_hand, rtol=1e-5)
+    # float64 throughout: a float32 sum over the tokens would miss this tolerance by orders of magnitude.
+    assert torch.allclose(wanda_scores(layer.weight.detach(), stat), by_hand, rtol=1e-12, atol=0)
     assert torch.equal(magnitude_scores(layer.weight.detach(), None), layer.weight.detach().abs())
 
 
@@ -91,8 +92,8 @@ def test_ria_score_by_hand():
     stat.add_batch(torch.tensor([[2.0, 3.0]]))  # squared norms 4 and 9: ||X|| = 2 and 3
     # |W| over its row sum (3, 7) plus |W| over its column sum (4, 6), times ||X||^0.5
     by_hand = torch.tensor([[(1 / 3 + 1 / 4) * 2 ** 0.5, (2 / 3 + 2 / 6) * 3 ** 0.5],
-                            [(3 / 7 + 3 / 4) * 2 ** 0.5, (4 / 7 + 4 / 6) * 3 ** 0.5]])
-    assert torch.allclose(ria_scores(weight, stat), by_hand)
+                            [(3 / 7 + 3 / 4) * 2 ** 0.5, (4 / 7 + 4 / 6) * 3 ** 0.5]], dtype=torch.float64)
+    assert torch.allclose(ria_scores(weight, stat), by_hand, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("method", ["wanda", "ria"])

@@ -37,7 +37,12 @@ class InputNorms:
 
 
 class InputHessian:
-    """H = 2 X Xᵀ / n over calibration tokens, the layer-wise reconstruction Hessian."""
+    """H = 2 X Xᵀ / n over calibration tokens, the layer-wise reconstruction Hessian.
+
+    Accumulated in float32, unlike InputNorms: X Xᵀ is a GEMM over every token, the main cost of the
+    Hessian methods, and float64 would double it. So sparsegpt and --reconstruct can still change in
+    the last bits with --batch-size (docs/determinism.md).
+    """
 
     def __init__(self, in_features: int, device: torch.device):
         self.xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)

@@ -80,7 +80,7 @@ GAIN_TOLERANCE = 1e-6
 
 
 def kept_score(scores: torch.Tensor, structure: Structure) -> float:
-    # Summed in float64: a float32 sum of ~1e6 scores depends on how the threads split it, in the 7th digit.
+    # Summed in float64: a float32 sum of ~1e6 scores depends on how the threads split it, in the 7th decimal.
     return float(scores.masked_fill(prune_mask(scores, structure), 0).sum(dtype=torch.float64))
 
 
