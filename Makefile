@@ -42,6 +42,9 @@ run: $(INSTALLED) $(VLLM_INSTALLED)
 test: $(INSTALLED) $(VLLM_INSTALLED)
 	$(VENV)/bin/pytest -q
 
-bench: $(INSTALLED)
+bench: $(INSTALLED) $(VLLM_INSTALLED)
 	$(PY) bench/prune_methods.py --out docs/prune_benchmark.md
 	$(PY) bench/onnx_export.py --out docs/onnx_benchmark.md
+	$(PY) bench/determinism.py --out docs/determinism.md
+	$(PY) bench/exports.py --out docs/exports.md
+	$(PY) bench/recover.py --out docs/recover_benchmark.md
