@@ -76,21 +76,21 @@ def _count_bits(masks) -> int:
     return int(sum(np.unpackbits(mask).sum(dtype=np.int64) for mask in masks))
 
 
-def _source_prune_report(location: str) -> dict | None:
-    path = Path(location) / REPORT_NAME
-    if not path.is_file():
-        return None
-    report = read_json_file(path)
-    return {key: report.get(key) for key in ("method", "structure", "calibration", "perplexity", "versions")} | {"path": str(path)}
+# What the manifest keeps of the reports found beside the source: how it was pruned, and (after
+# `wanda-serve recover`) how it was recovered.
+SOURCE_REPORTS = {
+    "source_prune_report": (REPORT_NAME, ("method", "structure", "calibration", "perplexity", "versions")),
+    "source_recover_report": (RECOVER_REPORT_NAME, ("teacher", "tokens", "steps", "perplexity", "mask_check")),
+}
 
 
-def _source_recover_report(location: str) -> dict | None:
-    """Where the source was recovered by distillation: from what, how far, and its perplexity since."""
-    path = Path(location) / RECOVER_REPORT_NAME
-    if not path.is_file():
-        return None
-    report = read_json_file(path)
-    return {key: report.get(key) for key in ("teacher", "tokens", "steps", "perplexity", "mask_check")} | {"path": str(path)}
+def _source_reports(location: str) -> dict[str, dict | None]:
+    reports = {}
+    for field, (name, keys) in SOURCE_REPORTS.items():
+        path = Path(location) / name
+        report = read_json_file(path) if path.is_file() else None
+        reports[field] = {key: report.get(key) for key in keys} | {"path": str(path)} if report else None
+    return reports
 
 
 def check_on_vllm(directory: Path, tokenizer) -> dict:
@@ -119,8 +119,7 @@ def export_vllm(job: VllmExport) -> dict:
     with atomic_output_dir(job.out, job.overwrite) as tmp:
         stripped: list[str] = []
         loaded = load_model(job.model, "float32", edit_config=lambda config: stripped.extend(strip_sparsity_metadata(config)))
-        # Read first: a damaged report fails before the work.
-        source_report, recover_report = _source_prune_report(loaded.location), _source_recover_report(loaded.location)
+        source_reports = _source_reports(loaded.location)  # read first: a damaged report fails before the work
         source_audit = audit_linears(block_linears(loaded.model))
         source_zeros = _zero_masks(block_linears(loaded.model))
 
@@ -150,8 +149,7 @@ def export_vllm(job: VllmExport) -> dict:
         manifest = {
             "format": "Hugging Face safetensors checkpoint for vLLM (dense; pruned weights are zeros)",
             "source": loaded.source,
-            "source_prune_report": source_report,
-            "source_recover_report": recover_report,
+            **source_reports,
             "dtype": job.dtype,
             "stripped_metadata": stripped,
             "files": file_digests(tmp),
