@@ -45,8 +45,8 @@ def vllm_greedy(model_dir: Path, dtype: str, prompt_token_ids: list[list[int]], 
         try:
             run = subprocess.run([python, __file__], input=json.dumps(request), capture_output=True, text=True,
                                  timeout=TIMEOUT_S, env=env)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"vLLM did not finish within {TIMEOUT_S} s") from None
+        except subprocess.TimeoutExpired as e:
+            raise RuntimeError(f"vLLM did not finish within {TIMEOUT_S} s") from e
         if run.returncode != 0 or not result.is_file():
             tail = " | ".join((run.stderr or run.stdout).strip().splitlines()[-3:])
             raise RuntimeError(f"vLLM could not run the checkpoint: {tail}")

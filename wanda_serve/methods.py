@@ -125,7 +125,7 @@ def sparsegpt_prune(
     try:
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError as e:
-        raise WandaServeError(f"SparseGPT: the layer Hessian is not positive definite ({e}); use more calibration samples") from None
+        raise WandaServeError(f"SparseGPT: the layer Hessian is not positive definite ({e}); use more calibration samples") from e
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -182,8 +182,8 @@ def get_method(name: str, reconstruct: bool = False) -> Method:
     """The named method; with `reconstruct`, its mask followed by the OBS update of the surviving weights."""
     try:
         method = METHODS[name]
-    except KeyError:
-        raise WandaServeError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+    except KeyError as e:
+        raise WandaServeError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from e
     if not reconstruct:
         return method
     if method.scores is None:

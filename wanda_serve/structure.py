@@ -48,8 +48,8 @@ class Structure:
             return cls(n=int(match[1]), m=int(match[2]))
         try:
             ratio = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-        except ValueError:
-            raise WandaServeError(f"invalid structure {text!r}: use N:M (e.g. 2:4) or a ratio (e.g. 0.5)") from None
+        except ValueError as e:
+            raise WandaServeError(f"invalid structure {text!r}: use N:M (e.g. 2:4) or a ratio (e.g. 0.5)") from e
         return cls(ratio=ratio)
 
     def check_width(self, in_features: int, layer_name: str) -> None:
