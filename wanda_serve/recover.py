@@ -198,6 +198,9 @@ class RecoverProgress(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Trainer logs a step's loss after on_step_end, so the bar shows it from here.
         seconds = time.perf_counter() - self.started
         rate = (state.global_step - self.first_step) * self.tokens_per_step / seconds if seconds else 0.0
         losses = loss_curve(state)
