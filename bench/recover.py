@@ -1,0 +1,160 @@
+"""Recovery benchmark: perplexity against the distillation budget, in and out of domain.
+
+For the default recipe (wanda + permutation 2:4) and SparseGPT 2:4 on the embedded SmolLM2: prune
+once, then `wanda-serve recover` once per budget, each a run of its own (warm-up and decay fit the
+budget, as a user with that budget would run it) in its own process. Perplexity on the held-out
+Wikipedia region (in domain: recovery trains on the Wikipedia calibration region) and on the held-out
+news region (out of domain), wall time and tokens/s. Variants at one budget: the hidden-state term
+(SquareHead) and bf16 autocast. Writes a Markdown page, its JSON and a plot.
+
+    python bench/recover.py --out docs/recover_benchmark.md
+
+Each result is stored in --work with every option that decides it and the provenance of the code
+(as bench/prune_methods.py records it, plus wanda_serve/recover.py); --resume reuses only results
+measured the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from prune_methods import PACKAGE_DIR, argv, provenance, stored_result, wanda_serve  # noqa: E402
+
+RECIPES = {
+    "wanda-permute-2of4": {"--method": "wanda", "--structure": "2:4", "--permute": None},
+    "sparsegpt-2of4": {"--method": "sparsegpt", "--structure": "2:4", "--no-permute": None},
+}
+PRUNE_SHARED = {"--calib": "wiki", "--nsamples": "64", "--seqlen": "512", "--seed": "0", "--dtype": "float32"}
+VARIANTS = {"base": {}, "squarehead": {"--hidden-weight": "1.0"}, "bf16": {"--dtype": "bfloat16"}}
+RECOVER_SHARED = {"--seqlen": "256", "--batch-size": "4", "--lr": "3e-4", "--warmup": "0.05", "--temperature": "1.0",
+                  "--data": "wiki", "--seed": "0", "--eval-data": "wiki", "--out-of-domain": "news", "--eval-seqlen": "1024"}
+
+
+@dataclass(frozen=True)
+class Run:
+    recipe: str
+    variant: str
+    tokens: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.recipe}-{self.variant}-{self.tokens}"
+
+
+def recover_code_version() -> str:
+    return hashlib.sha256((PACKAGE_DIR / "recover.py").read_bytes()).hexdigest()[:16]
+
+
+def recover_options(run: Run, eval_windows: int | None) -> dict[str, str | None]:
+    windows = {"--eval-windows": str(eval_windows)} if eval_windows else {}
+    return {"--tokens": str(run.tokens), **RECOVER_SHARED, **VARIANTS[run.variant], **windows}
+
+
+def measure(run: Run, work: Path, eval_windows: int | None) -> dict:
+    pruned = work / f"{run.recipe}-pruned"
+    if not (pruned / "prune_report.json").is_file():
+        wanda_serve("prune", "--out", str(pruned), *argv(RECIPES[run.recipe] | PRUNE_SHARED), "--no-eval", "--overwrite")
+    out = work / run.name
+    wanda_serve("recover", str(pruned), "--out", str(out), *argv(recover_options(run, eval_windows)), "--overwrite")
+    return json.loads((out / "recover_report.json").read_text())
+
+
+def row(run: Run, report: dict) -> dict:
+    wiki, news = report["perplexity"].values()
+    return {"recipe": run.recipe, "variant": run.variant, "tokens": report["tokens"], "wiki": wiki["after"]["perplexity"],
+            "news": news["after"]["perplexity"], "wiki_before": wiki["before"]["perplexity"], "news_before": news["before"]["perplexity"],
+            "wiki_teacher": wiki["teacher"]["perplexity"], "news_teacher": news["teacher"]["perplexity"],
+            "train_seconds": report["train_seconds"], "tokens_per_second": report["tokens_per_second"],
+            "peak_rss_mib": report["memory"]["peak_rss_mib"], "mask_identical": report["mask_check"]["passed"]}
+
+
+def render(rows: list[dict], command: str, seconds: float, out: Path) -> str:
+    teacher = rows[0]
+    lines = [
+        "# Recovery: perplexity against the distillation budget",
+        "",
+        f"Written by `{command}` in {seconds / 60:.0f} minutes; raw numbers in {out.with_suffix('.json').name}.",
+        "",
+        f"Embedded SmolLM2-135M-Instruct, dense teacher: wiki {teacher['wiki_teacher']:.2f}, news {teacher['news_teacher']:.2f}. "
+        "Training text: the Wikipedia calibration region; wiki is its held-out region (in domain), news the held-out half "
+        "of the Lee news corpus (out of domain). 0 tokens: the pruned model before recovery.",
+        "",
+        "| recipe | variant | tokens | wiki | × dense | news | × dense | train s | tokens/s | peak RSS MiB | mask identical |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        first = next(r for r in rows if r["recipe"] == recipe)
+        lines.append(f"| {recipe} | | 0 | {first['wiki_before']:.2f} | {first['wiki_before'] / first['wiki_teacher']:.2f} | "
+                     f"{first['news_before']:.2f} | {first['news_before'] / first['news_teacher']:.2f} | | | | |")
+        for r in (r for r in rows if r["recipe"] == recipe):
+            lines.append(f"| {recipe} | {r['variant']} | {r['tokens']} | {r['wiki']:.2f} | {r['wiki'] / r['wiki_teacher']:.2f} | "
+                         f"{r['news']:.2f} | {r['news'] / r['news_teacher']:.2f} | {r['train_seconds']:.0f} | "
+                         f"{r['tokens_per_second']:.0f} | {r['peak_rss_mib']:.0f} | {'yes' if r['mask_identical'] else 'no'} |")
+    lines += ["", f"![perplexity against tokens]({out.with_suffix('.png').name})", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, domain in zip(axes, ("wiki", "news")):
+        for recipe in dict.fromkeys(r["recipe"] for r in rows):
+            base = [r for r in rows if r["recipe"] == recipe and r["variant"] == "base"]
+            if base:
+                axis.plot([0] + [r["tokens"] for r in base], [base[0][f"{domain}_before"]] + [r[domain] for r in base],
+                          marker="o", label=recipe)
+        axis.axhline(rows[0][f"{domain}_teacher"], color="gray", linestyle="--", label="dense")
+        axis.set(title=f"{domain} ({'in' if domain == 'wiki' else 'out of'} domain)", xlabel="recovery tokens", yscale="log")
+    axes[0].set_ylabel("perplexity")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--budgets", default="10000,25000,50000,100000,200000")
+    parser.add_argument("--variants", default="squarehead,bf16", help="besides base, each at --variant-budget")
+    parser.add_argument("--variant-budget", type=int, default=25000)
+    parser.add_argument("--eval-windows", type=int, default=None, help="default: every window of each held-out region")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-recover"))
+    parser.add_argument("--resume", action="store_true", help="reuse results stored in --work, if measured the same way")
+    parser.add_argument("--recompute-stale", action="store_true")
+    args = parser.parse_args()
+    started = time.time()
+    args.work.mkdir(parents=True, exist_ok=True)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    runs = [Run(recipe, "base", tokens) for recipe in args.recipes.split(",") for tokens in budgets]
+    runs += [Run(recipe, variant, args.variant_budget) for recipe in args.recipes.split(",") for variant in variants]
+    rows = []
+    for run in runs:
+        expected = {"options": {"prune": RECIPES[run.recipe] | PRUNE_SHARED, "recover": recover_options(run, args.eval_windows)},
+                    "provenance": provenance() | {"recover_code": recover_code_version()}}
+        path = args.work / f"{run.name}.json"
+        stored = stored_result(path, run.name, expected, args.recompute_stale) if args.resume else None
+        if stored is None:
+            stored = expected | {"report": measure(run, args.work, args.eval_windows)}
+            path.write_text(json.dumps(stored, indent=2) + "\n")
+        rows.append(row(run, stored["report"]))
+    command = shlex.join(["python", "bench/recover.py", *sys.argv[1:]])
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    plot(rows, args.out.with_suffix(".png"))
+    args.out.write_text(render(rows, command, time.time() - started, args.out))
+
+
+if __name__ == "__main__":
+    main()
