@@ -139,12 +139,16 @@ def replacing_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def write_file_atomically(path: Path, text: str, overwrite: bool = False, option: str = "output") -> None:
-    """Write text to path whole or not at all; an existing file is replaced only with `overwrite`."""
+def check_output_file(path: Path, overwrite: bool, option: str = "output") -> None:
     if path.is_dir():
         raise WandaServeError(f"{option} {path} is a directory; name a file")
     if path.exists() and not overwrite:
         raise WandaServeError(f"{option} {path} exists (use --overwrite to replace it)")
+
+
+def write_file_atomically(path: Path, text: str, overwrite: bool = False, option: str = "output") -> None:
+    """Write text to path whole or not at all; an existing file is replaced only with `overwrite`."""
+    check_output_file(path, overwrite, option)
     created: list[Path] = []
     tmp = None
     try:

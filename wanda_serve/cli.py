@@ -18,7 +18,7 @@ import click
 from huggingface_hub.utils import logging as hf_logging
 from transformers.utils import logging as transformers_logging
 
-from wanda_serve.artifacts import write_file_atomically
+from wanda_serve.artifacts import check_output_file, write_file_atomically
 from wanda_serve.engine import Owl
 from wanda_serve.errors import WandaServeError
 from wanda_serve.jobs import RECOVER_TOKENS, EvalOptions, PruneJob, recipe_name, run_eval, run_prune
@@ -306,9 +306,8 @@ def eval_command(model, data, eval_seqlen, eval_windows, device, structure, json
       wanda-serve eval                        # the dense embedded model
       wanda-serve eval runs/wanda-2of4 --json runs/wanda-2of4-eval.json
     """
-    if json_path and (json_path.is_dir() or (json_path.exists() and not overwrite)):
-        # Checked before the evaluation, so that a long run is not lost on a name.
-        write_file_atomically(json_path, "", overwrite, option="--json")
+    if json_path:  # checked before the evaluation, so that a long run is not lost on a name
+        check_output_file(json_path, overwrite, option="--json")
     result = run_eval(model, EvalOptions(data, eval_seqlen, eval_windows), device, structure)
     ppl, audit = result["perplexity"], result["sparsity"]
     click.echo(f"{result['model']}: perplexity {ppl['perplexity']:.3f} on {ppl['data']} ({ppl['windows']} x {ppl['seqlen']} tokens)")
