@@ -104,9 +104,9 @@ def argv(options: dict[str, str | None]) -> list[str]:
     return [token for option, value in options.items() for token in (option, *(() if value is None else (value,)))]
 
 
-def code_version(package_dir: Path = PACKAGE_DIR) -> str:
+def code_version(package_dir: Path = PACKAGE_DIR, sources: tuple[str, ...] = NUMERIC_SOURCES) -> str:
     digest = hashlib.sha256()
-    for name in NUMERIC_SOURCES:
+    for name in sources:
         digest.update(f"{name} {hashlib.sha256((package_dir / name).read_bytes()).hexdigest()}\n".encode())
     return digest.hexdigest()[:16]
 
@@ -121,10 +121,10 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def provenance() -> dict:
+def provenance(sources: tuple[str, ...] = NUMERIC_SOURCES) -> dict:
     """What else decides the numbers: the code, the packages that compute, and the CPU's kernels (docs/determinism.md)."""
     return {
-        "code_version": code_version(),
+        "code_version": code_version(sources=sources),
         **{name: metadata.version(name) for name in NUMERIC_PACKAGES},
         "cpu": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

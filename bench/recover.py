@@ -9,9 +9,12 @@ news region (out of domain), wall time and tokens/s. Variants at one budget: the
 
     python bench/recover.py --out docs/recover_benchmark.md
 
-Each result is stored in --work with every option that decides it and the provenance of the code
-(as bench/prune_methods.py records it, plus wanda_serve/recover.py); --resume reuses only results
-measured the same way.
+The pruned model and the teacher are measured once per recipe, by its first run (the others pass
+--no-reference). Each result is stored in --work with every option that decides it, the SHA-256 of
+the pruned weights it started from, and the provenance of the code that trains and evaluates (as
+bench/prune_methods.py records it); --resume reuses only results measured the same way. The pruning
+code is not part of that provenance: the pruned weights' hash stands for it, so all budgets of a
+recipe start from the same bytes.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from prune_methods import PACKAGE_DIR, argv, provenance, stored_result, wanda_serve  # noqa: E402
+from prune_methods import argv, provenance, stored_result, wanda_serve  # noqa: E402
 
 RECIPES = {
     "wanda-permute-2of4": {"--method": "wanda", "--structure": "2:4", "--permute": None},
@@ -42,40 +45,54 @@ RECOVER_SHARED = {"--seqlen": "256", "--batch-size": "4", "--lr": "3e-4", "--war
                   "--data": "wiki", "--seed": "0", "--eval-data": "wiki", "--out-of-domain": "news", "--eval-seqlen": "1024"}
 
 
+# The code that recovers and evaluates; the pruning code is stood for by the pruned weights' hash.
+RECOVER_SOURCES = ("recover.py", "data.py", "models.py", "evaluate.py", "jobs.py")
+
+
 @dataclass(frozen=True)
 class Run:
     recipe: str
     variant: str
     tokens: int
+    reference: bool  # also measures the pruned model before recovery and the teacher
 
     @property
     def name(self) -> str:
         return f"{self.recipe}-{self.variant}-{self.tokens}"
 
 
-def recover_code_version() -> str:
-    return hashlib.sha256((PACKAGE_DIR / "recover.py").read_bytes()).hexdigest()[:16]
-
-
 def recover_options(run: Run, eval_windows: int | None) -> dict[str, str | None]:
     windows = {"--eval-windows": str(eval_windows)} if eval_windows else {}
-    return {"--tokens": str(run.tokens), **RECOVER_SHARED, **VARIANTS[run.variant], **windows}
+    reference = {} if run.reference else {"--no-reference": None}
+    return {"--tokens": str(run.tokens), **RECOVER_SHARED, **VARIANTS[run.variant], **windows, **reference}
 
 
-def measure(run: Run, work: Path, eval_windows: int | None) -> dict:
-    pruned = work / f"{run.recipe}-pruned"
+def pruned_model(recipe: str, work: Path) -> tuple[Path, str]:
+    """The recipe's pruned model (pruned on first use) and the SHA-256 of its weights."""
+    pruned = work / f"{recipe}-pruned"
     if not (pruned / "prune_report.json").is_file():
-        wanda_serve("prune", "--out", str(pruned), *argv(RECIPES[run.recipe] | PRUNE_SHARED), "--no-eval", "--overwrite")
+        wanda_serve("prune", "--out", str(pruned), *argv(RECIPES[recipe] | PRUNE_SHARED), "--no-eval", "--overwrite")
+    digest = hashlib.sha256()
+    for shard in sorted(pruned.glob("*.safetensors")):
+        with shard.open("rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return pruned, digest.hexdigest()[:16]
+
+
+def measure(run: Run, pruned: Path, work: Path, eval_windows: int | None) -> dict:
     out = work / run.name
     wanda_serve("recover", str(pruned), "--out", str(out), *argv(recover_options(run, eval_windows)), "--overwrite")
     return json.loads((out / "recover_report.json").read_text())
 
 
-def row(run: Run, report: dict) -> dict:
+def row(run: Run, report: dict, reference: dict) -> dict:
     wiki, news = report["perplexity"].values()
+    wiki_reference, news_reference = reference["perplexity"].values()
     return {"recipe": run.recipe, "variant": run.variant, "tokens": report["tokens"], "wiki": wiki["after"]["perplexity"],
-            "news": news["after"]["perplexity"], "wiki_before": wiki["before"]["perplexity"], "news_before": news["before"]["perplexity"],
-            "wiki_teacher": wiki["teacher"]["perplexity"], "news_teacher": news["teacher"]["perplexity"],
+            "news": news["after"]["perplexity"], "wiki_before": wiki_reference["before"]["perplexity"],
+            "news_before": news_reference["before"]["perplexity"], "wiki_teacher": wiki_reference["teacher"]["perplexity"],
+            "news_teacher": news_reference["teacher"]["perplexity"],
             "train_seconds": report["train_seconds"], "tokens_per_second": report["tokens_per_second"],
             "peak_rss_mib": report["memory"]["peak_rss_mib"], "mask_identical": report["mask_check"]["passed"]}
 
@@ -138,18 +155,22 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     budgets = [int(b) for b in args.budgets.split(",")]
     variants = [v for v in args.variants.split(",") if v]
-    runs = [Run(recipe, "base", tokens) for recipe in args.recipes.split(",") for tokens in budgets]
-    runs += [Run(recipe, variant, args.variant_budget) for recipe in args.recipes.split(",") for variant in variants]
     rows = []
-    for run in runs:
-        expected = {"options": {"prune": RECIPES[run.recipe] | PRUNE_SHARED, "recover": recover_options(run, args.eval_windows)},
-                    "provenance": provenance() | {"recover_code": recover_code_version()}}
-        path = args.work / f"{run.name}.json"
-        stored = stored_result(path, run.name, expected, args.recompute_stale) if args.resume else None
-        if stored is None:
-            stored = expected | {"report": measure(run, args.work, args.eval_windows)}
-            path.write_text(json.dumps(stored, indent=2) + "\n")
-        rows.append(row(run, stored["report"]))
+    for recipe in args.recipes.split(","):
+        pruned, pruned_sha256 = pruned_model(recipe, args.work)
+        runs = [Run(recipe, "base", tokens, reference=i == 0) for i, tokens in enumerate(budgets)]
+        runs += [Run(recipe, variant, args.variant_budget, reference=False) for variant in variants]
+        reports = []
+        for run in runs:
+            expected = {"options": {"prune": RECIPES[run.recipe] | PRUNE_SHARED, "recover": recover_options(run, args.eval_windows)},
+                        "provenance": provenance(RECOVER_SOURCES) | {"pruned_sha256": pruned_sha256}}
+            path = args.work / f"{run.name}.json"
+            stored = stored_result(path, run.name, expected, args.recompute_stale) if args.resume else None
+            if stored is None:
+                stored = expected | {"report": measure(run, pruned, args.work, args.eval_windows)}
+                path.write_text(json.dumps(stored, indent=2) + "\n")
+            reports.append(stored["report"])
+        rows += [row(run, report, reports[0]) for run, report in zip(runs, reports)]
     command = shlex.join(["python", "bench/recover.py", *sys.argv[1:]])
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     plot(rows, args.out.with_suffix(".png"))

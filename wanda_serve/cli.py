@@ -251,10 +251,13 @@ def prune(model, out, method, structure, reconstruct, permute, owl, owl_spread, 
               help="A second evaluation text, not the training domain (embedded: news); 'none' to skip.")
 @eval_options
 @click.option("--no-eval", is_flag=True, help="Skip perplexity before and after.")
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="Also measure PRUNED before recovery and the teacher (--no-reference: only the recovered model).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @_user_errors_as_one_line
 def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, temperature, hidden_weight, data, device, dtype, seed,
-            checkpoint_every, resume, gradient_checkpointing, eval_data, out_of_domain, eval_seqlen, eval_windows, no_eval, overwrite):
+            checkpoint_every, resume, gradient_checkpointing, eval_data, out_of_domain, eval_seqlen, eval_windows, no_eval, reference,
+            overwrite):
     """Distil PRUNED back toward its dense model, the sparsity mask kept exactly.
 
     \b
@@ -277,13 +280,13 @@ def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, temper
         out=out, pruned=str(pruned), teacher=teacher, tokens=tokens, seqlen=seqlen, batch_size=batch_size, lr=lr, warmup=warmup,
         temperature=temperature, hidden_weight=hidden_weight, data=data, device=device, dtype=dtype, seed=seed,
         checkpoint_every=checkpoint_every, resume=resume, gradient_checkpointing=gradient_checkpointing, evaluation=evaluation,
-        out_of_domain=None if out_of_domain == "none" else out_of_domain, overwrite=overwrite,
+        out_of_domain=None if out_of_domain == "none" else out_of_domain, reference=reference, overwrite=overwrite,
     ))
     click.echo(f"wrote {out}  ({report['tokens']} tokens in {report['steps']} steps, {report['tokens_per_second']:.0f} tokens/s; "
                f"mask identical: {'yes' if report['mask_check']['passed'] else 'no'})")
     for name, ppl in report["perplexity"].items():
-        click.echo(f"perplexity on {name}: teacher {ppl['teacher']['perplexity']:.3f}, pruned {ppl['before']['perplexity']:.3f} "
-                   f"-> recovered {ppl['after']['perplexity']:.3f}")
+        reference_line = f"teacher {ppl['teacher']['perplexity']:.3f}, pruned {ppl['before']['perplexity']:.3f} -> " if reference else ""
+        click.echo(f"perplexity on {name}: {reference_line}recovered {ppl['after']['perplexity']:.3f}")
 
 
 @cli.command("eval")
