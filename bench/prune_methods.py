@@ -1,10 +1,12 @@
 """Pruning benchmark: every method and option at 2:4 and unstructured 50%, against the dense model.
 
-Methods magnitude, wanda, ria and sparsegpt; at 2:4 each with and without channel permutation,
-the scoring methods also with reconstruction (and both); at 50% with and without reconstruction,
-and wanda and ria with OWL. Every recipe runs in its own `wanda-serve` process, so peak memory is
-per recipe, with the same calibration windows and the same evaluation windows. Writes a Markdown
-table and the raw JSON.
+Methods magnitude, wanda, ria, sparsegpt and alps; at 2:4 each with and without channel
+permutation, the scoring methods also with reconstruction (and both); at 50% with and without
+reconstruction, and wanda and ria with OWL; block order and block-output refinement on the
+methods they are meant for. Every recipe runs in its own `wanda-serve` process, so peak memory is
+per recipe, with the same calibration windows and the same evaluation windows: the held-out
+Wikipedia region (the calibration domain) and the held-out news region (out of domain). Writes a
+Markdown table and the raw JSON.
 
     python bench/prune_methods.py --out docs/prune_benchmark.md
 
@@ -57,14 +59,23 @@ class Recipe:
 
 
 SCORING = ("magnitude", "wanda", "ria")
+HESSIAN = ("sparsegpt", "alps")  # the methods that choose their own mask and update the weights they keep
+REFINE = "--refine=10"
 RECIPES = (
-    *(Recipe(m, "2:4", ("--no-permute",)) for m in (*SCORING, "sparsegpt")),
-    *(Recipe(m, "2:4", ("--permute",)) for m in (*SCORING, "sparsegpt")),
+    *(Recipe(m, "2:4", ("--no-permute",)) for m in (*SCORING, *HESSIAN)),
+    *(Recipe(m, "2:4", ("--permute",)) for m in (*SCORING, *HESSIAN)),
     *(Recipe(m, "2:4", ("--no-permute", "--reconstruct")) for m in SCORING),
     *(Recipe(m, "2:4", ("--permute", "--reconstruct")) for m in SCORING),
-    *(Recipe(m, "0.5", ("--no-permute",)) for m in (*SCORING, "sparsegpt")),
+    Recipe("wanda", "2:4", ("--permute", "--block-order")),
+    *(Recipe(m, "2:4", ("--permute", "--reconstruct", "--block-order")) for m in ("wanda", "ria")),
+    *(Recipe(m, "2:4", ("--no-permute", "--block-order")) for m in HESSIAN),
+    Recipe("wanda", "2:4", ("--permute", REFINE)),
+    *(Recipe(m, "2:4", ("--no-permute", "--block-order", REFINE)) for m in HESSIAN),
+    *(Recipe(m, "0.5", ("--no-permute",)) for m in (*SCORING, *HESSIAN)),
     *(Recipe(m, "0.5", ("--no-permute", "--reconstruct")) for m in SCORING),
     *(Recipe(m, "0.5", ("--no-permute", "--owl")) for m in ("wanda", "ria")),
+    *(Recipe(m, "0.5", ("--no-permute", "--block-order")) for m in HESSIAN),
+    Recipe("wanda", "0.5", ("--no-permute", REFINE)),
 )
 DEFAULT_RECIPE = Recipe("wanda", "2:4", ("--permute",))  # what `wanda-serve prune` does without options
 OWL_OPTIONS = {"--owl-spread": "0.08", "--owl-outlier-factor": "5"}
@@ -83,17 +94,25 @@ class Settings:
     dtype: str = "float32"
     device: str = "cpu"
     eval_data: str = "wiki"
+    out_of_domain: str = "news"  # a second held-out text, not the calibration domain
     eval_seqlen: int = 1024
     eval_windows: int | None = None  # None: every window of the held-out region
 
-    def eval_options(self) -> dict[str, str]:
+    def eval_options(self, data: str | None = None) -> dict[str, str]:
         windows = {"--eval-windows": str(self.eval_windows)} if self.eval_windows else {}
-        return {"--data": self.eval_data, "--eval-seqlen": str(self.eval_seqlen), **windows, "--device": self.device}
+        return {"--data": data or self.eval_data, "--eval-seqlen": str(self.eval_seqlen), **windows, "--device": self.device}
+
+    def recorded_options(self, recipe: Recipe | None) -> dict[str, dict]:
+        """Every option of every command that measures the recipe (None: the dense model), as results record them."""
+        return {**({"prune": self.prune_options(recipe)} if recipe else {}), "eval": self.eval_options(),
+                "eval_out_of_domain": self.eval_options(self.out_of_domain)}
 
     def prune_options(self, recipe: Recipe) -> dict[str, str | None]:
         """Every option of `wanda-serve prune` that decides the recipe's numbers (None: a flag)."""
+        refines = any(flag.startswith("--refine") for flag in recipe.flags)
         return {
             "--method": recipe.method, "--structure": recipe.structure, **dict.fromkeys(recipe.flags),
+            **({} if "--block-order" in recipe.flags else {"--one-pass": None}), **({} if refines else {"--refine": "0"}),
             **(OWL_OPTIONS if "--owl" in recipe.flags else {}),
             "--calib": self.calib, "--nsamples": str(self.nsamples), "--seqlen": str(self.seqlen), "--seed": str(self.seed),
             "--batch-size": str(self.batch_size), "--dtype": self.dtype, "--device": self.device,
@@ -181,9 +200,11 @@ def measure(recipe: Recipe | None, settings: Settings, work: Path, keep: bool) -
         out = work / recipe.name
         wanda_serve("prune", *model, *argv(settings.prune_options(recipe)), "--no-eval", "--overwrite", "--out", str(out))
         evaluated = [str(out)]
-    eval_path = work / f"{recipe.name if recipe else 'dense'}.eval.json"
-    wanda_serve("eval", *evaluated, *argv(settings.eval_options()), "--json", str(eval_path), "--overwrite")
-    result = {"eval": json.loads(eval_path.read_text())}
+    result = {}
+    for key, data in (("eval", settings.eval_data), ("eval_out_of_domain", settings.out_of_domain)):
+        eval_path = work / f"{recipe.name if recipe else 'dense'}.{key}.json"
+        wanda_serve("eval", *evaluated, *argv(settings.eval_options(data)), "--json", str(eval_path), "--overwrite")
+        result[key] = json.loads(eval_path.read_text())
     if recipe is not None:
         result["report"] = json.loads((out / "prune_report.json").read_text())
         if not keep:
@@ -218,8 +239,7 @@ def main() -> None:
     rows = []
     for recipe in (None, *RECIPES):  # None: the dense model
         name = recipe.name if recipe else "dense"
-        options = {**({"prune": settings.prune_options(recipe)} if recipe else {}), "eval": settings.eval_options()}
-        path, expected = args.work / f"{name}.json", {"options": options, "provenance": now}
+        path, expected = args.work / f"{name}.json", {"options": settings.recorded_options(recipe), "provenance": now}
         result = stored_result(path, name, expected, args.recompute_stale) if args.resume else None
         if result is None:
             result = {"name": name, "recipe": asdict(recipe) if recipe else None, **expected,
@@ -235,7 +255,7 @@ def main() -> None:
 
 
 def render(rows: list[dict], command: str, settings: Settings, now: dict, elapsed: float) -> str:
-    dense = rows[0]["eval"]["perplexity"]
+    dense, dense_news = rows[0]["eval"]["perplexity"], rows[0]["eval_out_of_domain"]["perplexity"]
     lines = [
         "# Pruning benchmark",
         "",
@@ -249,27 +269,29 @@ def render(rows: list[dict], command: str, settings: Settings, now: dict, elapse
         f"Model: {rows[0]['eval']['model']}. Calibration: {settings.nsamples} windows of {settings.seqlen} tokens of "
         f"{settings.calib} from the calibration region (seed {settings.seed}, batches of {settings.batch_size}, identical for "
         f"every method), {settings.dtype}. Evaluation: perplexity on {dense['windows']} non-overlapping windows of "
-        f"{dense['seqlen']} tokens of {dense['data']}, held-out region. Options: each recipe's own; the rest as above, "
-        "spelled out in the JSON.",
+        f"{dense['seqlen']} tokens of {dense['data']}, held-out region (wiki), and on {dense_news['windows']} windows of "
+        f"{dense_news['data']}, held-out region (news: out of the calibration domain). Options: each recipe's own; the rest "
+        "as above, spelled out in the JSON.",
         "",
         "Mask s: time spent choosing masks and updating weights, forward passes excluded (as the Wanda paper reports). "
         "Total s: the whole `wanda-serve prune` process (loading, calibration, forward passes, saving). "
         "Peak RSS: the process's peak resident memory.",
         "",
-        "| method | options | structure | perplexity | vs dense | mask s | forward s | total s | peak RSS MiB | sparsity | N:M valid |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| method | options | structure | wiki | vs dense | news | vs dense | mask s | forward s | total s | peak RSS MiB | sparsity | N:M valid |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
-        ppl = row["eval"]["perplexity"]["perplexity"]
+        ppl, news = row["eval"]["perplexity"]["perplexity"], row["eval_out_of_domain"]["perplexity"]["perplexity"]
         audit = row["eval"]["sparsity"]
         if "report" not in row:
-            lines.append(f"| dense | | - | {ppl:.2f} | 1.00x | - | - | - | - | {audit['overall_sparsity']:.3f} | - |")
+            lines.append(f"| dense | | - | {ppl:.2f} | 1.00x | {news:.2f} | 1.00x | - | - | - | - | {audit['overall_sparsity']:.3f} | - |")
             continue
         report, recipe = row["report"], row["recipe"]
         structure = recipe["structure"]
         valid = audit["all_nm_valid"].get(structure, "-") if ":" in structure else "-"
         lines.append(
             f"| {recipe['method']} | {' '.join(recipe['flags'])} | {structure} | {ppl:.2f} | {ppl / dense['perplexity']:.2f}x | "
+            f"{news:.2f} | {news / dense_news['perplexity']:.2f}x | "
             f"{report['mask_seconds']:.2f} | {report['forward_seconds']:.1f} | {report['total_seconds']:.1f} | "
             f"{report['memory']['peak_rss_mib']:.0f} | {audit['overall_sparsity']:.3f} | "
             f"{valid if valid == '-' else ('yes' if valid else 'NO')} |"

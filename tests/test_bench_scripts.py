@@ -16,10 +16,12 @@ from determinism import mask_difference  # noqa: E402
 from prune_methods import NUMERIC_SOURCES, PACKAGE_DIR, RECIPES, Recipe, Settings, code_version, stored_result  # noqa: E402
 
 
-def test_every_recipe_spells_out_its_permutation_and_the_shared_settings():
+def test_every_recipe_spells_out_its_permutation_block_order_refinement_and_the_shared_settings():
     for recipe in RECIPES:
         options = Settings().prune_options(recipe)
         assert ("--permute" in options) != ("--no-permute" in options), recipe.name
+        assert ("--block-order" in options) != ("--one-pass" in options), recipe.name
+        assert sum(option.startswith("--refine") for option in options) == 1, recipe.name
         for option in ("--method", "--structure", "--calib", "--nsamples", "--seqlen", "--seed", "--batch-size", "--dtype", "--device"):
             assert options[option], (recipe.name, option)
     assert len({recipe.name for recipe in RECIPES}) == len(RECIPES)
@@ -28,7 +30,7 @@ def test_every_recipe_spells_out_its_permutation_and_the_shared_settings():
 def stored(tmp_path, recipe: Recipe, settings: Settings, provenance: dict) -> Path:
     """A fake stored result, as main() writes it, without pruning anything."""
     path = tmp_path / f"{recipe.name}.json"
-    options = {"prune": settings.prune_options(recipe), "eval": settings.eval_options()}
+    options = settings.recorded_options(recipe)
     path.write_text(json.dumps({"name": recipe.name, "options": options, "provenance": provenance, "eval": {}, "report": {}}))
     return path
 
@@ -38,7 +40,7 @@ PROVENANCE = {"code_version": "0123456789abcdef", "torch": "2.13.0+cpu", "cpu": 
 
 
 def expected(settings: Settings, provenance: dict = PROVENANCE) -> dict:
-    return {"options": {"prune": settings.prune_options(RECIPE), "eval": settings.eval_options()}, "provenance": provenance}
+    return {"options": settings.recorded_options(RECIPE), "provenance": provenance}
 
 
 def test_resume_reuses_a_result_measured_the_same_way(tmp_path):
@@ -92,7 +94,7 @@ def test_main_stops_before_measuring_when_a_stored_result_differs(tmp_path, monk
     settings = Settings()
     now = prune_methods.provenance()
     stored_dense = tmp_path / "dense.json"
-    stored_dense.write_text(json.dumps({"name": "dense", "options": {"eval": settings.eval_options()}, "provenance": now, "eval": {}}))
+    stored_dense.write_text(json.dumps({"name": "dense", "options": settings.recorded_options(None), "provenance": now, "eval": {}}))
     stored(tmp_path, RECIPES[0], Settings(seqlen=256), now)
     measured = []
     monkeypatch.setattr(prune_methods, "measure", lambda recipe, *args: measured.append(recipe))

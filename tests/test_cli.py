@@ -202,3 +202,15 @@ def test_a_full_disk_is_one_error_line_and_leaves_nothing(tiny_model_dir, tmp_pa
     error = result.output.splitlines()[-1]
     assert error.startswith("Error: No space left on device: ") and error.endswith("model.safetensors (nothing was written)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt", "tiny-llama"]
+
+
+def test_alps_with_block_order_and_refinement_reports_what_it_did(tiny_model_dir, tmp_path):
+    out = tmp_path / "alps"
+    result = run(*small_prune_args(tiny_model_dir, out, "--no-eval", "--method", "alps", "--block-order", "--refine", 3))
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}  (alps + block order + refine 3 2:4, sparsity 0.5000)" in result.output
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["block_order"]["stages"] == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                                               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert report["refine"]["steps"] == 3 and [b["block"] for b in report["refine"]["blocks"]] == [0, 1]
+    assert report["sparsity"]["all_nm_valid"]["2:4"]

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, VOCAB, tiny_model
-from wanda_serve.engine import Owl, block_linears, capture_block_inputs, find_decoder_blocks, find_linears, prune_model
+from wanda_serve.engine import (Owl, Refine, block_linears, block_stages, capture_block_inputs, find_decoder_blocks, find_linears,
+                                prune_model)
 from wanda_serve.errors import WandaServeError
-from wanda_serve.methods import get_method
+from wanda_serve.methods import InputNorms, get_method
 from wanda_serve.permute import Fold, exact_folds, kept_score, spreading_permutation
 from wanda_serve.structure import Structure, audit_linears
 
@@ -192,3 +193,64 @@ def test_a_fold_is_kept_only_if_it_leaves_the_output_unchanged():
     before = mixing(x)
     assert exact_folds(mixing, find_linears(mixing), lambda: mixing(x)) == []
     assert torch.equal(mixing(x), before)  # the trial permutation was undone
+
+
+def test_block_stages_follow_the_forward_pass():
+    for arch, expected in [("llama", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
+                           ("opt", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"],
+                                    ["fc1"], ["fc2"]])]:
+        model = tiny_model(arch)
+        calls = capture_block_inputs(model, batches()[:1], torch.device("cpu"))
+        block = find_decoder_blocks(model)[0]
+        stages = block_stages(find_linears(block), lambda: calls[0].run(block, calls[0].hidden))
+        assert [sorted(stage) for stage in stages] == [sorted(stage) for stage in expected], arch
+
+
+def test_block_order_computes_o_proj_statistic_through_the_pruned_attention():
+    structure, method = Structure(n=2, m=4), get_method("wanda")
+    staged, one_pass = tiny_model("llama"), tiny_model("llama")
+    prune_model(staged, batches(), method, structure, progress=False, block_order=True)
+    prune_model(one_pass, batches(), method, structure, progress=False)
+    first = lambda model, name: find_linears(find_decoder_blocks(model)[0])[name].weight  # noqa: E731
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):  # the first stage sees the block's inputs either way
+        assert torch.equal(first(staged, name), first(one_pass, name))
+    assert not torch.equal(first(staged, "self_attn.o_proj"), first(one_pass, "self_attn.o_proj"))
+
+    # By hand: prune q/k/v of the first block, rerun it, and take o_proj's Wanda mask from the inputs it now sees.
+    model = tiny_model("llama")
+    calls = capture_block_inputs(model, batches(), torch.device("cpu"))
+    block = find_decoder_blocks(model)[0]
+    linears = find_linears(block)
+    norms = {name: InputNorms(linears[name].in_features, torch.device("cpu")) for name in linears}
+    hooks = [linears[n].register_forward_hook(lambda m, i, o, n=n: norms[n].add_batch(i[0])) for n in linears]
+    with torch.no_grad():
+        for call in calls:
+            call.run(block, call.hidden)
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            linears[name].weight.data = method.prune(linears[name].weight.data, norms[name], structure)
+        norms["self_attn.o_proj"] = InputNorms(linears["self_attn.o_proj"].in_features, torch.device("cpu"))
+        for call in calls:
+            call.run(block, call.hidden)
+    for hook in hooks:
+        hook.remove()
+    expected = method.prune(linears["self_attn.o_proj"].weight.data, norms["self_attn.o_proj"], structure)
+    assert torch.equal(first(staged, "self_attn.o_proj"), expected)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_refinement_lowers_each_blocks_output_error_and_keeps_every_zero(method):
+    structure = Structure(n=2, m=4)
+    plain, refined = tiny_model("llama"), tiny_model("llama")
+    prune_model(plain, batches(count=4), get_method(method), structure, progress=False)
+    timings = prune_model(refined, batches(count=4), get_method(method), structure, progress=False,
+                          refine=Refine(steps=20, lr=1e-3, batch=2))
+    assert len(timings.refined) == 2
+    for block in timings.refined:
+        assert block["output_error_after"] < block["output_error_before"], block
+    audit = audit_linears(block_linears(refined))
+    assert audit["all_nm_valid"]["2:4"] and all(layer["sparsity"] >= 0.5 for layer in audit["layers"].values())
+    for name, linear in find_linears(find_decoder_blocks(refined)[0]).items():  # block 0 saw the same inputs in both runs
+        zeros = find_linears(find_decoder_blocks(plain)[0])[name].weight == 0
+        assert (linear.weight[zeros] == 0).all(), name
+        assert not torch.equal(linear.weight, find_linears(find_decoder_blocks(plain)[0])[name].weight), name

@@ -19,10 +19,10 @@ from huggingface_hub.utils import logging as hf_logging
 from transformers.utils import logging as transformers_logging
 
 from wanda_serve.artifacts import check_output_file, write_file_atomically
-from wanda_serve.engine import Owl
+from wanda_serve.engine import Owl, Refine
 from wanda_serve.errors import WandaServeError
 from wanda_serve.jobs import RECOVER_TOKENS, EvalOptions, PruneJob, recipe_name, run_eval, run_prune
-from wanda_serve.methods import METHODS
+from wanda_serve.methods import METHODS, AlpsConfig
 from wanda_serve.models import EMBEDDED_MODEL_NAME
 from wanda_serve.structure import Structure
 
@@ -169,7 +169,9 @@ def device_option(command):
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory for the pruned model.")
-@click.option("--method", type=click.Choice(list(METHODS)), default="wanda", show_default=True)
+@click.option("--method", type=click.Choice(list(METHODS)), default="wanda", show_default=True,
+              help="magnitude |W|; wanda |W|·‖X‖; ria (relative importance); sparsegpt (OBS mask and update); "
+                   f"alps (ADMM, then conjugate gradient on the support; {AlpsConfig().describe()}).")
 @click.option("--structure", type=StructureType(), default="2:4", show_default=True,
               help="N:M (N zeros in every M inputs) or a ratio such as 0.5.")
 @click.option("--reconstruct", is_flag=True,
@@ -177,6 +179,13 @@ def device_option(command):
 @click.option("--permute/--no-permute", default=None,
               help="N:M only: reorder input channels where that folds exactly into the model, to keep more under the mask. "
                    "Default: on for wanda and ria at N:M (docs/prune_benchmark.md), off otherwise.")
+@click.option("--block-order/--one-pass", default=False, show_default=True,
+              help="Prune each block stage by stage (q/k/v, o, gate/up, down), each on the inputs of the pruned stages before it; "
+                   "--one-pass: every layer's statistic from the block's inputs in one pass.")
+@click.option("--refine", default=0, show_default=True, type=click.IntRange(0), metavar="STEPS",
+              help=f"Block-output refinement: after each block is pruned, STEPS Adam steps (lr {Refine.lr:g}, "
+                   f"{Refine.batch} calibration samples each) on its surviving weights toward the dense block's outputs; "
+                   "the mask is kept exactly.")
 @click.option("--owl", is_flag=True, help="OWL: spread an unstructured ratio over the blocks by their activation outliers.")
 @click.option("--owl-spread", default=0.08, show_default=True, type=click.FloatRange(0),
               help="OWL's λ: block sparsities span the target ± this (all must stay within 0 and 1).")
@@ -194,7 +203,7 @@ def device_option(command):
 @click.option("--no-eval", is_flag=True, help="Skip perplexity before and after pruning.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @_user_errors_as_one_line
-def prune(model, out, method, structure, reconstruct, permute, owl, owl_spread, owl_outlier_factor, calib, nsamples, seqlen, seed, batch_size, device, dtype, eval_data, eval_seqlen, eval_windows, no_eval, overwrite):
+def prune(model, out, method, structure, reconstruct, permute, block_order, refine, owl, owl_spread, owl_outlier_factor, calib, nsamples, seqlen, seed, batch_size, device, dtype, eval_data, eval_seqlen, eval_windows, no_eval, overwrite):
     """Prune MODEL layer by layer and write it as a Hugging Face directory with prune_report.json.
 
     \b
@@ -211,7 +220,7 @@ def prune(model, out, method, structure, reconstruct, permute, owl, owl_spread, 
     """
     job = PruneJob(
         out=out, model=model, method=method, structure=structure, reconstruct=reconstruct, permute=permute,
-        owl=Owl(owl_spread, owl_outlier_factor) if owl else None, calib=calib, nsamples=nsamples, seqlen=seqlen,
+        block_order=block_order, refine=Refine(refine, seed=seed) if refine else None, owl=Owl(owl_spread, owl_outlier_factor) if owl else None, calib=calib, nsamples=nsamples, seqlen=seqlen,
         seed=seed, batch_size=batch_size, device=device, dtype=dtype, overwrite=overwrite,
         evaluation=None if no_eval else EvalOptions(eval_data, eval_seqlen, eval_windows),
     )
@@ -615,7 +624,9 @@ def bench(dense, pruned, out, concurrency, rounds, gpu_hour_price, no_greedy_che
 @click.argument("model", required=False)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: runs/<model>-<method>-<structure>).")
-@click.option("--method", type=click.Choice(list(METHODS)), default="wanda", show_default=True)
+@click.option("--method", type=click.Choice(list(METHODS)), default="wanda", show_default=True,
+              help="magnitude |W|; wanda |W|·‖X‖; ria (relative importance); sparsegpt (OBS mask and update); "
+                   f"alps (ADMM, then conjugate gradient on the support; {AlpsConfig().describe()}).")
 @click.option("--structure", type=StructureType(), default="2:4", show_default=True)
 @click.option("--nsamples", default=64, show_default=True, type=click.IntRange(1), help="Calibration samples.")
 @click.option("--seqlen", default=512, show_default=True, type=click.IntRange(2), help="Tokens per calibration sample.")

@@ -4,6 +4,11 @@ Capture what the model passes to its first decoder block (hidden states, attenti
 position ids, rotary embeddings, ...), then for each block: collect the method's input statistic
 with forward hooks, prune the block's linear layers, and rerun the block so that the *pruned*
 outputs feed the next one. Only the block being pruned needs to be on `device`.
+
+With block order, a block's linear layers are pruned stage by stage in the order its forward pass
+calls them (q/k/v, then o, then gate/up, then down), each stage's statistic collected from the
+block with the earlier stages already pruned, as SparseGPT's reference does. With refinement, the
+pruned block's surviving weights are then fitted to the dense block's outputs.
 """
 
 from __future__ import annotations
@@ -73,14 +78,18 @@ class _BlockInputsCaptured(Exception):
     pass
 
 
-def _to_device(value, device: torch.device):
+def _map_tensors(value, fn):
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return fn(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(_map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
     return value
+
+
+def _to_device(value, device: torch.device):
+    return _map_tensors(value, lambda tensor: tensor.to(device))
 
 
 @torch.no_grad()
@@ -117,6 +126,8 @@ class PruneTimings:
     forward_seconds: float = 0.0
     block_sparsity: list[float] | None = None  # per decoder block, when OWL chose them
     permutations: dict[str, dict] = field(default_factory=dict)  # per permuted layer: what it folded into, score kept
+    stages: list[list[str]] | None = None  # with block order: the stages of the (identical) blocks
+    refined: list[dict] = field(default_factory=list)  # per block, with refinement: output error before and after
 
 
 @dataclass(frozen=True)
@@ -176,18 +187,116 @@ def _permute_for_nm(folds: list[Fold], linears: dict[str, nn.Linear], stats: dic
     return report
 
 
-def _collect_statistics(block, linears: dict[str, nn.Linear], statistic: type, calls: list[BlockCall],
-                        hidden: list[torch.Tensor], device) -> tuple[dict, list[torch.Tensor], float]:
-    """Run the block with a hook on each linear layer feeding `statistic`; the statistics, outputs and seconds."""
-    stats = {name: statistic(linear.in_features, device) for name, linear in linears.items()}
-    handles = [linear.register_forward_hook(lambda mod, inp, out, stat=stats[name]: stat.add_batch(inp[0]))
+def block_stages(linears: dict[str, nn.Linear], run_block) -> list[list[str]]:
+    """The linear layers in the order `run_block` calls them, in stages of consecutive layers that read the
+    same input tensor (q/k/v; gate/up): a stage's input depends only on the stages before it."""
+    called: dict[str, torch.Tensor] = {}
+    handles = [linear.register_forward_pre_hook(lambda mod, args, name=name: called.setdefault(name, args[0]))
                for name, linear in linears.items()]
     try:
-        outputs, seconds = _timed_forward(block, calls, hidden, device)
+        run_block()
     finally:
         for handle in handles:
             handle.remove()
-    return stats, outputs, seconds
+    stages: list[list[str]] = []
+    previous = None
+    for name, inp in called.items():
+        if inp is previous:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        previous = inp
+    uncalled = [name for name in linears if name not in called]  # no input, so no statistic either way
+    return stages + ([uncalled] if uncalled else [])
+
+
+class _StageInputsCollected(Exception):
+    pass
+
+
+def _collect_statistics(block, linears: dict[str, nn.Linear], statistic: type, calls: list[BlockCall],
+                        hidden: list[torch.Tensor], device, stop_after: str | None = None) -> tuple[dict, list | None, float]:
+    """Run the block with a hook on each linear layer feeding `statistic`; the statistics, outputs and seconds.
+
+    With `stop_after`, each call stops once that layer has run (the rest of the block is not needed): no outputs.
+    """
+    stats = {name: statistic(linear.in_features, device) for name, linear in linears.items()}
+
+    def collect(name: str):
+        def hook(module, inp, out):
+            stats[name].add_batch(inp[0])
+            if name == stop_after:
+                raise _StageInputsCollected
+        return hook
+
+    handles = [linear.register_forward_hook(collect(name)) for name, linear in linears.items()]
+    try:
+        if stop_after is None:
+            outputs, seconds = _timed_forward(block, calls, hidden, device)
+            return stats, outputs, seconds
+        _synchronize(device)
+        start = time.perf_counter()
+        for call, h in zip(calls, hidden):
+            try:
+                call.run(block, h)
+            except _StageInputsCollected:
+                pass
+        _synchronize(device)
+        return stats, None, time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class Refine:
+    """Block-output refinement (Wanda++'s regional optimization): after a block is pruned, `steps` Adam steps
+    on its surviving linear weights, the mask held exactly, minimising the mean squared error between the
+    dense block's outputs and the pruned block's on the calibration inputs (`batch` samples per step).
+    In float32, one block at a time, whatever the model's dtype."""
+
+    steps: int
+    lr: float = 1e-5
+    batch: int = 8
+    seed: int = 0
+
+    def __call__(self, block: nn.Module, linears: dict[str, nn.Linear], calls: list[BlockCall],
+                 hidden: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+        dtype = next(block.parameters()).dtype
+        block.float()
+        as_float = lambda value: _map_tensors(value, lambda t: t.float() if t.is_floating_point() else t)  # noqa: E731
+        calls = [BlockCall(call.hidden, as_float(call.args), as_float(call.kwargs)) for call in calls]
+        hidden, targets = as_float(hidden), as_float(targets)
+        pruned = {name: linear.weight == 0 for name, linear in linears.items()}
+        trainable = {id(linear.weight) for linear in linears.values()}
+        requires_grad = {p: p.requires_grad for p in block.parameters()}
+        for p in block.parameters():
+            p.requires_grad_(id(p) in trainable)
+        optimizer = torch.optim.Adam([linear.weight for linear in linears.values()], lr=self.lr)
+        generator = torch.Generator().manual_seed(self.seed)
+        try:
+            with torch.enable_grad():
+                for _ in range(self.steps):
+                    chosen = torch.randperm(len(calls), generator=generator)[: self.batch].tolist()
+                    optimizer.zero_grad()
+                    loss = sum(nn.functional.mse_loss(calls[i].run(block, hidden[i]), targets[i]) for i in chosen) / len(chosen)
+                    loss.backward()
+                    for name, linear in linears.items():
+                        linear.weight.grad.masked_fill_(pruned[name], 0)
+                    optimizer.step()
+                    with torch.no_grad():  # Adam's moments can move a zero-gradient weight: re-mask
+                        for name, linear in linears.items():
+                            linear.weight.masked_fill_(pruned[name], 0)
+        finally:
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+            block.to(dtype)
+
+
+def output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """‖outputs − targets‖² / ‖targets‖² over all calibration samples."""
+    error = sum(float((o.double() - t.double()).pow(2).sum()) for o, t in zip(outputs, targets))
+    return error / sum(float(t.double().pow(2).sum()) for t in targets)
 
 
 @torch.no_grad()
@@ -216,12 +325,16 @@ def prune_model(
     progress: bool = True,
     owl: Owl | None = None,
     permute: bool = False,
+    block_order: bool = False,
+    refine: Refine | None = None,
 ) -> PruneTimings:
     """Prune every linear layer of every decoder block of `model` in place.
 
     With `owl`, an unstructured target is spread over the blocks by their outlier ratios (one more
     calibration pass over the dense model first). With `permute`, an N:M target is preceded by the
-    input-channel permutations that fold exactly into each block (permute.py).
+    input-channel permutations that fold exactly into each block (permute.py). With `block_order`,
+    each block is pruned stage by stage on the inputs of its pruned earlier stages; with `refine`,
+    each pruned block is fitted to the dense block's outputs.
     """
     device = torch.device(device)
     check_structure_fits(model, structure)
@@ -231,7 +344,7 @@ def prune_model(
         owl.check_applies(structure)
     if permute and not structure.is_nm:
         raise WandaServeError(f"channel permutation spreads weights over the groups of an N:M pattern; {structure} is not N:M")
-    needs_calibration = method.statistic is not None or owl is not None or permute
+    needs_calibration = method.statistic is not None or owl is not None or permute or refine is not None
     calls = capture_block_inputs(model, batches, device) if needs_calibration else []
     block_structures = [structure] * len(blocks)
     if owl is not None:
@@ -248,18 +361,40 @@ def prune_model(
         home = next(block.parameters()).device
         block.to(device)
         linears = find_linears(block)
-        stats = {}
-        if method.statistic is not None:
-            stats, _, seconds = _collect_statistics(block, linears, method.statistic, calls, hidden, device)
-            timings.forward_seconds += seconds
-        if permute:
+        if permute and folds is None:  # the blocks are identical modules: what folds in the first folds in all
             start = time.perf_counter()
-            if folds is None:  # the blocks are identical modules: what folds in the first folds in all
-                folds = exact_folds(block, linears, lambda: calls[0].run(block, hidden[0]))
-            timings.permutations.update(_permute_for_nm(folds, linears, stats, method, structure, index))
+            folds = exact_folds(block, linears, lambda: calls[0].run(block, hidden[0]))
             timings.mask_seconds += time.perf_counter() - start
-        timings.mask_seconds += _prune_linears(linears, method, stats, block_structure, device)
-        if calls:
+        if block_order and timings.stages is None:
+            timings.stages = block_stages(linears, lambda: calls[0].run(block, hidden[0])) if calls else [list(linears)]
+        targets = None
+        if refine is not None:
+            targets, seconds = _timed_forward(block, calls, hidden, device)
+            timings.forward_seconds += seconds
+        for stage in timings.stages if block_order else [list(linears)]:
+            stage_linears = {name: linears[name] for name in stage}
+            stats = {}
+            if method.statistic is not None:
+                stats, _, seconds = _collect_statistics(block, stage_linears, method.statistic, calls, hidden, device,
+                                                        stop_after=stage[-1] if block_order else None)
+                timings.forward_seconds += seconds
+            if permute:
+                start = time.perf_counter()
+                stage_folds = [fold for fold in folds if fold.consumer in stage_linears]
+                timings.permutations.update(_permute_for_nm(stage_folds, linears, stats, method, structure, index))
+                timings.mask_seconds += time.perf_counter() - start
+            timings.mask_seconds += _prune_linears(stage_linears, method, stats, block_structure, device)
+        if refine is not None:
+            pruned_outputs, seconds = _timed_forward(block, calls, hidden, device)
+            start = time.perf_counter()
+            refine(block, linears, calls, hidden, targets)
+            timings.mask_seconds += time.perf_counter() - start
+            refined_outputs, seconds_after = _timed_forward(block, calls, hidden, device)
+            timings.forward_seconds += seconds + seconds_after
+            timings.refined.append({"block": index, "output_error_before": output_error(pruned_outputs, targets),
+                                    "output_error_after": output_error(refined_outputs, targets)})
+            hidden = refined_outputs
+        elif calls:
             hidden, seconds = _timed_forward(block, calls, hidden, device)
             timings.forward_seconds += seconds
         block.to(home)

@@ -13,7 +13,7 @@ import torch
 
 from wanda_serve.artifacts import atomic_output_dir, package_versions
 from wanda_serve.data import calibration_batches, evaluation_ids, load_corpus
-from wanda_serve.engine import Owl, block_linears, check_structure_fits, prune_model
+from wanda_serve.engine import Owl, Refine, block_linears, check_structure_fits, prune_model
 from wanda_serve.errors import WandaServeError
 from wanda_serve.evaluate import perplexity, torch_logits_fn
 from wanda_serve.methods import get_method
@@ -51,6 +51,8 @@ class PruneJob:
     reconstruct: bool = False  # the method's mask, then the OBS update of the surviving weights
     owl: Owl | None = None  # per-block ratios from outlier ratios (unstructured targets)
     permute: bool | None = None  # input-channel permutations folded in before an N:M mask; None: permutes_by_default
+    block_order: bool = False  # prune each block stage by stage on the inputs of its pruned earlier stages
+    refine: Refine | None = None  # fit each pruned block's surviving weights to the dense block's outputs
     calib: str = "wiki"
     nsamples: int = 64
     seqlen: int = 512
@@ -111,7 +113,8 @@ def recipe_name(report: dict) -> str:
     """The recipe a prune report describes, e.g. "wanda + permutation 2:4"."""
     return " ".join([report["method"], *(["+ permutation"] if report["permutation"] else []),
                      *(["+ reconstruction"] if report["reconstruct"] else []), *(["+ OWL"] if report["owl"] else []),
-                     report["structure"]])
+                     *(["+ block order"] if report.get("block_order") else []),
+                     *([f"+ refine {report['refine']['steps']}"] if report.get("refine") else []), report["structure"]])
 
 
 def run_prune(job: PruneJob) -> dict:
@@ -131,7 +134,7 @@ def run_prune(job: PruneJob) -> dict:
 
         calibration = {"used": False}
         batches = []
-        if method.statistic is not None or job.owl is not None or permute:
+        if method.statistic is not None or job.owl is not None or permute or job.refine is not None:
             corpus = load_corpus(job.calib)
             batches = calibration_batches(corpus, loaded.tokenizer, job.nsamples, job.seqlen, job.seed, job.batch_size)
             calibration = {
@@ -141,7 +144,8 @@ def run_prune(job: PruneJob) -> dict:
 
         evaluation = Evaluation(job.evaluation, loaded.tokenizer, device, job.progress) if job.evaluation else None
         before = evaluation.perplexity(loaded.model) if evaluation else None
-        timings = prune_model(loaded.model, batches, method, structure, device, job.progress, job.owl, permute)
+        timings = prune_model(loaded.model, batches, method, structure, device, job.progress, job.owl, permute,
+                              job.block_order, job.refine)
         after = evaluation.perplexity(loaded.model) if evaluation else None
 
         save_model(loaded, tmp)
@@ -150,6 +154,8 @@ def run_prune(job: PruneJob) -> dict:
             "reconstruct": job.reconstruct,
             "owl": asdict(job.owl) | {"block_sparsity": timings.block_sparsity} if job.owl else None,
             "permutation": {"layers": timings.permutations} if permute else None,
+            "block_order": {"stages": timings.stages} if job.block_order else None,
+            "refine": asdict(job.refine) | {"blocks": timings.refined} if job.refine else None,
             "structure": str(structure),
             "structure_meaning": f"{structure.n} of every {structure.m} consecutive input weights of a row are zero"
             if structure.is_nm else f"{structure.ratio:g} of each output row's weights are zero",

@@ -7,7 +7,7 @@ engine.py is shared by all of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -157,6 +157,117 @@ def sparsegpt_prune(
 
 
 @dataclass(frozen=True)
+class AlpsConfig:
+    """ALPS settings; the defaults are the reference code's.
+
+    rho: initial ADMM penalty ρ, adapted every update_every iterations to how much the support moves.
+    max_iterations: most ADMM iterations.
+    update_every: ADMM iterations between support checks and ρ updates.
+    min_iterations: ADMM iterations before a small support change may stop the loop.
+    stop_support_change: support change, as a fraction of the kept weights, that then stops it.
+    pcg_steps: conjugate gradient steps that refit the kept weights on the final support.
+    damping: ridge added to XXᵀ, as a fraction of its mean diagonal.
+    """
+
+    rho: float = 0.1
+    max_iterations: int = 300
+    update_every: int = 3
+    min_iterations: int = 30
+    stop_support_change: float = 3e-4
+    pcg_steps: int = 10
+    damping: float = 0.01
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+
+def alps_prune(
+    weight: torch.Tensor, stat: InputHessian, structure: Structure, config: AlpsConfig = AlpsConfig(),
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ALPS (Meng et al. 2024): ADMM on ||X(W - Ŵ)||² with Ŵ projected on the pattern, then PCG on its support.
+
+    Follows the reference alps.py (mazumder-lab/ALPS, MIT) in its coordinates B = (W * ||X_j||)ᵀ,
+    where the damped XXᵀ has a unit diagonal. A given `mask` (True = prune) skips the ADMM: only the
+    refit of the surviving weights on that support is ALPS's.
+    """
+    W = weight.detach().clone().float()
+    xtx = stat.xxt.clone()
+    dead = torch.diag(xtx) == 0  # as in sparsegpt_prune: dead inputs get weight 0 and a unit diagonal
+    xtx[dead, dead] = 1
+    W[:, dead] = 0
+    xtx += config.damping * torch.mean(torch.diag(xtx)) * torch.eye(W.shape[1], device=xtx.device)
+    x_norm = torch.diag(xtx).sqrt() + 1e-8
+    xtx = xtx / x_norm / x_norm.unsqueeze(1)
+    B0 = (W * x_norm).T  # (in, out)
+    target = xtx @ B0  # the reference's YᵀX, transposed
+
+    def pruned_of(value: torch.Tensor) -> torch.Tensor:
+        # Compared within each output row, for ratios too, like every method here (the reference
+        # keeps one layer-wide top-k for unstructured sparsity).
+        return mask.T if mask is not None else prune_mask(value.T.abs(), structure).T
+
+    B = B0
+    if mask is None:
+        L, Q = torch.linalg.eigh(xtx.double())  # once: (XXᵀ + ρI)⁻¹ = Q diag(1/(L+ρ)) Qᵀ for every ρ
+        Q = Q.float()
+        inverse = lambda rho: (Q * (1 / (L + rho)).float()) @ Q.T  # noqa: E731
+        rho, increased = config.rho, False
+        kept = round(B0.numel() * (1 - structure.target))
+        D0 = B0.masked_fill(pruned_of(B0), 0)
+        D, V = D0, torch.zeros_like(B0)
+        xtx_inv, support = inverse(rho), D0 == 0
+        for i in range(config.max_iterations):
+            B = xtx_inv @ (target - V + rho * D)
+            D = B + V / rho
+            D = D.masked_fill(pruned_of(D), 0)
+            V = V + rho * (B - D)
+            if (i + 1) % config.update_every:
+                continue
+            # ρ grows while the support moves, until it settles; a support that never moved means ρ
+            # was too large from the start: shrink it (restarting, if the support moved a little).
+            new_support = D == 0
+            change = int((new_support != support).sum())
+            if change / kept > 0.1:
+                rho, increased = rho * 1.3, True
+            elif change / kept > 0.005:
+                rho, increased = rho * 1.2, True
+            elif change > 0 and increased:
+                rho *= 1.1
+            elif change > 0:
+                rho /= 5
+                B, D, V = B0, D0, torch.zeros_like(B0)
+            elif increased:
+                break
+            else:
+                rho /= 5
+            support, rho = new_support, min(rho, 1e6)
+            xtx_inv = inverse(rho)
+            if i >= config.min_iterations and change / kept < config.stop_support_change:
+                break
+
+    # Refit the kept weights on the fixed support: the reference's cg_batch without preconditioner (the
+    # unit diagonal already is Jacobi's), one system per output, the residual masked to the support.
+    keep = ~pruned_of(B)
+    B = B.masked_fill(~keep, 0)
+    R = (target - xtx @ B) * keep
+    tolerance = 1e-4 * target.norm(dim=0)
+    P, rr_old = torch.zeros_like(B), torch.ones_like(tolerance)
+    nonzero = lambda d: d.masked_fill(d == 0, 1e-8)  # noqa: E731
+    for _ in range(config.pcg_steps):
+        rr = (R * R).sum(0)
+        if (rr.sqrt() <= tolerance).all():
+            break
+        P = R + rr / nonzero(rr_old) * P
+        AP = xtx @ P
+        alpha = rr / nonzero((P * AP).sum(0))
+        B = B + alpha * P
+        R = (R - alpha * AP) * keep
+        rr_old = rr
+    return (B.T / x_norm).to(weight.dtype)
+
+
+@dataclass(frozen=True)
 class Method:
     """statistic: the per-layer input statistic the method needs (None: weights alone).
     scores: the score function, for methods that only score (None: the method chooses its own mask)."""
@@ -175,6 +286,7 @@ METHODS: dict[str, Method] = {
     "wanda": scoring_method(InputNorms, wanda_scores),
     "ria": scoring_method(InputNorms, ria_scores),
     "sparsegpt": Method(statistic=InputHessian, prune=sparsegpt_prune),
+    "alps": Method(statistic=InputHessian, prune=alps_prune),
 }
 
 
