@@ -108,12 +108,12 @@ def test_owl_spreads_the_ratio_over_blocks_and_keeps_the_global_ratio():
     assert owl.block_sparsities([0.02, 0.02], 0.5) == [0.5, 0.5]
 
     model = tiny_model("llama")
-    timings = prune_model(model, batches(), get_method("wanda"), Structure(ratio=0.5), progress=False, owl=owl)
-    assert sorted(timings.block_sparsity) == pytest.approx([0.4, 0.6])  # two blocks: target ± spread
+    record = prune_model(model, batches(), get_method("wanda"), Structure(ratio=0.5), progress=False, owl=owl)
+    assert sorted(record.block_sparsity) == pytest.approx([0.4, 0.6])  # two blocks: target ± spread
     audit = audit_linears(block_linears(model))
     assert audit["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
     for name, layer in audit["layers"].items():
-        assert layer["sparsity"] == pytest.approx(timings.block_sparsity[int(name.split(".")[0])], abs=0.02)
+        assert layer["sparsity"] == pytest.approx(record.block_sparsity[int(name.split(".")[0])], abs=0.02)
 
 
 def test_owl_refuses_n_m():
@@ -165,9 +165,9 @@ def test_kept_score_is_summed_in_float64():
 def test_permuted_pruning_is_n_m_valid_and_keeps_more_than_unpermuted():
     plain, permuted = tiny_model("llama"), tiny_model("llama")
     prune_model(plain, batches(), get_method("wanda"), Structure(n=2, m=4), progress=False)
-    timings = prune_model(permuted, batches(), get_method("wanda"), Structure(n=2, m=4), progress=False, permute=True)
-    assert set(timings.permutations) == {"0.mlp.down_proj", "1.mlp.down_proj"}
-    assert all(p["kept_score_ratio"] >= 1 for p in timings.permutations.values())
+    record = prune_model(permuted, batches(), get_method("wanda"), Structure(n=2, m=4), progress=False, permute=True)
+    assert set(record.permutations) == {"0.mlp.down_proj", "1.mlp.down_proj"}
+    assert all(p["kept_score_ratio"] >= 1 for p in record.permutations.values())
     assert audit_linears(block_linears(permuted))["all_nm_valid"]["2:4"]
     with pytest.raises(WandaServeError, match="not N:M"):
         prune_model(tiny_model("llama"), batches(), get_method("wanda"), Structure(ratio=0.5), progress=False, permute=True)
@@ -243,10 +243,10 @@ def test_refinement_lowers_each_blocks_output_error_and_keeps_every_zero(method)
     structure = Structure(n=2, m=4)
     plain, refined = tiny_model("llama"), tiny_model("llama")
     prune_model(plain, batches(count=4), get_method(method), structure, progress=False)
-    timings = prune_model(refined, batches(count=4), get_method(method), structure, progress=False,
+    record = prune_model(refined, batches(count=4), get_method(method), structure, progress=False,
                           refine=Refine(steps=20, lr=1e-3, batch=2))
-    assert len(timings.refined) == 2
-    for block in timings.refined:
+    assert len(record.refined) == 2
+    for block in record.refined:
         assert block["output_error_after"] < block["output_error_before"], block
     audit = audit_linears(block_linears(refined))
     assert audit["all_nm_valid"]["2:4"] and all(layer["sparsity"] >= 0.5 for layer in audit["layers"].values())

@@ -14,6 +14,7 @@ pruned block's surviving weights are then fitted to the dense block's outputs.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -121,13 +122,26 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], device: 
 
 
 @dataclass
-class PruneTimings:
-    mask_seconds: float = 0.0
-    forward_seconds: float = 0.0
+class PruneRecord:
+    """What prune_model did, for the report: where its time went and what it chose on the way."""
+
+    mask_seconds: float = 0.0  # choosing masks and updating weights (forward passes excluded, as the Wanda paper reports)
+    forward_seconds: float = 0.0  # running blocks over the calibration samples
     block_sparsity: list[float] | None = None  # per decoder block, when OWL chose them
     permutations: dict[str, dict] = field(default_factory=dict)  # per permuted layer: what it folded into, score kept
     stages: list[list[str]] | None = None  # with block order: the stages of the (identical) blocks
     refined: list[dict] = field(default_factory=list)  # per block, with refinement: output error before and after
+
+    @contextmanager
+    def timing(self, kind: str, device: torch.device):
+        """Add the time the body takes to `{kind}_seconds` (kind: mask or forward), the device's queue drained."""
+        _synchronize(device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _synchronize(device)
+            setattr(self, f"{kind}_seconds", getattr(self, f"{kind}_seconds") + time.perf_counter() - start)
 
 
 @dataclass(frozen=True)
@@ -160,13 +174,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prune_linears(linears: dict[str, nn.Linear], method: Method, stats: dict, structure: Structure, device) -> float:
-    _synchronize(device)
-    start = time.perf_counter()
+def _prune_linears(linears: dict[str, nn.Linear], method: Method, stats: dict, structure: Structure) -> None:
     for name, linear in linears.items():
         linear.weight.data = method.prune(linear.weight.data, stats.get(name), structure)
-    _synchronize(device)
-    return time.perf_counter() - start
 
 
 def _permute_for_nm(folds: list[Fold], linears: dict[str, nn.Linear], stats: dict, method: Method, structure: Structure,
@@ -214,9 +224,9 @@ class _StageInputsCollected(Exception):
     pass
 
 
-def _collect_statistics(block, linears: dict[str, nn.Linear], statistic: type, calls: list[BlockCall],
-                        hidden: list[torch.Tensor], device, stop_after: str | None = None) -> tuple[dict, list | None, float]:
-    """Run the block with a hook on each linear layer feeding `statistic`; the statistics, outputs and seconds.
+def block_statistics(block, linears: dict[str, nn.Linear], statistic: type, calls: list[BlockCall],
+                     hidden: list[torch.Tensor], device, stop_after: str | None = None) -> tuple[dict, list | None]:
+    """Run the block with a hook on each linear layer feeding `statistic`: the statistics and the block's outputs.
 
     With `stop_after`, each call stops once that layer has run (the rest of the block is not needed): no outputs.
     """
@@ -232,20 +242,21 @@ def _collect_statistics(block, linears: dict[str, nn.Linear], statistic: type, c
     handles = [linear.register_forward_hook(collect(name)) for name, linear in linears.items()]
     try:
         if stop_after is None:
-            outputs, seconds = _timed_forward(block, calls, hidden, device)
-            return stats, outputs, seconds
-        _synchronize(device)
-        start = time.perf_counter()
+            return stats, run_block(block, calls, hidden)
         for call, h in zip(calls, hidden):
             try:
                 call.run(block, h)
             except _StageInputsCollected:
                 pass
-        _synchronize(device)
-        return stats, None, time.perf_counter() - start
+        return stats, None
     finally:
         for handle in handles:
             handle.remove()
+
+
+def run_block(block, calls: list[BlockCall], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The block's outputs for each calibration call, given its hidden-state inputs."""
+    return [call.run(block, h) for call, h in zip(calls, hidden)]
 
 
 @dataclass(frozen=True)
@@ -308,7 +319,7 @@ def block_outlier_ratios(blocks: nn.ModuleList, calls: list[BlockCall], device, 
         home = next(block.parameters()).device
         block.to(device)
         linears = find_linears(block)
-        stats, hidden, _ = _collect_statistics(block, linears, InputNorms, calls, hidden, device)
+        stats, hidden = block_statistics(block, linears, InputNorms, calls, hidden, device)
         scores = torch.cat([wanda_scores(linear.weight.float(), stats[name]).flatten() for name, linear in linears.items()])
         ratios.append(float((scores > outlier_factor * scores.mean()).float().mean()))
         block.to(home)
@@ -327,7 +338,7 @@ def prune_model(
     permute: bool = False,
     block_order: bool = False,
     refine: Refine | None = None,
-) -> PruneTimings:
+) -> PruneRecord:
     """Prune every linear layer of every decoder block of `model` in place.
 
     With `owl`, an unstructured target is spread over the blocks by their outlier ratios (one more
@@ -338,21 +349,20 @@ def prune_model(
     """
     device = torch.device(device)
     check_structure_fits(model, structure)
-    blocks = find_decoder_blocks(model)
-    timings = PruneTimings()
     if owl is not None:
         owl.check_applies(structure)
     if permute and not structure.is_nm:
         raise WandaServeError(f"channel permutation spreads weights over the groups of an N:M pattern; {structure} is not N:M")
+    blocks = find_decoder_blocks(model)
+    record = PruneRecord()
     needs_calibration = method.statistic is not None or owl is not None or permute or refine is not None
     calls = capture_block_inputs(model, batches, device) if needs_calibration else []
     block_structures = [structure] * len(blocks)
     if owl is not None:
-        start = time.perf_counter()
-        outlier_ratios = block_outlier_ratios(blocks, calls, device, owl.outlier_factor)
-        timings.forward_seconds += time.perf_counter() - start
-        timings.block_sparsity = owl.block_sparsities(outlier_ratios, structure.ratio)
-        block_structures = [Structure(ratio=ratio) for ratio in timings.block_sparsity]
+        with record.timing("forward", device):
+            outlier_ratios = block_outlier_ratios(blocks, calls, device, owl.outlier_factor)
+        record.block_sparsity = owl.block_sparsities(outlier_ratios, structure.ratio)
+        block_structures = [Structure(ratio=ratio) for ratio in record.block_sparsity]
     hidden = [call.hidden for call in calls]
     folds = None
 
@@ -361,49 +371,39 @@ def prune_model(
         home = next(block.parameters()).device
         block.to(device)
         linears = find_linears(block)
+        run_first_call = lambda: calls[0].run(block, hidden[0])  # noqa: E731
         if permute and folds is None:  # the blocks are identical modules: what folds in the first folds in all
-            start = time.perf_counter()
-            folds = exact_folds(block, linears, lambda: calls[0].run(block, hidden[0]))
-            timings.mask_seconds += time.perf_counter() - start
-        if block_order and timings.stages is None:
-            timings.stages = block_stages(linears, lambda: calls[0].run(block, hidden[0])) if calls else [list(linears)]
-        targets = None
+            with record.timing("mask", device):
+                folds = exact_folds(block, linears, run_first_call)
+        if block_order and record.stages is None:
+            record.stages = block_stages(linears, run_first_call) if calls else [list(linears)]
         if refine is not None:
-            targets, seconds = _timed_forward(block, calls, hidden, device)
-            timings.forward_seconds += seconds
-        for stage in timings.stages if block_order else [list(linears)]:
+            with record.timing("forward", device):
+                dense_outputs = run_block(block, calls, hidden)
+
+        for stage in record.stages if block_order else [list(linears)]:
             stage_linears = {name: linears[name] for name in stage}
             stats = {}
             if method.statistic is not None:
-                stats, _, seconds = _collect_statistics(block, stage_linears, method.statistic, calls, hidden, device,
-                                                        stop_after=stage[-1] if block_order else None)
-                timings.forward_seconds += seconds
-            if permute:
-                start = time.perf_counter()
-                stage_folds = [fold for fold in folds if fold.consumer in stage_linears]
-                timings.permutations.update(_permute_for_nm(stage_folds, linears, stats, method, structure, index))
-                timings.mask_seconds += time.perf_counter() - start
-            timings.mask_seconds += _prune_linears(stage_linears, method, stats, block_structure, device)
+                with record.timing("forward", device):
+                    stats, _ = block_statistics(block, stage_linears, method.statistic, calls, hidden, device,
+                                                stop_after=stage[-1] if block_order else None)
+            with record.timing("mask", device):
+                if permute:
+                    stage_folds = [fold for fold in folds if fold.consumer in stage_linears]
+                    record.permutations.update(_permute_for_nm(stage_folds, linears, stats, method, structure, index))
+                _prune_linears(stage_linears, method, stats, block_structure)
+
+        with record.timing("forward", device):
+            pruned_outputs = run_block(block, calls, hidden)  # what the next block sees
         if refine is not None:
-            pruned_outputs, seconds = _timed_forward(block, calls, hidden, device)
-            start = time.perf_counter()
-            refine(block, linears, calls, hidden, targets)
-            timings.mask_seconds += time.perf_counter() - start
-            refined_outputs, seconds_after = _timed_forward(block, calls, hidden, device)
-            timings.forward_seconds += seconds + seconds_after
-            timings.refined.append({"block": index, "output_error_before": output_error(pruned_outputs, targets),
-                                    "output_error_after": output_error(refined_outputs, targets)})
-            hidden = refined_outputs
-        elif calls:
-            hidden, seconds = _timed_forward(block, calls, hidden, device)
-            timings.forward_seconds += seconds
+            with record.timing("mask", device):
+                refine(block, linears, calls, hidden, dense_outputs)
+            with record.timing("forward", device):
+                refined_outputs = run_block(block, calls, hidden)
+            record.refined.append({"block": index, "output_error_before": output_error(pruned_outputs, dense_outputs),
+                                   "output_error_after": output_error(refined_outputs, dense_outputs)})
+            pruned_outputs = refined_outputs
+        hidden = pruned_outputs
         block.to(home)
-    return timings
-
-
-def _timed_forward(block, calls: list[BlockCall], hidden: list[torch.Tensor], device) -> tuple[list[torch.Tensor], float]:
-    _synchronize(device)
-    start = time.perf_counter()
-    outputs = [call.run(block, h) for call, h in zip(calls, hidden)]
-    _synchronize(device)
-    return outputs, time.perf_counter() - start
+    return record

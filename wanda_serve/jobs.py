@@ -144,7 +144,7 @@ def run_prune(job: PruneJob) -> dict:
 
         evaluation = Evaluation(job.evaluation, loaded.tokenizer, device, job.progress) if job.evaluation else None
         before = evaluation.perplexity(loaded.model) if evaluation else None
-        timings = prune_model(loaded.model, batches, method, structure, device, job.progress, job.owl, permute,
+        record = prune_model(loaded.model, batches, method, structure, device, job.progress, job.owl, permute,
                               job.block_order, job.refine)
         after = evaluation.perplexity(loaded.model) if evaluation else None
 
@@ -152,10 +152,10 @@ def run_prune(job: PruneJob) -> dict:
         report = {
             "method": job.method,
             "reconstruct": job.reconstruct,
-            "owl": asdict(job.owl) | {"block_sparsity": timings.block_sparsity} if job.owl else None,
-            "permutation": {"layers": timings.permutations} if permute else None,
-            "block_order": {"stages": timings.stages} if job.block_order else None,
-            "refine": asdict(job.refine) | {"blocks": timings.refined} if job.refine else None,
+            "owl": asdict(job.owl) | {"block_sparsity": record.block_sparsity} if job.owl else None,
+            "permutation": {"layers": record.permutations} if permute else None,
+            "block_order": {"stages": record.stages} if job.block_order else None,
+            "refine": asdict(job.refine) | {"blocks": record.refined} if job.refine else None,
             "structure": str(structure),
             "structure_meaning": f"{structure.n} of every {structure.m} consecutive input weights of a row are zero"
             if structure.is_nm else f"{structure.ratio:g} of each output row's weights are zero",
@@ -170,8 +170,8 @@ def run_prune(job: PruneJob) -> dict:
             },
             "calibration": calibration,
             "device": str(device),
-            "mask_seconds": timings.mask_seconds,
-            "forward_seconds": timings.forward_seconds,
+            "mask_seconds": record.mask_seconds,
+            "forward_seconds": record.forward_seconds,
             "total_seconds": time.perf_counter() - started,
             "memory": peak_memory(device),
             "perplexity": {"dense": before, "pruned": after} if job.evaluation else None,

@@ -1,0 +1,82 @@
+"""Choose block-output refinement's learning rate on calibration text only, never the evaluation text.
+
+For a few decoder blocks of the embedded SmolLM2 (dense inputs): prune the block with the default
+recipe's method (wanda 2:4), fit it with `Refine` at each learning rate, and measure the block's
+output error ‖pruned − dense‖² / ‖dense‖² on held-out calibration windows (another seed, so other
+windows of the calibration region). Writes a Markdown table.
+
+    python bench/refine_settings.py --out docs/refine_settings.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from wanda_serve.data import calibration_batches, load_corpus
+from wanda_serve.engine import (Refine, block_statistics, capture_block_inputs, find_decoder_blocks, find_linears, output_error,
+                                run_block)
+from wanda_serve.methods import get_method
+from wanda_serve.models import load_model
+from wanda_serve.structure import Structure
+
+CPU = torch.device("cpu")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--blocks", default="0,10,20,29")
+    parser.add_argument("--lrs", default="1e-5,3e-5,1e-4,3e-4,1e-3")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    started = time.time()
+    loaded = load_model(None)
+    corpus = load_corpus("wiki")
+    fit_calls = capture_block_inputs(loaded.model, calibration_batches(corpus, loaded.tokenizer, 64, 512, 0, 8), CPU)
+    held_calls = capture_block_inputs(loaded.model, calibration_batches(corpus, loaded.tokenizer, 16, 512, 1, 8), CPU)
+    fit_hidden, held_hidden = [c.hidden for c in fit_calls], [c.hidden for c in held_calls]
+    blocks, method, structure = find_decoder_blocks(loaded.model), get_method("wanda"), Structure(n=2, m=4)
+    chosen = [int(b) for b in args.blocks.split(",")]
+    lrs = [float(lr) for lr in args.lrs.split(",")]
+    rows = []
+    with torch.no_grad():
+        for index, block in enumerate(blocks):
+            if index in chosen:
+                pruned = copy.deepcopy(block)
+                linears = find_linears(pruned)
+                stats, fit_targets = block_statistics(pruned, linears, method.statistic, fit_calls, fit_hidden, CPU)
+                held_targets = run_block(block, held_calls, held_hidden)
+                for name, linear in linears.items():
+                    linear.weight.data = method.prune(linear.weight.data, stats[name], structure)
+                row = {"block": index, "0": output_error(run_block(pruned, held_calls, held_hidden), held_targets)}
+                for lr in lrs:
+                    refined = copy.deepcopy(pruned)
+                    Refine(args.steps, lr=lr)(refined, find_linears(refined), fit_calls, fit_hidden, fit_targets)
+                    row[f"{lr:g}"] = output_error(run_block(refined, held_calls, held_hidden), held_targets)
+                print(row, flush=True)
+                rows.append(row)
+            fit_hidden = run_block(block, fit_calls, fit_hidden)
+            held_hidden = run_block(block, held_calls, held_hidden)
+            if index >= max(chosen):
+                break
+    command = shlex.join(["python", "bench/refine_settings.py", *sys.argv[1:]])
+    header = ["block", "not refined", *(f"lr {lr:g}" for lr in lrs)]
+    lines = ["# Block-output refinement: learning rate", "",
+             f"Written by `{command}` in {(time.time() - started) / 60:.0f} minutes.", "",
+             f"Embedded SmolLM2, wanda 2:4 per block on the dense model's block inputs; {args.steps} Adam steps of "
+             f"{Refine.batch} of 64 calibration windows (512 tokens, seed 0). Output error ‖pruned − dense‖² / ‖dense‖² on 16 "
+             "held-out calibration windows (seed 1). The evaluation text is not used.", "",
+             "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    lines += ["| " + " | ".join([str(r["block"])] + [f"{v:.4f}" for k, v in r.items() if k != "block"]) + " |" for r in rows]
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
