@@ -1,5 +1,6 @@
 """Recovery by distillation on tiny models: it learns, keeps the mask exactly, resumes, and refuses bad input."""
 
+import json
 import os
 import signal
 import subprocess
@@ -155,3 +156,30 @@ def test_bad_budget_is_refused_at_the_option(pruned, tmp_path):
     assert result.exit_code == 2 and "Invalid value for '--tokens'" in result.output
     with pytest.raises(WandaServeError, match="less than one sample"):
         job(pruned, tmp_path / "rec", tokens=10)
+
+
+def test_torchrun_trains_data_parallel_and_only_the_first_process_writes(pruned, tmp_path):
+    """Two processes on the CPU (gloo), as a user with two GPUs would launch it; each sees half of every batch."""
+    out = tmp_path / "rec-ddp"
+    command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m", "wanda_serve", "recover", str(pruned),
+               "--out", str(out), "--data", str(tmp_path / "text.txt"), "--tokens", "1024", "--seqlen", "64", "--batch-size", "4",
+               "--lr", "1e-3", "--no-eval"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(f"wrote {out}") == 1  # the first process reports; the other returns quietly
+    report = json.loads((out / "recover_report.json").read_text())
+    assert report["processes"] == 2 and report["steps"] == 4 and report["mask_check"]["passed"]
+    before, after = zeros(pruned), zeros(out)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert not (tmp_path / "rec-ddp.checkpoints").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".rec-ddp")) == []
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(pruned, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(WandaServeError, match="--batch-size 4 is the batch of all 3 processes together: give a multiple of 3"):
+        run_recover(job(pruned, tmp_path / "rec", batch_size=4))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(WandaServeError, match="FSDP and DeepSpeed shard"):
+        run_recover(job(pruned, tmp_path / "rec"))

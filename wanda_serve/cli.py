@@ -291,6 +291,8 @@ def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, temper
         checkpoint_every=checkpoint_every, resume=resume, gradient_checkpointing=gradient_checkpointing, evaluation=evaluation,
         out_of_domain=None if out_of_domain == "none" else out_of_domain, reference=reference, overwrite=overwrite,
     ))
+    if report is None:  # not the first process of a data-parallel launch: that one reports
+        return
     click.echo(f"wrote {out}  ({report['tokens']} tokens in {report['steps']} steps, {report['tokens_per_second']:.0f} tokens/s; "
                f"mask identical: {'yes' if report['mask_check']['passed'] else 'no'})")
     for name, ppl in report["perplexity"].items():

@@ -1,8 +1,8 @@
 """Recovery: distil a pruned model back toward its dense teacher, with the sparsity mask kept exactly.
 
 Built on transformers' Trainer: the distillation loss is its `compute_loss`, the mask is a callback,
-and checkpoints, resume, the learning-rate schedule and multi-process training (`accelerate launch`)
-come with it. TRL's distillation trainers (GKD) generate from the student on-policy, which costs far
+and checkpoints, resume, the learning-rate schedule and data-parallel training (`torchrun` or
+`accelerate launch`, one process per device) come with it. TRL's distillation trainers (GKD) generate from the student on-policy, which costs far
 more per token than this offline KL on fixed text, so they are not used.
 
 The mask is the set of weights that are zero in the pruned model's block linears. Their gradients are
@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -290,15 +291,49 @@ def _checkpoint_to_resume(job: RecoverJob) -> str | None:
     return latest
 
 
-def run_recover(job: RecoverJob) -> dict:
-    """Distil job.pruned from its teacher and write it, with recover_report.json, to job.out. Returns the report."""
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in a data-parallel launch (torchrun or accelerate launch set these); alone: 1 process."""
+
+    processes: int
+    rank: int
+    local_rank: int
+
+    @classmethod
+    def from_environment(cls) -> Launch:
+        environ = os.environ
+        return cls(int(environ.get("WORLD_SIZE", "1")), int(environ.get("RANK", "0")), int(environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def check(self, job: RecoverJob) -> None:
+        if any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("FSDP", "DEEPSPEED")):
+            raise WandaServeError("recover keeps the mask on whole weights, which FSDP and DeepSpeed shard: "
+                                  "launch it data-parallel (torchrun, or accelerate launch without FSDP or DeepSpeed)")
+        if job.batch_size % self.processes:
+            raise WandaServeError(f"--batch-size {job.batch_size} is the batch of all {self.processes} processes together: "
+                                  f"give a multiple of {self.processes}")
+
+    def device(self, name: str) -> torch.device:
+        device = resolve_device(name)
+        return torch.device("cuda", self.local_rank) if device.type == "cuda" and self.processes > 1 else device
+
+
+def run_recover(job: RecoverJob) -> dict | None:
+    """Distil job.pruned from its teacher and write it, with recover_report.json, to job.out. Returns the report.
+
+    Launched data-parallel, every process trains on its share of each batch and measures the models
+    before training; only the first writes checkpoints, the output and the report, and measures the
+    recovered model. The others return None.
+    """
     started = time.perf_counter()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Trainer would train data-parallel, but evaluation and saving here would run in every process.
-        raise WandaServeError("recover runs in one process (one CPU or GPU); multi-process launches are not supported yet")
-    device = resolve_device(job.device)
+    launch = Launch.from_environment()
+    launch.check(job)
+    device = launch.device(job.device)
     resume_from = _checkpoint_to_resume(job)
-    with atomic_output_dir(job.out, job.overwrite) as tmp:
+    with atomic_output_dir(job.out, job.overwrite) if launch.main else nullcontext() as tmp:
         student = load_model(job.pruned)
         linears = block_linears(student.model)
         audit_before = audit_linears(linears)
@@ -318,18 +353,20 @@ def run_recover(job: RecoverJob) -> dict:
         teacher_ppl = {e.name: e.perplexity(teacher.model) if job.reference else None for e in evaluations}
         zeros_before = _zero_positions(linears)
 
-        job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        (job.checkpoint_dir / JOB_NAME).write_text(json.dumps(job.training_settings(), indent=2) + "\n")
+        if launch.main:
+            job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            (job.checkpoint_dir / JOB_NAME).write_text(json.dumps(job.training_settings(), indent=2) + "\n")
         if job.gradient_checkpointing:
             student.model.gradient_checkpointing_enable()
         args = TrainingArguments(
-            output_dir=str(job.checkpoint_dir), max_steps=job.steps, per_device_train_batch_size=job.batch_size,
+            output_dir=str(job.checkpoint_dir), max_steps=job.steps, per_device_train_batch_size=job.batch_size // launch.processes,
             learning_rate=job.lr, warmup_steps=job.warmup, lr_scheduler_type="cosine", weight_decay=0.0,
             logging_steps=1, save_strategy="steps", save_steps=job.checkpoint_every, save_total_limit=1,
             seed=job.seed, data_seed=job.seed, bf16=job.dtype == "bfloat16", use_cpu=device.type == "cpu",
             report_to="none", disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
         )
-        keep_mask, stop, progress = KeepMask(linears), StopOnInterrupt(), RecoverProgress(job.batch_size * job.seqlen, job.progress)
+        keep_mask, stop = KeepMask(linears), StopOnInterrupt()
+        progress = RecoverProgress(job.batch_size * job.seqlen, job.progress and launch.main)
         trainer = DistillationTrainer(model=student.model, args=args, train_dataset=_Windows(windows),
                                       callbacks=[keep_mask, stop, progress], teacher=teacher.model,
                                       temperature=job.temperature, hidden_weight=job.hidden_weight)
@@ -339,12 +376,14 @@ def run_recover(job: RecoverJob) -> dict:
         try:
             trainer.train(resume_from_checkpoint=resume_from)
         except BaseException:
-            if get_last_checkpoint(str(job.checkpoint_dir)) is None:
+            if launch.main and get_last_checkpoint(str(job.checkpoint_dir)) is None:
                 shutil.rmtree(job.checkpoint_dir, ignore_errors=True)  # nothing to resume from
             raise
         train_seconds = time.perf_counter() - train_started
         if stop.interrupted:
             raise RecoveryInterrupted(job, trainer.state.global_step)
+        if not launch.main:
+            return None
 
         student.model.to("cpu")
         if job.gradient_checkpointing:
@@ -371,6 +410,7 @@ def run_recover(job: RecoverJob) -> dict:
             "tokens_per_second": len(windows) * job.seqlen * (1 - _step_of(resume_from) / trainer.state.global_step) / train_seconds,
             "total_seconds": time.perf_counter() - started,
             "memory": peak_memory(device),
+            "processes": trainer.args.world_size,  # as Trainer trained: data-parallel over this many
             "mask_check": mask,
             "versions": package_versions(),
         }
