@@ -48,7 +48,6 @@ def test_alps_reconstructs_better_than_sparsegpt_and_wanda(structure):
         "wanda": error(x, weight, prune_by_scores(wanda_scores)(weight, stat, structure)),
         "wanda mask, refit": error(x, weight, alps_prune(weight, stat, structure, mask=wanda_mask)),
     }
-    print(structure, errors)
     assert errors["alps"] <= min(errors["sparsegpt"], errors["wanda"])
     # The ADMM's own support against Wanda's (where it starts from), both refit alike: the search must pay.
     assert errors["alps"] < 0.8 * errors["wanda mask, refit"]
