@@ -372,14 +372,14 @@ def run_recover(job: RecoverJob) -> dict | None:
                                       temperature=job.temperature, hidden_weight=job.hidden_weight)
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-        train_started = time.perf_counter()
+        train_started, train_cpu_started = time.perf_counter(), time.process_time()
         try:
             trainer.train(resume_from_checkpoint=resume_from)
         except BaseException:
             if launch.main and get_last_checkpoint(str(job.checkpoint_dir)) is None:
                 shutil.rmtree(job.checkpoint_dir, ignore_errors=True)  # nothing to resume from
             raise
-        train_seconds = time.perf_counter() - train_started
+        train_seconds, train_cpu_seconds = time.perf_counter() - train_started, time.process_time() - train_cpu_started
         if stop.interrupted:
             raise RecoveryInterrupted(job, trainer.state.global_step)
         if not launch.main:
@@ -407,6 +407,9 @@ def run_recover(job: RecoverJob) -> dict | None:
             "loss_curve": loss_curve(trainer.state),
             "perplexity": {name: {"teacher": teacher_ppl[name], "before": before[name], "after": after[name]} for name in before},
             "train_seconds": train_seconds,
+            # CPU time of all this process's threads: well below threads × train_seconds, the machine was shared.
+            "train_cpu_seconds": train_cpu_seconds,
+            "threads": torch.get_num_threads(),
             "tokens_per_second": len(windows) * job.seqlen * (1 - _step_of(resume_from) / trainer.state.global_step) / train_seconds,
             "total_seconds": time.perf_counter() - started,
             "memory": peak_memory(device),
