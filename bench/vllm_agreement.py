@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -76,7 +77,7 @@ def main() -> None:
             run_level(endpoint, requests[:2], 2)  # warm-up, as vllm bench serve's own test request
             for level in levels:
                 for _ in range(args.repeats):
-                    runs[level]["ours"].append(calculate_metrics(*run_level(endpoint, requests, level)))
+                    runs[level]["ours"].append(asdict(calculate_metrics(*run_level(endpoint, requests, level))))
                     runs[level]["vllm bench serve"].append(
                         vllm_bench_serve(server, dataset, args.num_prompts, args.output_len, level, scratch))
                     print(level, {tool: round(r[-1]["output_throughput"], 2) for tool, r in runs[level].items()}, flush=True)

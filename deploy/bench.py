@@ -24,10 +24,11 @@ from transformers import AutoTokenizer
 
 from deploy.client import Endpoint, Request, ServerRequestFailed, run_level, served_model
 from deploy.greedy_check import MAX_LOGPROB_GAP, check_greedy
-from deploy.metrics import RequestOutput, calculate_metrics, cost_per_million_output_tokens
+from deploy.metrics import RequestOutput
 from deploy.report import write_plots, write_summary
+from deploy.results import BenchResults, LevelResult
 from deploy.vllm_server import ServerFailed, ServerSettings, VllmServer
-from deploy.workload import WorkloadSpec, build_requests, write_custom_dataset
+from deploy.workload import CONCURRENCY_LEVELS, ROUNDS, WorkloadSpec, build_requests, write_custom_dataset
 from exporters.verify import MANIFEST_NAME
 from wanda_serve.artifacts import atomic_output_dir, package_versions, read_json_file
 from wanda_serve.errors import WandaServeError
@@ -45,8 +46,8 @@ class BenchJob:
     dense: str  # a vLLM-loadable directory to serve, or the URL of a running server
     pruned: str
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
-    concurrency: tuple[int, ...] = (1, 2, 4, 8)
-    rounds: int = 2
+    concurrency: tuple[int, ...] = CONCURRENCY_LEVELS
+    rounds: int = ROUNDS
     server: ServerSettings = field(default_factory=ServerSettings)
     hour_price: float | None = None  # dollars per hour of the hardware serving one model
     greedy_check: bool = True
@@ -60,7 +61,7 @@ class BenchJob:
         if not self.concurrency or min(self.concurrency) < 1:
             raise WandaServeError(f"concurrency levels must be positive integers, got {list(self.concurrency)}")
         if self.sparse_runtime and is_url(self.pruned):
-            raise WandaServeError("the sparse runtime column needs --sparse to be a directory: the runtime is chosen "
+            raise WandaServeError("the sparse runtime column needs --pruned to be a directory: the runtime is chosen "
                                   "when wanda-serve starts the server")
 
 
@@ -173,7 +174,7 @@ def _load_tokenizer(tokenizer: str | None, dense_checkpoint: Path | None):
         raise WandaServeError(f"{option}: {source} has no tokenizer that transformers can load{hint}") from e
 
 
-def run_bench(job: BenchJob) -> dict:
+def run_bench(job: BenchJob) -> BenchResults:
     """Benchmark both models, write the run directory (JSON, Markdown, plots, logs); return the results."""
     targets = [_resolve_target("dense", job.dense, job.server.api_key), _resolve_target("pruned", job.pruned, job.server.api_key)]
     if job.sparse_runtime:
@@ -211,22 +212,18 @@ def run_bench(job: BenchJob) -> dict:
                             for output in level_outputs:
                                 trace.write(json.dumps({"model": target.label, "round": round_index + 1,
                                                         "max_concurrency": level, **asdict(output)}) + "\n")
-        results = {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "workload": asdict(job.workload) | {"rounds": job.rounds, "requests_per_level_and_round": per_level,
-                                                "sampling": "greedy, end-of-sequence ignored"},
-            "concurrency": levels,
-            "models": models,
-            "perplexity": _perplexities(*targets[:2]),
-            "hour_price": job.hour_price,
-            "results": {label: [_level_metrics(rounds[label, level], level, job.hour_price)
-                                for level in levels] for label in labels},
-            "versions": package_versions(),
-        }
-        # each model against the dense baseline, level by level
-        results["ratios"] = {label: [_ratios(d, p) for d, p in zip(results["results"]["dense"], results["results"][label])]
-                             for label in labels[1:]}
-        (tmp / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+        results = BenchResults(
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            workload=asdict(job.workload) | {"rounds": job.rounds, "requests_per_level_and_round": per_level,
+                                             "sampling": "greedy, end-of-sequence ignored"},
+            concurrency=tuple(levels),
+            models=models,
+            perplexity=_perplexities(*targets[:2]),
+            hour_price=job.hour_price,
+            levels={label: [LevelResult.pooled(rounds[label, level], level, job.hour_price) for level in levels] for label in labels},
+            versions=package_versions(),
+        )
+        (tmp / RESULTS_NAME).write_text(json.dumps(results.to_json(), indent=2) + "\n")
         write_summary(results, tmp / "summary.md")
         write_plots(results, tmp)
     return results
@@ -257,22 +254,3 @@ def _describe(target: _Target, endpoint: Endpoint, server: VllmServer | None, to
                 "not benchmarking a broken model")
     return described
 
-
-def _level_metrics(rounds: list[tuple[list[RequestOutput], float]], level: int, hour_price: float | None) -> dict:
-    """One level's rounds pooled; each round's output throughput kept to show drift."""
-    outputs = [output for round_outputs, _ in rounds for output in round_outputs]
-    metrics = {"max_concurrency": level, **calculate_metrics(outputs, sum(duration for _, duration in rounds))}
-    metrics["output_throughput_per_round"] = [calculate_metrics(o, d)["output_throughput"] for o, d in rounds]
-    metrics["errors"] = sorted({o.error for o in outputs if not o.success})[:5]
-    if hour_price is not None:
-        metrics["dollars_per_million_output_tokens"] = cost_per_million_output_tokens(hour_price, metrics["output_throughput"])
-    return metrics
-
-
-def _ratios(dense: dict, pruned: dict) -> dict:
-    ratios = {"max_concurrency": dense["max_concurrency"]}
-    for key, value in dense.items():
-        compared = key.endswith(("_throughput", "_ms")) or key == "dollars_per_million_output_tokens"
-        if compared and value and pruned[key] is not None:
-            ratios[key] = pruned[key] / value
-    return ratios

@@ -8,12 +8,19 @@ the level. Failed requests are counted, never dropped silently.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
-PERCENTILES = (50, 90, 99)
-LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
+PERCENTILES = (50, 90, 99)  # the p{N}_{metric}_ms fields
+# Field metadata: the benchmark reports this field of each model against dense, as a ratio.
+COMPARED = {"compared": True}
+
+
+def compared(**kwargs) -> dataclasses.Field:
+    """A dataclass field that the benchmark reports as a ratio to dense."""
+    return field(metadata=COMPARED, **kwargs)
 
 
 @dataclass
@@ -30,8 +37,55 @@ class RequestOutput:
     start_time: float = 0.0  # perf_counter at sending
 
 
-def calculate_metrics(outputs: list[RequestOutput], duration_s: float, percentiles=PERCENTILES) -> dict:
-    """vLLM-style metrics of one benchmark level, as a flat dict with vLLM's field names (`_ms` in milliseconds)."""
+@dataclass(frozen=True)
+class BenchmarkMetrics:
+    """One benchmark level, flat, with `vllm bench serve`'s field names (the JSON keys); `_ms` in milliseconds."""
+
+    duration: float  # seconds of wall time
+    completed: int
+    failed: int
+    total_input_tokens: int
+    total_output_tokens: int
+    request_throughput: float = compared()
+    output_throughput: float = compared()
+    total_token_throughput: float = compared()
+    # per latency metric: mean, median, standard deviation, percentiles
+    mean_ttft_ms: float = compared()
+    median_ttft_ms: float = compared()
+    std_ttft_ms: float = compared()
+    p50_ttft_ms: float = compared()
+    p90_ttft_ms: float = compared()
+    p99_ttft_ms: float = compared()
+    mean_tpot_ms: float = compared()
+    median_tpot_ms: float = compared()
+    std_tpot_ms: float = compared()
+    p50_tpot_ms: float = compared()
+    p90_tpot_ms: float = compared()
+    p99_tpot_ms: float = compared()
+    mean_itl_ms: float = compared()
+    median_itl_ms: float = compared()
+    std_itl_ms: float = compared()
+    p50_itl_ms: float = compared()
+    p90_itl_ms: float = compared()
+    p99_itl_ms: float = compared()
+    mean_e2el_ms: float = compared()
+    median_e2el_ms: float = compared()
+    std_e2el_ms: float = compared()
+    p50_e2el_ms: float = compared()
+    p90_e2el_ms: float = compared()
+    p99_e2el_ms: float = compared()
+
+
+def _latency_statistics(name: str, seconds: list[float]) -> dict[str, float]:
+    """The `{statistic}_{name}_ms` fields of one latency metric."""
+    values_ms = np.asarray(seconds or [0.0]) * 1000
+    return {f"mean_{name}_ms": float(values_ms.mean()), f"median_{name}_ms": float(np.median(values_ms)),
+            f"std_{name}_ms": float(values_ms.std()),
+            **{f"p{p}_{name}_ms": float(np.percentile(values_ms, p)) for p in PERCENTILES}}
+
+
+def calculate_metrics(outputs: list[RequestOutput], duration_s: float) -> BenchmarkMetrics:
+    """vLLM-style metrics of one benchmark level."""
     done = [o for o in outputs if o.success]
     total_input = sum(o.prompt_len for o in done)
     total_output = sum(o.output_tokens for o in done)
@@ -41,24 +95,26 @@ def calculate_metrics(outputs: list[RequestOutput], duration_s: float, percentil
         "itl": [gap for o in done for gap in o.itl],
         "e2el": [o.latency for o in done],
     }
-    metrics = {
-        "duration": duration_s,
-        "completed": len(done),
-        "failed": len(outputs) - len(done),
-        "total_input_tokens": total_input,
-        "total_output_tokens": total_output,
-        "request_throughput": len(done) / duration_s,
-        "output_throughput": total_output / duration_s,
-        "total_token_throughput": (total_input + total_output) / duration_s,
-    }
-    for name in LATENCY_METRICS:
-        values_ms = np.asarray(samples[name] or [0.0]) * 1000
-        metrics[f"mean_{name}_ms"] = float(values_ms.mean())
-        metrics[f"median_{name}_ms"] = float(np.median(values_ms))
-        metrics[f"std_{name}_ms"] = float(values_ms.std())
-        for p in percentiles:
-            metrics[f"p{p}_{name}_ms"] = float(np.percentile(values_ms, p))
-    return metrics
+    latencies = {}
+    for name, seconds in samples.items():
+        latencies |= _latency_statistics(name, seconds)
+    return BenchmarkMetrics(
+        duration=duration_s, completed=len(done), failed=len(outputs) - len(done),
+        total_input_tokens=total_input, total_output_tokens=total_output,
+        request_throughput=len(done) / duration_s, output_throughput=total_output / duration_s,
+        total_token_throughput=(total_input + total_output) / duration_s, **latencies,
+    )
+
+
+def compared_ratios(value, baseline) -> dict[str, float]:
+    """value / baseline, two instances of one dataclass, for each field declared compared() where both are known and
+    the baseline's is not 0."""
+    ratios = {}
+    for item in dataclasses.fields(value):
+        mine, theirs = getattr(value, item.name), getattr(baseline, item.name)
+        if item.metadata.get("compared") and theirs and mine is not None:
+            ratios[item.name] = mine / theirs
+    return ratios
 
 
 def cost_per_million_output_tokens(hour_price: float, output_throughput: float) -> float | None:

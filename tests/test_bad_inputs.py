@@ -75,7 +75,7 @@ MODEL = "{root}/model"
 TEXTFILE = "{root}/text.txt"
 SMALL = ["--calib", TEXTFILE, "--nsamples", "2", "--seqlen", "16", "--no-eval"]
 EVAL = ["--data", TEXTFILE, "--eval-seqlen", "32", "--eval-windows", "1"]
-BENCH = ["--dense", MODEL, "--sparse", MODEL, "--out", "{root}/bench"]
+BENCH = ["--dense", MODEL, "--pruned", MODEL, "--out", "{root}/bench"]
 
 CASES = [
     # prune: the model
@@ -144,10 +144,12 @@ CASES = [
     Case("bench-tokenizer-missing", ["bench", *BENCH, "--tokenizer", "{root}/no-tokenizer-here"], 1, "no-tokenizer-here"),
     Case("bench-dense-without-tokenizer", ["bench", *BENCH], 1, "--tokenizer", _no_tokenizer),
     Case("bench-concurrency-words", ["bench", *BENCH, "--concurrency", "a,b"], 2, "--concurrency"),
+    # --sparse: --pruned's old spelling
     Case("bench-dense-missing", ["bench", "--dense", "{root}/nope", "--sparse", MODEL, "--out", "{root}/bench"], 1, "--dense"),
-    Case("bench-sparse-runtime-with-url", ["bench", "--dense", MODEL, "--sparse", "http://127.0.0.1:9", "--out", "{root}/bench",
-                                           "--sparse-runtime"], 1, "--sparse"),
-    Case("bench-out-existing", ["bench", "--dense", MODEL, "--sparse", MODEL, "--out", "{root}/existing"], 1, "existing"),
+    Case("bench-pruned-not-given", ["bench", "--dense", MODEL, "--out", "{root}/bench"], 2, "--pruned"),
+    Case("bench-sparse-runtime-with-url", ["bench", "--dense", MODEL, "--pruned", "http://127.0.0.1:9", "--out", "{root}/bench",
+                                           "--sparse-runtime"], 1, "--pruned"),
+    Case("bench-out-existing", ["bench", "--dense", MODEL, "--pruned", MODEL, "--out", "{root}/existing"], 1, "existing"),
     # run
     Case("run-missing-model-keeps-the-old-run", ["run", "{root}/nope", "--out", "{root}/existing", "--overwrite"], 1, "nope"),
     Case("run-out-existing-without-overwrite", ["run", MODEL, "--out", "{root}/existing"], 1, "existing"),

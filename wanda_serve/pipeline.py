@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.bench import RESULTS_NAME, SPARSE_RUNTIME, BenchJob, run_bench
+from deploy.report import model_table
+from deploy.results import BenchResults
 from deploy.vllm_server import ServerSettings
-from deploy.workload import WorkloadSpec
+from deploy.workload import CONCURRENCY_LEVELS, ROUNDS, WorkloadSpec
 from exporters.onnx_export import GRAPH_NAME, OnnxExport, export_onnx
 from exporters.vllm_checkpoint import VllmExport, export_vllm
 from wanda_serve.artifacts import replacing_dir, write_file_atomically
@@ -32,10 +34,10 @@ class MainJob:
     nsamples: int = 64
     seqlen: int = 512
     evaluation: EvalOptions = field(default_factory=EvalOptions)
-    serve_dtype: str = "bfloat16"  # of the vLLM checkpoints
+    export_dtype: str = "bfloat16"  # of the vLLM checkpoints
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
-    concurrency: tuple[int, ...] = (1, 2, 4, 8)
-    rounds: int = 2
+    concurrency: tuple[int, ...] = CONCURRENCY_LEVELS
+    rounds: int = ROUNDS
     server: ServerSettings = field(default_factory=ServerSettings)
     hour_price: float | None = None
     overwrite: bool = False
@@ -50,9 +52,9 @@ def run_main_job(job: MainJob) -> Path:
     after the first stage keeps the finished stages there, without REPORT.md.
     """
     # Built first so that bad benchmark settings fail now, not after pruning and exporting.
-    bench_job = BenchJob(job.out / "bench", str(job.out / "vllm-dense"), str(job.out / "vllm-pruned"),
-                         job.workload, job.concurrency, job.rounds, job.server, job.hour_price,
-                         sparse_runtime=job.sparse_runtime)
+    bench_job = BenchJob(out=job.out / "bench", dense=str(job.out / "vllm-dense"), pruned=str(job.out / "vllm-pruned"),
+                         workload=job.workload, concurrency=job.concurrency, rounds=job.rounds, server=job.server,
+                         hour_price=job.hour_price, sparse_runtime=job.sparse_runtime)
     replacing = job.out.is_dir() and any(job.out.iterdir())
     started = time.perf_counter()
     stage = "prune"
@@ -68,8 +70,8 @@ def run_main_job(job: MainJob) -> Path:
                                                   evaluation=job.evaluation, out_of_domain=None, reference=False))
                 served = job.out / "recovered"
             stage = "export vllm"
-            dense_export = export_vllm(VllmExport(job.out / "vllm-dense", job.model, job.serve_dtype))
-            pruned_export = export_vllm(VllmExport(job.out / "vllm-pruned", str(served), job.serve_dtype))
+            dense_export = export_vllm(VllmExport(job.out / "vllm-dense", job.model, job.export_dtype))
+            pruned_export = export_vllm(VllmExport(job.out / "vllm-pruned", str(served), job.export_dtype))
             stage = "export onnx"
             onnx = export_onnx(OnnxExport(job.out / "onnx-pruned", str(served)))
             stage = "bench"
@@ -86,7 +88,7 @@ def run_main_job(job: MainJob) -> Path:
     return job.out / REPORT_NAME
 
 
-def _report(job: MainJob, prune: dict, recovery: dict | None, dense_export: dict, pruned_export: dict, onnx: dict, bench: dict,
+def _report(job: MainJob, prune: dict, recovery: dict | None, dense_export: dict, pruned_export: dict, onnx: dict, bench: BenchResults,
             seconds: float) -> str:
     ppl = prune["perplexity"]
     exported = pruned_export["sparsity"]["exported"]
@@ -102,7 +104,7 @@ def _report(job: MainJob, prune: dict, recovery: dict | None, dense_export: dict
         f"{ppl['pruned']['perplexity']:.2f} on {ppl['pruned']['data']} ({ppl['pruned']['windows']} × {ppl['pruned']['seqlen']} tokens); "
         f"masks {prune['mask_seconds']:.1f} s of {prune['total_seconds']:.0f} s |",
         *([_recovery_row(recovery)] if recovery else []),
-        f"| export vLLM | `vllm-dense/`, `vllm-pruned/` | {job.serve_dtype}; pruned sparsity {exported['overall_sparsity']:.3f}, "
+        f"| export vLLM | `vllm-dense/`, `vllm-pruned/` | {job.export_dtype}; pruned sparsity {exported['overall_sparsity']:.3f}, "
         + ", ".join(f"{p} valid: {'yes' if ok else 'no'}" for p, ok in exported["all_nm_valid"].items())
         + f"; vLLM greedy check: dense {dense_export['checks']['vllm']['status']}, pruned {pruned_export['checks']['vllm']['status']} |",
         f"| export ONNX | `onnx-pruned/` | max abs logit diff vs PyTorch {onnx_check['max_abs_logit_diff']:.1e}, "
@@ -111,17 +113,9 @@ def _report(job: MainJob, prune: dict, recovery: dict | None, dense_export: dict
         "",
         "## Serving: against dense on vLLM",
         "",
-        "| max concurrency | model | output tok/s | / dense | TTFT p50 / dense | TPOT p50 / dense | failed |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        *model_table(bench),
     ]
-    for index, dense in enumerate(bench["results"]["dense"]):
-        lines.append(f"| {dense['max_concurrency']} | dense | {dense['output_throughput']:.1f} | | | | {dense['failed']} |")
-        for label, ratios in bench["ratios"].items():
-            level, ratio = bench["results"][label][index], ratios[index]
-            lines.append(f"| | {label} | {level['output_throughput']:.1f} | {ratio['output_throughput']:.3f} | "
-                         f"{ratio.get('median_ttft_ms', float('nan')):.3f} | {ratio.get('median_tpot_ms', float('nan')):.3f} | "
-                         f"{level['failed']} |")
-    plan = bench["models"].get(SPARSE_RUNTIME, {}).get("sparse_runtime")
+    plan = bench.models.get(SPARSE_RUNTIME, {}).get("sparse_runtime")
     lines += [
         "",
         "Stock vLLM has no 2:4 kernels since 2026, so the pruned checkpoint (dense storage, zeros) is expected to serve "
