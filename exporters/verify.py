@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import hashlib
 from pathlib import Path
 
@@ -55,8 +58,13 @@ def torch_greedy(model, tokenizer, prompts=PROMPTS, new_tokens: int = GREEDY_TOK
 
 
 def cast_parameters(model, dtype: torch.dtype):
-    """Cast parameters only, in place: buffers such as rotary inv_freq stay fp32, as from_pretrained(dtype=...) leaves them."""
-    for param in model.parameters():
+    """Cast parameters only, in place: buffers such as rotary inv_freq stay fp32, as from_pretrained(dtype=...) leaves them.
+
+    One at a time, each freed as it is cast: narrowing casts go smallest first and widening ones
+    largest first, so that a large tensor's two copies never coincide with the peak.
+    """
+    widening = torch.empty(0, dtype=dtype).element_size() > next(model.parameters()).element_size()
+    for param in sorted(model.parameters(), key=lambda p: p.numel(), reverse=widening):
         param.data = param.data.to(dtype)
     return model
 
@@ -70,3 +78,17 @@ def file_digests(directory: Path) -> dict[str, dict]:
                 digest.update(chunk)
         files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
     return files
+
+
+def release_memory() -> None:
+    """Collect what is unreachable and hand freed heap pages back to the system.
+
+    glibc keeps the pages of freed tensors smaller than its mmap threshold (which grows up to 32 MB as
+    large tensors are freed) inside its heap, where a later allocation of another size (onnxruntime's
+    session after the PyTorch model) does not fit them: the process would hold both.
+    """
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:  # glibc only
+        trim(0)

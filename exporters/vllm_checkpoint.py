@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from transformers import AutoModelForCausalLM
 
 from exporters.verify import (
-    MANIFEST_NAME, PROMPTS, ExportCheckFailed, cast_parameters, file_digests, prompt_batch, torch_greedy, torch_logits,
+    MANIFEST_NAME, PROMPTS, ExportCheckFailed, cast_parameters, file_digests, prompt_batch, release_memory, torch_greedy,
+    torch_logits,
 )
 from exporters.vllm_engine import VLLM_PYTHON_ENV, vllm_available, vllm_greedy
 from wanda_serve.artifacts import atomic_output_dir, package_versions, read_json_file
@@ -101,7 +101,7 @@ def check_on_vllm(directory: Path, tokenizer) -> dict:
     """
     if not vllm_available():
         return {"status": f"skipped (vLLM is not installed; set {VLLM_PYTHON_ENV} to a Python that has it)"}
-    expected = torch_greedy(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval(), tokenizer)
+    expected = torch_greedy(load_model(str(directory), "float32").model, tokenizer)  # freed before vLLM starts
     prompts = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
     try:
         got = vllm_greedy(directory, "float32", prompts, len(expected[0]))
@@ -113,18 +113,28 @@ def check_on_vllm(directory: Path, tokenizer) -> dict:
 
 
 def export_vllm(job: VllmExport) -> dict:
-    """Write job.model as a vLLM-loadable checkpoint in job.dtype, verified; returns the manifest."""
+    """Write job.model as a vLLM-loadable checkpoint in job.dtype, verified; returns the manifest.
+
+    At most one copy of the weights is alive at a time: the source, loaded in its own dtype and cast
+    in place (the source's zeros and N:M are counted before the cast), is freed once written and its
+    logits taken; the files are then reloaded on their own and must give the same logits.
+    """
     if job.dtype not in DTYPES:
         raise WandaServeError(f"unknown dtype {job.dtype!r}; choose from {', '.join(DTYPES)}")
     with atomic_output_dir(job.out, job.overwrite) as tmp:
         stripped: list[str] = []
-        loaded = load_model(job.model, "float32", edit_config=lambda config: stripped.extend(strip_sparsity_metadata(config)))
+        loaded = load_model(job.model, "auto", edit_config=lambda config: stripped.extend(strip_sparsity_metadata(config)))
+        source, tokenizer = loaded.source, loaded.tokenizer
         source_reports = _source_reports(loaded.location)  # read first: a damaged report fails before the work
         source_audit = audit_linears(block_linears(loaded.model))
         source_zeros = _zero_masks(block_linears(loaded.model))
 
-        model = cast_parameters(loaded.model, DTYPES[job.dtype])
+        cast_parameters(loaded.model, DTYPES[job.dtype])
+        batch = prompt_batch(tokenizer)
+        expected_logits = torch_logits(loaded.model, batch)
         save_model(loaded, tmp, job.max_shard_size)
+        del loaded
+        release_memory()
 
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[job.dtype]).eval()
         exported_linears = block_linears(reloaded)
@@ -137,18 +147,19 @@ def export_vllm(job: VllmExport) -> dict:
         if lost_zeros or lost_patterns:
             raise ExportCheckFailed(f"export check failed: zeros lost in {lost_zeros[:3]}, N:M lost: {lost_patterns}")
 
-        batch = prompt_batch(loaded.tokenizer)
-        logits_diff = float((torch_logits(model, batch) - torch_logits(reloaded, batch)).abs().max())
+        logits_diff = float((expected_logits - torch_logits(reloaded, batch)).abs().max())
         if logits_diff != 0.0:
             raise ExportCheckFailed(f"export check failed: the reloaded checkpoint's logits differ by {logits_diff:g}")
+        del reloaded, exported_linears
+        release_memory()
 
-        vllm_check = check_on_vllm(tmp, loaded.tokenizer) if job.vllm_check else {"status": "skipped (--no-vllm-check)"}
+        vllm_check = check_on_vllm(tmp, tokenizer) if job.vllm_check else {"status": "skipped (--no-vllm-check)"}
         if vllm_check["status"] == "failed":
             raise ExportCheckFailed(f"export check failed: {vllm_check['reason']}")
 
         manifest = {
             "format": "Hugging Face safetensors checkpoint for vLLM (dense; pruned weights are zeros)",
-            "source": loaded.source,
+            "source": source,
             **source_reports,
             "dtype": job.dtype,
             "stripped_metadata": stripped,

@@ -1,11 +1,15 @@
 import hashlib
 import json
 
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
+from conftest import CONFIGS, TEXT
+from exporters.onnx_export import OnnxExport, export_onnx
 from exporters.verify import MANIFEST_NAME
 from exporters.vllm_checkpoint import VllmExport, export_vllm
 from wanda_serve.cli import cli
@@ -107,3 +111,48 @@ def test_failed_check_removes_the_output(pruned_dir, tmp_path, monkeypatch):
         export_vllm(VllmExport(out, str(pruned_dir), vllm_check=False))
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".broken")]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_qwen2_prune_then_export_vllm_then_onnx(tmp_path, tiny_tokenizer, tied):
+    """Qwen2 has biases in q/k/v; its embeddings are tied or not. Both survive both exports."""
+    source = tmp_path / "qwen2"
+    config = CONFIGS["qwen2"]()
+    config.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(std=0.1)  # initialised to zeros, which any export would keep
+    model.save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    (tmp_path / "text.txt").write_text(TEXT)
+    pruned = tmp_path / "pruned"
+    result = CliRunner().invoke(cli, ["prune", str(source), "--out", str(pruned), "--calib", str(tmp_path / "text.txt"),
+                                      "--nsamples", "4", "--seqlen", "32", "--no-eval"])
+    assert result.exit_code == 0, result.output
+
+    vllm_dir = tmp_path / "vllm"
+    manifest = export_vllm(VllmExport(vllm_dir, str(pruned), vllm_check=False))
+    assert manifest["zeros_kept"]["kept"] == manifest["zeros_kept"]["source"] > 0
+    assert manifest["sparsity"]["exported"]["all_nm_valid"]["2:4"]
+    assert manifest["checks"]["transformers_reload_max_abs_logit_diff"] == 0.0
+    weights, pruned_weights = load_file(vllm_dir / "model.safetensors"), load_file(pruned / "model.safetensors")
+    for layer in range(config.num_hidden_layers):
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            name = f"model.layers.{layer}.self_attn.{proj}.bias"
+            assert weights[name].dtype == torch.bfloat16 and weights[name].any()
+            assert torch.equal(weights[name], pruned_weights[name].bfloat16())
+    assert ("lm_head.weight" in weights) == (not tied)
+    assert json.loads((vllm_dir / "config.json").read_text())["tie_word_embeddings"] == tied
+
+    onnx_dir = tmp_path / "onnx"
+    manifest = export_onnx(OnnxExport(onnx_dir, str(vllm_dir), progress=False))
+    check = manifest["variants"]["model.onnx"]["check"]
+    assert manifest["architecture"] == "Qwen2ForCausalLM"
+    assert check["greedy_equal"] and check["max_abs_logit_diff"] < 1e-3
+    assert manifest["zeros"]["kept"] and manifest["zeros"]["exported_zeros"] == manifest["zeros"]["source_zeros"] > 0
+    names = {t.name for t in onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.initializer}
+    assert ("lm_head.weight_T" in names) == (not tied)
+    assert {f"model.layers.0.self_attn.{proj}.weight_T" for proj in ("q_proj", "k_proj", "v_proj")} <= names
