@@ -16,7 +16,6 @@ a real change, another calibration seed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -31,7 +30,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prune_methods import DEFAULT_RECIPE, Settings, argv, provenance, wanda_serve  # noqa: E402
+from prune_methods import DEFAULT_RECIPE, Settings, argv, provenance, wanda_serve, weights_sha256  # noqa: E402
 
 from wanda_serve.models import resolve_model  # noqa: E402
 
@@ -62,13 +61,6 @@ def variants() -> list[Variant]:
                 {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default"}),
         Variant("seed 1", "--seed 1: other calibration windows (a real change, for scale)", options={"--seed": "1"}),
     ]
-
-
-def weights_sha256(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(directory.glob("*.safetensors")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def mask_difference(reference: Path, other: Path) -> dict:

@@ -130,6 +130,16 @@ def code_version(package_dir: Path = PACKAGE_DIR, sources: tuple[str, ...] = NUM
     return digest.hexdigest()[:16]
 
 
+def weights_sha256(directory: Path) -> str:
+    """SHA-256 of a model directory's safetensors files, in name order, read in blocks."""
+    digest = hashlib.sha256()
+    for shard in sorted(directory.glob("*.safetensors")):
+        with shard.open("rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

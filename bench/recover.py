@@ -20,7 +20,6 @@ recipe start from the same bytes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import sys
@@ -33,7 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from prune_methods import argv, provenance, stored_result, wanda_serve  # noqa: E402
+from prune_methods import argv, provenance, stored_result, wanda_serve, weights_sha256  # noqa: E402
 
 RECIPES = {
     "wanda-permute-2of4": {"--method": "wanda", "--structure": "2:4", "--permute": None},
@@ -72,12 +71,7 @@ def pruned_model(recipe: str, work: Path) -> tuple[Path, str]:
     pruned = work / f"{recipe}-pruned"
     if not (pruned / "prune_report.json").is_file():
         wanda_serve("prune", "--out", str(pruned), *argv(RECIPES[recipe] | PRUNE_SHARED), "--no-eval", "--overwrite")
-    digest = hashlib.sha256()
-    for shard in sorted(pruned.glob("*.safetensors")):
-        with shard.open("rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-    return pruned, digest.hexdigest()[:16]
+    return pruned, weights_sha256(pruned)[:16]
 
 
 def measure(run: Run, pruned: Path, work: Path, eval_windows: int | None) -> dict:
