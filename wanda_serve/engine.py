@@ -24,7 +24,7 @@ from tqdm import tqdm
 from wanda_serve.errors import WandaServeError
 from wanda_serve.methods import InputNorms, Method, wanda_scores
 from wanda_serve.permute import Fold, exact_folds, kept_score, spreading_permutation
-from wanda_serve.structure import Structure
+from wanda_serve.structure import KeptZeros, Structure
 
 
 def find_linears(module: nn.Module) -> dict[str, nn.Linear]:
@@ -278,13 +278,14 @@ class Refine:
         as_float = lambda value: _map_tensors(value, lambda t: t.float() if t.is_floating_point() else t)  # noqa: E731
         calls = [BlockCall(call.hidden, as_float(call.args), as_float(call.kwargs)) for call in calls]
         hidden, targets = as_float(hidden), as_float(targets)
-        pruned = {name: linear.weight == 0 for name, linear in linears.items()}
+        zeros = KeptZeros([linear.weight for linear in linears.values()])
         trainable = {id(linear.weight) for linear in linears.values()}
         requires_grad = {p: p.requires_grad for p in block.parameters()}
         for p in block.parameters():
             p.requires_grad_(id(p) in trainable)
         optimizer = torch.optim.Adam([linear.weight for linear in linears.values()], lr=self.lr)
         generator = torch.Generator().manual_seed(self.seed)
+        zeros.attach()
         try:
             with torch.enable_grad():
                 for _ in range(self.steps):
@@ -292,13 +293,10 @@ class Refine:
                     optimizer.zero_grad()
                     loss = sum(nn.functional.mse_loss(calls[i].run(block, hidden[i]), targets[i]) for i in chosen) / len(chosen)
                     loss.backward()
-                    for name, linear in linears.items():
-                        linear.weight.grad.masked_fill_(pruned[name], 0)
                     optimizer.step()
-                    with torch.no_grad():  # Adam's moments can move a zero-gradient weight: re-mask
-                        for name, linear in linears.items():
-                            linear.weight.masked_fill_(pruned[name], 0)
+                    zeros.remask()
         finally:
+            zeros.detach()
             for p, flag in requires_grad.items():
                 p.requires_grad_(flag)
             block.to(dtype)

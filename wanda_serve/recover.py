@@ -36,7 +36,7 @@ from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
 from wanda_serve.jobs import RECOVER_REPORT_NAME, REPORT_NAME, EvalOptions, Evaluation, peak_memory, resolve_device
 from wanda_serve.models import load_model, save_model
-from wanda_serve.structure import audit_linears
+from wanda_serve.structure import KeptZeros, audit_linears
 
 
 JOB_NAME = "recover_job.json"  # in the checkpoint directory: what a --resume must match
@@ -134,27 +134,20 @@ class DistillationTrainer(Trainer):
         return (loss, student_out) if return_outputs else loss
 
 
-class KeepMask(TrainerCallback):
+class KeepMask(TrainerCallback, KeptZeros):
     """Pruned weights stay exactly zero: their gradients are zeroed, and the weights re-masked after every step."""
 
     def __init__(self, linears: dict[str, torch.nn.Linear]):
-        self.kept = {linear.weight: linear.weight.detach() != 0 for linear in linears.values()}
-        self.hooks = []
+        KeptZeros.__init__(self, [linear.weight for linear in linears.values()])
 
     def on_train_begin(self, args, state, control, **kwargs):
-        for weight, kept in self.kept.items():
-            self.kept[weight] = kept = kept.to(weight.device)
-            self.hooks.append(weight.register_hook(lambda grad, kept=kept: grad * kept))
+        self.attach()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        with torch.no_grad():
-            for weight, kept in self.kept.items():
-                weight.mul_(kept)
+        self.remask()
 
     def on_train_end(self, args, state, control, **kwargs):
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks.clear()
+        self.detach()
 
 
 class StopOnInterrupt(TrainerCallback):

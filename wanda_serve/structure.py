@@ -84,6 +84,31 @@ def is_nm_valid(weight: torch.Tensor, n: int, m: int) -> bool:
     return bool((zeros >= n).all())
 
 
+class KeptZeros:
+    """Keeps the zeros of some weights exactly zero while they train: a hook zeroes their gradients (so
+    optimizer state never builds up for them), and `remask` after each optimizer step undoes whatever
+    weight decay or rounding moved."""
+
+    def __init__(self, weights: list[torch.nn.Parameter]):
+        self.kept = {weight: weight.detach() != 0 for weight in weights}
+        self.hooks = []
+
+    def attach(self) -> None:
+        for weight, kept in self.kept.items():
+            self.kept[weight] = kept = kept.to(weight.device)  # where the weight is now, after any move
+            self.hooks.append(weight.register_hook(lambda grad, kept=kept: grad * kept))
+
+    @torch.no_grad()
+    def remask(self) -> None:
+        for weight, kept in self.kept.items():
+            weight.mul_(kept)
+
+    def detach(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+
+
 AUDITED_PATTERNS = ((2, 4), (4, 8))
 
 
