@@ -24,8 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from prune_methods import DEFAULT_RECIPE, Settings, argv, provenance, wanda_serve  # noqa: E402
 
-from exporters.verify import MANIFEST_NAME  # noqa: E402
-from exporters.vllm_engine import VLLM_PYTHON_ENV, vllm_python  # noqa: E402
+from wanda_serve.contract import MANIFEST_NAME, VLLM_PYTHON_ENV, vllm_python  # noqa: E402
 
 
 def export(kind: str, source: list[str], dtype: str, out: Path) -> dict:

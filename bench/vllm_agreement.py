@@ -24,7 +24,7 @@ from deploy.client import Endpoint, run_level
 from deploy.metrics import calculate_metrics
 from deploy.vllm_server import ServerSettings, VllmServer
 from deploy.workload import WorkloadSpec, build_requests, write_custom_dataset
-from exporters.vllm_engine import vllm_python
+from wanda_serve.contract import vllm_python
 
 COMPARED = ("request_throughput", "output_throughput", "total_input_tokens", "mean_ttft_ms", "median_ttft_ms",
             "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "median_e2el_ms")

@@ -29,30 +29,24 @@ from deploy.report import write_plots, write_summary
 from deploy.results import BenchResults, LevelResult
 from deploy.vllm_server import ServerFailed, ServerSettings, VllmServer
 from deploy.workload import CONCURRENCY_LEVELS, ROUNDS, WorkloadSpec, build_requests, write_custom_dataset
-from exporters.verify import MANIFEST_NAME
 from wanda_serve.artifacts import atomic_output_dir, package_versions, read_json_file
+from wanda_serve.contract import MANIFEST_NAME, PRUNE_REPORT_NAME, RECOVER_REPORT_NAME, RESULTS_NAME
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import RECOVER_REPORT_NAME, REPORT_NAME
 
 log = logging.getLogger(__name__)
 
-RESULTS_NAME = "bench_results.json"
 SPARSE_RUNTIME = "sparse-runtime"  # the label of the pruned model served on the 2:4 kernels
 
 
 @dataclass
-class BenchJob:
-    out: Path
-    dense: str  # a vLLM-loadable directory to serve, or the URL of a running server
-    pruned: str
+class BenchSettings:
+    """How the models are measured against each other: the same in `bench` and in the main job."""
+
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     concurrency: tuple[int, ...] = CONCURRENCY_LEVELS
     rounds: int = ROUNDS
     server: ServerSettings = field(default_factory=ServerSettings)
     hour_price: float | None = None  # dollars per hour of the hardware serving one model
-    greedy_check: bool = True
-    tokenizer: str | None = None  # default: the dense checkpoint's
-    overwrite: bool = False
     sparse_runtime: bool = False  # a third column: the pruned directory served with the sparse runtime
 
     def __post_init__(self):
@@ -60,7 +54,20 @@ class BenchJob:
             raise WandaServeError(f"rounds must be at least 1, got {self.rounds}")
         if not self.concurrency or min(self.concurrency) < 1:
             raise WandaServeError(f"concurrency levels must be positive integers, got {list(self.concurrency)}")
-        if self.sparse_runtime and is_url(self.pruned):
+
+
+@dataclass
+class BenchJob:
+    out: Path
+    dense: str  # a vLLM-loadable directory to serve, or the URL of a running server
+    pruned: str
+    settings: BenchSettings = field(default_factory=BenchSettings)
+    greedy_check: bool = True
+    tokenizer: str | None = None  # default: the dense checkpoint's
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.settings.sparse_runtime and is_url(self.pruned):
             raise WandaServeError("the sparse runtime column needs --pruned to be a directory: the runtime is chosen "
                                   "when wanda-serve starts the server")
 
@@ -126,8 +133,8 @@ def quality(checkpoint: Path | None) -> dict | None:
     """
     if checkpoint is None:
         return None
-    if (checkpoint / REPORT_NAME).is_file():
-        report = read_json_file(checkpoint / REPORT_NAME)
+    if (checkpoint / PRUNE_REPORT_NAME).is_file():
+        report = read_json_file(checkpoint / PRUNE_REPORT_NAME)
         recovery = read_json_file(checkpoint / RECOVER_REPORT_NAME) if (checkpoint / RECOVER_REPORT_NAME).is_file() else None
     elif (checkpoint / MANIFEST_NAME).is_file():
         manifest = read_json_file(checkpoint / MANIFEST_NAME)
@@ -176,14 +183,16 @@ def _load_tokenizer(tokenizer: str | None, dense_checkpoint: Path | None):
 
 def run_bench(job: BenchJob) -> BenchResults:
     """Benchmark both models, write the run directory (JSON, Markdown, plots, logs); return the results."""
-    targets = [_resolve_target("dense", job.dense, job.server.api_key), _resolve_target("pruned", job.pruned, job.server.api_key)]
-    if job.sparse_runtime:
-        targets.append(_resolve_target(SPARSE_RUNTIME, job.pruned, job.server.api_key, sparse_runtime=True))
+    settings = job.settings
+    api_key = settings.server.api_key
+    targets = [_resolve_target("dense", job.dense, api_key), _resolve_target("pruned", job.pruned, api_key)]
+    if settings.sparse_runtime:
+        targets.append(_resolve_target(SPARSE_RUNTIME, job.pruned, api_key, sparse_runtime=True))
     labels = [target.label for target in targets]
     tokenizer = _load_tokenizer(job.tokenizer, targets[0].checkpoint)
-    levels = list(job.concurrency)
-    per_level = job.workload.num_prompts
-    *requests, test_request = build_requests(job.workload, tokenizer, job.rounds * len(levels) * per_level + 1)
+    levels = list(settings.concurrency)
+    per_level = settings.workload.num_prompts
+    *requests, test_request = build_requests(settings.workload, tokenizer, settings.rounds * len(levels) * per_level + 1)
 
     def level_requests(round_index: int, level_index: int) -> list[Request]:
         start = (round_index * len(levels) + level_index) * per_level
@@ -195,11 +204,11 @@ def run_bench(job: BenchJob) -> BenchResults:
         models: dict[str, dict] = {}
         trace = (tmp / "requests.jsonl").open("w")
         with trace, _keep_log_on_failure(job.out) as log_paths:
-            for round_index in range(job.rounds):
+            for round_index in range(settings.rounds):
                 for target in targets:
                     log_path = tmp / "logs" / f"{target.label}-round{round_index + 1}.log"
                     log_paths.append(log_path)
-                    with _endpoint(target, job.server, log_path) as (endpoint, server):
+                    with _endpoint(target, settings.server, log_path) as (endpoint, server):
                         if target.label not in models:
                             models[target.label] = _describe(target, endpoint, server, tokenizer, job.greedy_check)
                         _test_request(endpoint, test_request, target.label)  # not a measured prompt: no cache hit later
@@ -214,13 +223,13 @@ def run_bench(job: BenchJob) -> BenchResults:
                                                         "max_concurrency": level, **asdict(output)}) + "\n")
         results = BenchResults(
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            workload=asdict(job.workload) | {"rounds": job.rounds, "requests_per_level_and_round": per_level,
-                                             "sampling": "greedy, end-of-sequence ignored"},
+            workload=asdict(settings.workload) | {"rounds": settings.rounds, "requests_per_level_and_round": per_level,
+                                                  "sampling": "greedy, end-of-sequence ignored"},
             concurrency=tuple(levels),
             models=models,
             perplexity=_perplexities(*targets[:2]),
-            hour_price=job.hour_price,
-            levels={label: [LevelResult.pooled(rounds[label, level], level, job.hour_price) for level in levels] for label in labels},
+            hour_price=settings.hour_price,
+            levels={label: [LevelResult.pooled(rounds[label, level], level, settings.hour_price) for level in levels] for label in labels},
             versions=package_versions(),
         )
         (tmp / RESULTS_NAME).write_text(json.dumps(results.to_json(), indent=2) + "\n")

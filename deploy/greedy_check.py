@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from deploy.client import Endpoint, Request, greedy_token_ids
-from exporters.verify import GREEDY_TOKENS, PROMPTS
+from wanda_serve.contract import GREEDY_TOKENS, PROMPTS
 
 # bf16 serving moves SmolLM2's log-probabilities by up to about 0.3 nats (docs/deploy_benchmark.md);
 # a broken export picks tokens several nats below the reference's choice.

@@ -24,7 +24,7 @@ from pathlib import Path
 from deploy import process_guard
 from deploy.client import ServerRequestFailed, call_json, served_model
 from deploy.sparse24 import PLAN_REPORT_ENV, PLUGIN_NAME, describe_plan, summarize_plan
-from exporters.vllm_engine import VLLM_PYTHON_ENV, vllm_python
+from wanda_serve.contract import VLLM_PYTHON_ENV, vllm_python
 from wanda_serve.errors import WandaServeError
 
 log = logging.getLogger(__name__)

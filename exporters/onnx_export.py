@@ -21,15 +21,15 @@ from transformers import DynamicCache
 
 from exporters.onnx_runtime import OnnxCausalLM, positions_from_mask, require_onnx
 from exporters.verify import (
-    GREEDY_TOKENS, MANIFEST_NAME, PROMPTS, ExportCheckFailed, cast_parameters, file_digests, prompt_batch, release_memory,
+    ExportCheckFailed, cast_parameters, file_digests, prompt_batch, release_memory,
     torch_greedy, torch_logits,
 )
 from wanda_serve.artifacts import atomic_output_dir, package_versions
+from wanda_serve.contract import GREEDY_TOKENS, MANIFEST_NAME, PROMPTS, EvalOptions
 from wanda_serve.data import evaluation_ids, load_corpus
 from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
 from wanda_serve.evaluate import perplexity, torch_logits_fn
-from wanda_serve.jobs import EvalOptions
 from wanda_serve.models import DTYPES, load_model
 
 GRAPH_NAME = "model.onnx"

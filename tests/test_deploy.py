@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 import deploy.greedy_check
-from deploy.bench import BenchJob, run_bench
+from deploy.bench import BenchJob, BenchSettings, run_bench
 from deploy.client import Endpoint, Request, ServerRequestFailed, call_json, run_level
 from deploy.greedy_check import check_greedy
 from deploy.metrics import RequestOutput, calculate_metrics, cost_per_million_output_tokens
@@ -169,9 +169,9 @@ def test_unreachable_server_is_recorded_as_failures():
 # --- benchmark -------------------------------------------------------------------------------------
 
 def bench_job(out, dense, pruned, tokenizer, **overrides):
-    fields = dict(workload=WorkloadSpec(source="random", input_len=16, output_len=4, num_prompts=5, seed=1),
-                  concurrency=(1, 3), rounds=2, hour_price=2.0, greedy_check=False, tokenizer=str(tokenizer))
-    return BenchJob(out, str(dense), str(pruned), **(fields | overrides))
+    settings = dict(workload=WorkloadSpec(source="random", input_len=16, output_len=4, num_prompts=5, seed=1),
+                    concurrency=(1, 3), rounds=2, hour_price=2.0)
+    return BenchJob(out, str(dense), str(pruned), BenchSettings(**(settings | overrides)), greedy_check=False, tokenizer=str(tokenizer))
 
 
 def test_bench_sends_identical_workloads_alternating(fake_vllm, tiny_model_dir, tmp_path):

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from deploy.client import Endpoint, Request, ServerRequestFailed, call_json, run_level
 from deploy.process_guard import group_members, process_group_alive
 from deploy.vllm_server import ServerSettings, VllmServer
-from exporters.vllm_engine import vllm_available
+from wanda_serve.contract import vllm_python
 from test_deploy import files_containing, processes_showing
 from test_server_lifetime import port_free, seconds_until
 from wanda_serve.cli import cli
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def main_run(tmp_path_factory):
     """`wanda-serve run`, made small: few calibration samples and evaluation windows, a short benchmark."""
-    assert vllm_available(), "make test installs vLLM (.venv-vllm) and points WANDA_SERVE_VLLM_PYTHON at it"
+    assert vllm_python() is not None, "make test installs vLLM (.venv-vllm) and points WANDA_SERVE_VLLM_PYTHON at it"
     out = tmp_path_factory.mktemp("e2e-run") / "run"
     result = CliRunner().invoke(cli, [
         "run", "--out", str(out), "--nsamples", "8", "--seqlen", "256", "--eval-seqlen", "512", "--eval-windows", "4",

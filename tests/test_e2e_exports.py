@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from exporters.onnx_runtime import OnnxCausalLM
-from exporters.vllm_engine import vllm_available
 from wanda_serve.cli import cli
+from wanda_serve.contract import vllm_python
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +36,7 @@ def test_vllm_export_of_pruned_smollm2(pruned_smollm2, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and "sparsity_config" not in config
     assert (out / "chat_template.jinja").is_file() and (out / "generation_config.json").is_file()
-    assert vllm_available(), "make test installs vLLM (.venv-vllm) and points WANDA_SERVE_VLLM_PYTHON at it"
+    assert vllm_python() is not None, "make test installs vLLM (.venv-vllm) and points WANDA_SERVE_VLLM_PYTHON at it"
     assert manifest["checks"]["vllm"]["status"] == "passed" and len(manifest["checks"]["vllm"]["greedy"][0]) == 32
     assert "vLLM greedy: passed" in result.output
 

@@ -9,11 +9,11 @@ from transformers import AutoModelForCausalLM
 from conftest import TEXT, VOCAB, tiny_model
 from exporters.onnx_export import OnnxExport, export_onnx
 from exporters.onnx_runtime import OnnxCausalLM
-from exporters.verify import PROMPTS, torch_greedy
+from exporters.verify import torch_greedy
 from wanda_serve.cli import cli
+from wanda_serve.contract import PROMPTS, EvalOptions
 from wanda_serve.engine import block_linears, prune_model
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import EvalOptions
 from wanda_serve.methods import get_method
 from wanda_serve.structure import Structure
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import CONFIGS, TEXT
 from exporters.onnx_export import OnnxExport, export_onnx
-from exporters.verify import MANIFEST_NAME
+from wanda_serve.contract import MANIFEST_NAME
 from exporters.vllm_checkpoint import VllmExport, export_vllm
 from wanda_serve.cli import cli
 from wanda_serve.errors import WandaServeError

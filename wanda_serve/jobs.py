@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from wanda_serve.artifacts import atomic_output_dir, package_versions
+from wanda_serve.contract import PRUNE_REPORT_NAME, EvalOptions
 from wanda_serve.data import calibration_batches, evaluation_ids, load_corpus
 from wanda_serve.engine import Owl, Refine, block_linears, check_structure_fits, prune_model
 from wanda_serve.errors import WandaServeError
@@ -22,24 +23,9 @@ from wanda_serve.structure import Structure, audit_linears
 
 log = logging.getLogger(__name__)
 
-REPORT_NAME = "prune_report.json"
-RECOVER_REPORT_NAME = "recover_report.json"  # written by wanda_serve.recover
 # The main job's recovery budget: about 5 minutes of distillation for SmolLM2 on 2 CPU cores (~110 tokens/s),
 # so that `make run` stays within about 30 minutes; 8k tokens already take its perplexity from 185 to 79.
 RECOVER_TOKENS = 32_768
-
-
-@dataclass
-class EvalOptions:
-    data: str = "wiki"
-    seqlen: int = 1024
-    max_windows: int | None = None
-
-    def __post_init__(self):
-        if self.seqlen < 2:
-            raise WandaServeError(f"evaluation windows need at least 2 tokens (one to predict from), got {self.seqlen}")
-        if self.max_windows is not None and self.max_windows < 1:
-            raise WandaServeError(f"evaluate at least 1 window, got {self.max_windows}")
 
 
 @dataclass
@@ -178,7 +164,7 @@ def run_prune(job: PruneJob) -> dict:
             "sparsity": audit_linears(linears, structure),
             "versions": package_versions(),
         }
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / PRUNE_REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

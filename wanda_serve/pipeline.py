@@ -7,41 +7,30 @@ each stage writes its own directory inside the run directory, atomically.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from deploy.bench import RESULTS_NAME, SPARSE_RUNTIME, BenchJob, run_bench
+from deploy.bench import SPARSE_RUNTIME, BenchJob, BenchSettings, run_bench
 from deploy.report import model_table
 from deploy.results import BenchResults
-from deploy.vllm_server import ServerSettings
-from deploy.workload import CONCURRENCY_LEVELS, ROUNDS, WorkloadSpec
 from exporters.onnx_export import GRAPH_NAME, OnnxExport, export_onnx
 from exporters.vllm_checkpoint import VllmExport, export_vllm
 from wanda_serve.artifacts import replacing_dir, write_file_atomically
+from wanda_serve.contract import RESULTS_NAME
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import RECOVER_TOKENS, EvalOptions, PruneJob, recipe_name, run_prune
+from wanda_serve.jobs import RECOVER_TOKENS, PruneJob, recipe_name, run_prune
 from wanda_serve.recover import RecoverJob, run_recover
 
-REPORT_NAME = "REPORT.md"
+RUN_REPORT_NAME = "REPORT.md"
 
 
 @dataclass
 class MainJob:
     out: Path
-    model: str | None = None  # None: the embedded default model
-    method: str = "wanda"
-    structure: str = "2:4"
-    nsamples: int = 64
-    seqlen: int = 512
-    evaluation: EvalOptions = field(default_factory=EvalOptions)
+    prune: PruneJob  # the model, recipe and evaluation; it writes to out/pruned, whatever its own out says
     export_dtype: str = "bfloat16"  # of the vLLM checkpoints
-    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
-    concurrency: tuple[int, ...] = CONCURRENCY_LEVELS
-    rounds: int = ROUNDS
-    server: ServerSettings = field(default_factory=ServerSettings)
-    hour_price: float | None = None
+    bench: BenchSettings = field(default_factory=BenchSettings)
     overwrite: bool = False
-    sparse_runtime: bool = False  # bench a third column: the pruned model on the sparse runtime
     recover_tokens: int | None = RECOVER_TOKENS  # distil the pruned model before exporting it; None: serve it as pruned
 
 
@@ -53,30 +42,28 @@ def run_main_job(job: MainJob) -> Path:
     """
     # Built first so that bad benchmark settings fail now, not after pruning and exporting.
     bench_job = BenchJob(out=job.out / "bench", dense=str(job.out / "vllm-dense"), pruned=str(job.out / "vllm-pruned"),
-                         workload=job.workload, concurrency=job.concurrency, rounds=job.rounds, server=job.server,
-                         hour_price=job.hour_price, sparse_runtime=job.sparse_runtime)
+                         settings=job.bench)
     replacing = job.out.is_dir() and any(job.out.iterdir())
     started = time.perf_counter()
     stage = "prune"
     try:
         with replacing_dir(job.out, job.overwrite):
-            prune = run_prune(PruneJob(out=job.out / "pruned", model=job.model, method=job.method, structure=job.structure,
-                                       nsamples=job.nsamples, seqlen=job.seqlen, evaluation=job.evaluation))
+            prune = run_prune(replace(job.prune, out=job.out / "pruned", overwrite=False))
             served, recovery = job.out / "pruned", None
             if job.recover_tokens:
                 stage = "recover"
                 # The prune report holds the dense and pruned perplexities on the same windows: not measured again.
                 recovery = run_recover(RecoverJob(out=job.out / "recovered", pruned=str(served), tokens=job.recover_tokens,
-                                                  evaluation=job.evaluation, out_of_domain=None, reference=False))
+                                                  evaluation=job.prune.evaluation, out_of_domain=None, reference=False))
                 served = job.out / "recovered"
             stage = "export vllm"
-            dense_export = export_vllm(VllmExport(job.out / "vllm-dense", job.model, job.export_dtype))
+            dense_export = export_vllm(VllmExport(job.out / "vllm-dense", job.prune.model, job.export_dtype))
             pruned_export = export_vllm(VllmExport(job.out / "vllm-pruned", str(served), job.export_dtype))
             stage = "export onnx"
             onnx = export_onnx(OnnxExport(job.out / "onnx-pruned", str(served)))
             stage = "bench"
             bench = run_bench(bench_job)
-            write_file_atomically(job.out / REPORT_NAME, _report(job, prune, recovery, dense_export, pruned_export, onnx, bench,
+            write_file_atomically(job.out / RUN_REPORT_NAME, _report(job, prune, recovery, dense_export, pruned_export, onnx, bench,
                                                                    time.perf_counter() - started))
     except (WandaServeError, KeyboardInterrupt) as e:
         if replacing:
@@ -85,7 +72,7 @@ def run_main_job(job: MainJob) -> Path:
             kept = f"finished stages are kept in {job.out}" if stage != "prune" else "nothing was written"
         reason = str(e) if isinstance(e, WandaServeError) else "interrupted"
         raise WandaServeError(f"stage {stage}: {reason}\n({kept})") from e
-    return job.out / REPORT_NAME
+    return job.out / RUN_REPORT_NAME
 
 
 def _report(job: MainJob, prune: dict, recovery: dict | None, dense_export: dict, pruned_export: dict, onnx: dict, bench: BenchResults,

@@ -31,10 +31,11 @@ from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCall
 from transformers.trainer_utils import get_last_checkpoint
 
 from wanda_serve.artifacts import atomic_output_dir, package_versions, read_json_file
+from wanda_serve.contract import PRUNE_REPORT_NAME, RECOVER_REPORT_NAME, EvalOptions
 from wanda_serve.data import EMBEDDED_NEWS, EMBEDDED_TEXT, Corpus, calibration_batches, load_corpus
 from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import RECOVER_REPORT_NAME, REPORT_NAME, EvalOptions, Evaluation, peak_memory, resolve_device
+from wanda_serve.jobs import Evaluation, peak_memory, resolve_device
 from wanda_serve.models import load_model, save_model
 from wanda_serve.structure import KeptZeros, audit_linears
 
@@ -224,9 +225,9 @@ def _training_windows(corpus: Corpus, tokenizer, job: RecoverJob) -> list[torch.
 
 
 def _default_teacher(pruned_location: str) -> str:
-    report_path = Path(pruned_location) / REPORT_NAME
+    report_path = Path(pruned_location) / PRUNE_REPORT_NAME
     if not report_path.is_file():
-        raise WandaServeError(f"{pruned_location} has no {REPORT_NAME} naming its dense model; give --teacher")
+        raise WandaServeError(f"{pruned_location} has no {PRUNE_REPORT_NAME} naming its dense model; give --teacher")
     source = read_json_file(report_path).get("model", {}).get("source")
     if not source:
         raise WandaServeError(f"{report_path} does not name the dense model; give --teacher")
@@ -382,8 +383,8 @@ def run_recover(job: RecoverJob) -> dict | None:
         if job.gradient_checkpointing:
             student.model.gradient_checkpointing_disable()
         save_model(student, tmp)
-        if (Path(student.location) / REPORT_NAME).is_file():  # how the mask was made still describes this model
-            shutil.copyfile(Path(student.location) / REPORT_NAME, tmp / REPORT_NAME)
+        if (Path(student.location) / PRUNE_REPORT_NAME).is_file():  # how the mask was made still describes this model
+            shutil.copyfile(Path(student.location) / PRUNE_REPORT_NAME, tmp / PRUNE_REPORT_NAME)
         mask = _mask_check(zeros_before, audit_before, tmp, student.model)
         if not mask["passed"]:
             raise WandaServeError(f"recovery changed the sparsity mask (layers {mask['changed_layers'][:3]}, N:M lost: "
