@@ -65,15 +65,17 @@ def cast_parameters(model, dtype: torch.dtype):
     return model
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def file_digests(directory: Path) -> dict[str, dict]:
-    files = {}
-    for path in sorted(p for p in directory.iterdir() if p.is_file()):
-        digest = hashlib.sha256()
-        with path.open("rb") as stream:
-            while chunk := stream.read(1 << 20):
-                digest.update(chunk)
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-    return files
+    return {path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            for path in sorted(p for p in directory.iterdir() if p.is_file())}
 
 
 def release_memory() -> None:

@@ -20,8 +20,10 @@ from transformers.utils import logging as transformers_logging
 from deploy.bench import BenchJob, run_bench
 from deploy.report import model_table
 from deploy.vllm_server import ServerFailed, VllmServer
+from exporters.gguf_export import GgufExport, export_gguf
 from exporters.onnx_export import OnnxExport, export_onnx
 from exporters.onnx_runtime import OnnxCausalLM
+from exporters.ort_genai import OrtGenaiExport, export_ort_genai
 from exporters.vllm_checkpoint import VllmExport, export_vllm
 from wanda_serve.artifacts import check_output_file, write_file_atomically
 from wanda_serve.cli_options import (
@@ -260,7 +262,7 @@ def eval_command(model, data, eval_seqlen, eval_windows, device, structure, json
 
 @cli.group()
 def export():
-    """Export a model for a runtime: `export vllm`, `export onnx`."""
+    """Export a model for a runtime: `export vllm`, `export onnx`, `export ort-genai`, `export gguf`."""
 
 
 @export.command("vllm")
@@ -294,6 +296,42 @@ def export_vllm_command(model, out, dtype, max_shard_size, no_vllm_check, overwr
                + ", ".join(f"{p} valid: {'yes' if ok else 'no'}" for p, ok in sparsity["all_nm_valid"].items()) + ")")
     checks = manifest["checks"]
     click.echo(f"checks: transformers reload logits identical; vLLM greedy: {checks['vllm']['status']}")
+
+
+@export.command("gguf")
+@click.argument("model", required=False)
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output file, FILE.gguf; its manifest goes beside it as FILE.gguf.manifest.json.")
+@click.option("--type", "gguf_type", default="f16", show_default=True, metavar="f16|bf16|q8_0|q4_k",
+              help="Type of the 2-D weights (1-D tensors and norms stay f32, as llama.cpp's converter keeps them).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing FILE.gguf and its manifest.")
+@_user_errors_as_one_line
+def export_gguf_command(model, out, gguf_type, overwrite):
+    """Write MODEL as one GGUF file for llama.cpp, ollama and LM Studio, verified by reading it back.
+
+    \b
+    Tensor names, metadata, tokenizer and quantization follow llama.cpp's own converter, through
+    the gguf package (q/k rows of LLaMA-style models reordered for llama.cpp's rotary embedding).
+    The file is read back with transformers' GGUF loader: every tensor must equal the source's up to
+    the type's rounding, the logits on fixed prompts must be within the type's tolerance, the
+    tokenizer must tokenize as the source's, and every pruned zero must still be exactly zero;
+    otherwise nothing is written. A 32-token greedy continuation is compared and reported.
+    Supported: LLaMA, Mistral (without sliding window) and Qwen2 with byte-level BPE tokenizers.
+
+    \b
+    Examples:
+      wanda-serve export gguf runs/wanda-2of4 --out runs/wanda-2of4.gguf --type q8_0
+      llama-cli -m runs/wanda-2of4.gguf -p "The capital of France is"
+    """
+    manifest = export_gguf(GgufExport(out, model, gguf_type, overwrite))
+    checks = manifest["checks"]
+    click.echo(f"wrote {out}  ({gguf_type}, {manifest['file']['bytes'] / 1e6:.1f} MB, {manifest['architecture']['gguf']} "
+               f"architecture, export {manifest['export_seconds']:.1f} s) and {out}.manifest.json")
+    zeros = checks["zeros"]
+    click.echo(f"read back: max |logit diff| {checks['logits']['max_abs_diff']:.2g} ({checks['logits']['relative_diff']:.2%} of the "
+               f"largest, tolerance {checks['logits']['tolerance']:.0%}), greedy equal: {'yes' if checks['greedy']['equal'] else 'no'}, "
+               f"tokenizer identical: {'yes' if checks['tokenizer']['identical'] else 'no'}, "
+               f"pruned zeros kept: {zeros['zeros_kept']} of {zeros['source_zeros']}")
 
 
 @export.command("onnx")
@@ -332,6 +370,46 @@ def export_onnx_command(model, out, dtype, quantize, measure_perplexity, eval_da
         if "perplexity" in variant:
             line += f", perplexity {variant['perplexity']['perplexity']:.3f}"
         click.echo(line)
+
+
+@export.command("ort-genai")
+@click.argument("model", required=False)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--precision", type=click.Choice(["int4", "fp16", "fp32"]), default="int4", show_default=True,
+              help="Weights: int4 (MatMulNBits, symmetric), fp16 (CUDA only) or fp32.")
+@click.option("--execution-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="The onnxruntime-genai provider the model is built for.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@_user_errors_as_one_line
+def export_ort_genai_command(model, out, precision, execution_provider, overwrite):
+    """Write MODEL with onnxruntime-genai's model builder, verified on onnxruntime-genai.
+
+    \b
+    MODEL: as for prune (a directory from `wanda-serve prune`); omitted, the embedded SmolLM2.
+    OUT is what onnxruntime_genai.Model loads (genai_config.json, model.onnx, tokenizer). The
+    32-token greedy continuation of fixed prompts on onnxruntime-genai must equal PyTorch's in
+    float32 for fp32 (otherwise nothing is written); for fp16 and int4 the agreement is reported.
+    Every pruned zero is checked in the graph's weights (int4: dequantized).
+
+    \b
+    Examples:
+      wanda-serve export ort-genai runs/wanda-2of4 --out runs/wanda-2of4-genai
+      wanda-serve export ort-genai runs/wanda-2of4 --out runs/wanda-2of4-genai-fp32 --precision fp32
+    """
+    manifest = export_ort_genai(OrtGenaiExport(out, model, precision, execution_provider, overwrite))
+    builder, zeros, checks = manifest["builder"], manifest["zeros"], manifest["checks"]
+    click.echo(f"wrote {out}  ({precision} for {execution_provider}, onnxruntime-genai {builder['version']} model builder, "
+               f"{manifest['export_seconds']:.1f} s)")
+    if zeros["kept"]:
+        click.echo(f"pruned zeros kept: all {zeros['source_zeros']} ({zeros['weights']})")
+    else:
+        click.echo(f"pruned zeros: {zeros['pruned_not_zero']} of {zeros['source_zeros']} are no longer zero ({zeros['weights']})")
+    greedy = checks["greedy"]
+    agreement = ", ".join("equal" if p["equal"] else f"differs from token {p['first_divergence']}" for p in greedy["prompts"])
+    click.echo(f"greedy vs PyTorch float32 on onnxruntime-genai ({checks['provider']}): {agreement}; "
+               f"max log-prob gap {greedy['max_log_prob_gap']:.2g}")
+    if "note" in checks:
+        click.echo(f"note: {checks['note']}")
 
 
 @cli.command("generate-onnx")
