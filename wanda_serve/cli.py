@@ -125,7 +125,7 @@ def cli(verbose, debug):
               help="OWL's λ: block sparsities span the target ± this (all must stay within 0 and 1).")
 @click.option("--owl-outlier-factor", default=5.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="OWL's M: an outlier is a score above M × the block's mean.")
-@click.option("--calib", default="wiki", show_default=True, help="Calibration text: wiki (embedded), c4, wikitext2, a .txt or .jsonl file.")
+@click.option("--calib", default="wiki", show_default=True, help="Calibration text: wiki, news or code (embedded), c4, wikitext2, a .txt or .jsonl file.")
 @click.option("--seed", default=0, show_default=True, help="Seed for drawing calibration windows.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Calibration samples per forward pass.")
 @device_option
@@ -189,7 +189,7 @@ def prune(model, out, method, structure, reconstruct, permute, block_order, refi
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, slower.")
 @click.option("--eval-data", default="wiki", show_default=True, help="In-domain evaluation text (as for eval --data).")
 @click.option("--out-of-domain", default="news", show_default=True,
-              help="A second evaluation text, not the training domain (embedded: news); 'none' to skip.")
+              help="A second evaluation text, not the training domain (embedded: news, code); 'none' to skip.")
 @eval_options
 @click.option("--no-eval", is_flag=True, help="Skip perplexity before and after.")
 @click.option("--reference/--no-reference", default=True, show_default=True,
@@ -231,7 +231,7 @@ def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, temper
 
 @cli.command("eval")
 @click.argument("model", required=False)
-@click.option("--data", default="wiki", show_default=True, help="Evaluation text: wiki (embedded held-out region), c4, wikitext2, a .txt or .jsonl file.")
+@click.option("--data", default="wiki", show_default=True, help="Evaluation text: wiki, news or code (embedded: their held-out regions), c4, wikitext2, a .txt or .jsonl file.")
 @eval_options
 @device_option
 @click.option("--structure", default=None, help="Also audit this N:M pattern (2:4 and 4:8 are always audited).")

@@ -1,4 +1,4 @@
-"""Calibration and evaluation text: the embedded Wikipedia sample, local files, or hub datasets."""
+"""Calibration and evaluation text: the embedded Wikipedia sample, news and code, local files, or hub datasets."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from wanda_serve.errors import WandaServeError
 EMBEDDED_TEXT = "wiki"
 # A second embedded text, not Wikipedia: for measuring quality out of the calibration domain.
 EMBEDDED_NEWS = "news"
+# A third, not prose: Python source code, for models that write code (held-out code perplexity).
+EMBEDDED_CODE = "code"
 HUB_DATASETS = ("c4", "wikitext2")
 WIKI_SAMPLE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_SAMPLE = "test/test_data/lee_background.cor"  # 299 Australian news articles (Lee et al. 2005), one a line
@@ -25,6 +28,34 @@ NEWS_SAMPLE = "test/test_data/lee_background.cor"  # 299 Australian news article
 # corpus is small (~80k tokens) and serves mostly to evaluate, so it holds out half.
 WIKI_EVAL_SHARE = 0.10
 NEWS_EVAL_SHARE = 0.50
+# The code text: the Python sources of the pinned gensim wheel, a fixed list (by directory, then file
+# name without .py) so that the text is the same wherever that version is installed. Each file is one
+# article, in sorted path order; the last files holding 10% of the text are held out.
+CODE_GENSIM_VERSION = "4.4.0"
+CODE_SOURCES = {
+    "": "__init__ downloader interfaces matutils nosy utils",
+    "corpora": "__init__ bleicorpus csvcorpus dictionary hashdictionary indexedcorpus lowcorpus malletcorpus mmcorpus "
+               "opinosiscorpus sharded_corpus svmlightcorpus textcorpus ucicorpus wikicorpus",
+    "models": "__init__ _fasttext_bin atmodel basemodel bm25model callbacks coherencemodel doc2vec ensemblelda fasttext "
+              "hdpmodel keyedvectors lda_dispatcher lda_worker ldamodel ldamulticore ldaseqmodel logentropy_model "
+              "lsi_dispatcher lsi_worker lsimodel nmf normmodel phrases poincare rpmodel tfidfmodel translation_matrix word2vec",
+    "parsing": "__init__ porter preprocessing",
+    "scripts": "__init__ benchmark glove2word2vec make_wiki make_wiki_online make_wiki_online_nodebug make_wikicorpus "
+               "package_info segment_wiki word2vec2tensor word2vec_standalone",
+    "similarities": "__init__ annoy docsim levenshtein nmslib termsim",
+    "test": "__init__ basetmtests simspeed simspeed2 svd_error test_aggregation test_api test_atmodel test_big test_bm25model "
+            "test_coherencemodel test_corpora test_corpora_dictionary test_corpora_hashdictionary test_datatype "
+            "test_direct_confirmation test_doc2vec test_ensemblelda test_fasttext test_glove2word2vec test_hdpmodel "
+            "test_indirect_confirmation test_keyedvectors test_lda_callback test_ldamodel test_ldaseqmodel test_lee "
+            "test_logentropy_model test_lsimodel test_matutils test_miislita test_nmf test_normmodel test_parsing test_phrases "
+            "test_poincare test_probability_estimation test_rpmodel test_scripts test_segmentation test_sharded_corpus "
+            "test_similarities test_similarity_metrics test_text_analysis test_tfidfmodel test_tmdiff "
+            "test_translation_matrix test_utils test_word2vec utils",
+    "topic_coherence": "__init__ aggregation direct_confirmation_measure indirect_confirmation_measure probability_estimation "
+                       "segmentation text_analysis",
+}
+CODE_FILES = tuple(sorted(f"{directory}/{name}.py".lstrip("/") for directory, names in CODE_SOURCES.items() for name in names.split()))
+CODE_EVAL_SHARE = 0.10
 
 
 @dataclass
@@ -37,12 +68,14 @@ class Corpus:
 
 
 def load_corpus(spec: str) -> Corpus:
-    """'wiki', 'news' (embedded), 'c4', 'wikitext2', a .jsonl file with a `text` field per line, or a plain-text file."""
+    """'wiki', 'news', 'code' (embedded), 'c4', 'wikitext2', a .jsonl file with a `text` field per line, or a plain-text file."""
     if spec == EMBEDDED_TEXT:
         return Corpus("wiki (embedded English Wikipedia sample)", *_split(_wiki_articles(_gensim_data(WIKI_SAMPLE)), WIKI_EVAL_SHARE))
     if spec == EMBEDDED_NEWS:
         articles = _read_text(_gensim_data(NEWS_SAMPLE)).splitlines()
         return Corpus("news (embedded Lee news corpus)", *_split([a.strip() for a in articles if a.strip()], NEWS_EVAL_SHARE))
+    if spec == EMBEDDED_CODE:
+        return Corpus(f"code (embedded gensim {CODE_GENSIM_VERSION} Python sources)", *_split(_code_files(), CODE_EVAL_SHARE))
     if spec in HUB_DATASETS:
         return _hub_corpus(spec)
     path = Path(spec).expanduser()
@@ -89,6 +122,24 @@ def _gensim_data(relative: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise WandaServeError("the embedded texts need the package gensim: pip install --no-deps gensim")
     return Path(spec.submodule_search_locations[0]) / relative
+
+
+def _code_files() -> list[str]:
+    """The text of each file of CODE_FILES, in that order, from the installed gensim (which must be the pinned version)."""
+    root = _gensim_data("")
+    install = f"pip install --no-deps gensim=={CODE_GENSIM_VERSION}"
+    try:
+        version = metadata.version("gensim")
+    except metadata.PackageNotFoundError:
+        version = "unknown"  # found by find_spec but without its metadata
+    if version != CODE_GENSIM_VERSION:
+        raise WandaServeError(f"the embedded code text is gensim {CODE_GENSIM_VERSION}'s Python sources; gensim {version} "
+                              f"is installed: {install}")
+    missing = [name for name in CODE_FILES if not (root / name).is_file()]
+    if missing:
+        raise WandaServeError(f"gensim {version} at {root} lacks {len(missing)} of its Python sources ({missing[0]} first): "
+                              f"{install} --force-reinstall")
+    return [_read_text(root / name) for name in CODE_FILES]
 
 
 def _split(articles: list[str], eval_share: float) -> tuple[str, str]:
