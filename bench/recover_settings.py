@@ -1,0 +1,116 @@
+"""Choose recover's learning rate and batch size on calibration text only, never the evaluation text.
+
+The Wikipedia calibration region is split once, at a paragraph boundary: its first 90% is the
+training text, its last 10% the validation text; the held-out evaluation region that
+docs/recover_benchmark.md reports on is not read. For each learning rate and batch size of the
+grid, the default recipe's pruned model (bench/recover.py's, the same bytes) is recovered on the
+training text with `wanda-serve recover --data train.txt --eval-data valid.txt` at one budget, and
+the validation perplexity is recorded with the training speed. Writes a Markdown table and its JSON.
+
+    python bench/recover_settings.py --out docs/recover_settings.md
+
+Results are stored in --work with the options, the pruned weights' hash and the code provenance
+that decide them, as bench/recover.py stores its own; --resume reuses only matching ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prune_methods import argv, provenance, stored_result, wanda_serve  # noqa: E402
+from recover import RECOVER_SOURCES, pruned_model  # noqa: E402
+
+from wanda_serve.contract import RECOVER_REPORT_NAME  # noqa: E402
+from wanda_serve.data import load_corpus  # noqa: E402
+
+RECIPE = "wanda-permute-2of4"  # the default recipe, as bench/recover.py names it
+VALIDATION_SHARE = 0.10
+SHARED = {"--seqlen": "256", "--warmup": "0.05", "--temperature": "1.0", "--seed": "0", "--out-of-domain": "none",
+          "--eval-seqlen": "1024", "--no-reference": None}
+
+
+def split_calibration(work: Path) -> tuple[Path, Path]:
+    """The wiki calibration region as a training file and a validation file (its last paragraphs)."""
+    paragraphs = load_corpus("wiki").calibration.split("\n\n")
+    total, held = sum(map(len, paragraphs)), 0
+    split = len(paragraphs)
+    while held < VALIDATION_SHARE * total:
+        split -= 1
+        held += len(paragraphs[split])
+    train, valid = work / "train.txt", work / "valid.txt"
+    train.write_text("\n\n".join(paragraphs[:split]))
+    valid.write_text("\n\n".join(paragraphs[split:]))
+    return train, valid
+
+
+def recover_options(tokens: int, lr: str, batch: int, train: Path, valid: Path) -> dict[str, str | None]:
+    return {"--tokens": str(tokens), "--lr": lr, "--batch-size": str(batch), "--data": str(train), "--eval-data": str(valid),
+            **SHARED}
+
+
+def render(rows: list[dict], command: str, seconds: float, tokens: int) -> str:
+    best = min(rows, key=lambda r: r["validation"])
+    lines = [
+        "# Recovery settings, chosen on calibration text",
+        "",
+        f"Written by `{command}` in {seconds / 60:.0f} minutes; raw numbers in the JSON beside this page.",
+        "",
+        f"The default recipe's pruned SmolLM2 recovered on {tokens} tokens of the first {1 - VALIDATION_SHARE:.0%} of the "
+        f"Wikipedia calibration region; validation perplexity on its last {VALIDATION_SHARE:.0%} (never on the held-out "
+        "evaluation region). Batch: windows of 256 tokens per optimizer step, so a smaller batch takes more steps.",
+        "",
+        "| lr | batch | steps | validation perplexity | train s | tokens/s |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        mark = " **(best)**" if r is best else ""
+        lines.append(f"| {r['lr']} | {r['batch']} | {r['steps']} | {r['validation']:.2f}{mark} | {r['train_seconds']:.0f} | "
+                     f"{r['tokens_per_second']:.0f} |")
+    return "\n".join(lines + [""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tokens", type=int, default=100_000, help="the budget the settings are chosen for")
+    parser.add_argument("--lrs", default="1e-4,3e-4,1e-3")
+    parser.add_argument("--batch-sizes", default="1,4")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-recover-settings"))
+    parser.add_argument("--pruned-work", type=Path, default=Path("runs/bench-recover"), help="where bench/recover.py prunes")
+    parser.add_argument("--resume", action="store_true", help="reuse results stored in --work, if measured the same way")
+    parser.add_argument("--recompute-stale", action="store_true")
+    args = parser.parse_args()
+    started = time.time()
+    args.work.mkdir(parents=True, exist_ok=True)
+    train, valid = split_calibration(args.work)
+    pruned, pruned_sha256 = pruned_model(RECIPE, args.pruned_work)
+    rows = []
+    for lr, batch in itertools.product(args.lrs.split(","), [int(b) for b in args.batch_sizes.split(",")]):
+        name = f"lr{lr}-batch{batch}-{args.tokens}"
+        options = recover_options(args.tokens, lr, batch, train, valid)
+        expected = {"options": options, "provenance": provenance(RECOVER_SOURCES) | {"pruned_sha256": pruned_sha256}}
+        path = args.work / f"{name}.json"
+        stored = stored_result(path, name, expected, args.recompute_stale) if args.resume else None
+        if stored is None:
+            out = args.work / name
+            wanda_serve("recover", str(pruned), "--out", str(out), *argv(options), "--overwrite")
+            stored = expected | {"report": json.loads((out / RECOVER_REPORT_NAME).read_text())}
+            path.write_text(json.dumps(stored, indent=2) + "\n")
+        report = stored["report"]
+        (validation,) = report["perplexity"].values()
+        rows.append({"lr": lr, "batch": batch, "steps": report["steps"], "validation": validation["after"]["perplexity"],
+                     "train_seconds": report["train_seconds"], "tokens_per_second": report["tokens_per_second"]})
+    command = shlex.join(["python", "bench/recover_settings.py", *sys.argv[1:]])
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(render(rows, command, time.time() - started, args.tokens))
+
+
+if __name__ == "__main__":
+    main()
