@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM, T5Config
 from deploy.vllm_server import ServerFailed, ServerSettings
 from deploy.workload import WorkloadSpec
 from wanda_serve.cli import cli, server_options
+from wanda_serve.contract import MANIFEST_NAME
 from wanda_serve.engine import block_linears
+from wanda_serve.pipeline import EDGE_EXPORTS
 from wanda_serve.structure import audit_linears
 
 
@@ -193,6 +195,25 @@ def test_main_job_failing_late_keeps_the_previous_run(tiny_model_dir, tmp_path, 
     assert f"(nothing was written; the previous run in {out} is unchanged)" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "text.txt", "tiny-llama"]  # no .partial, no .old
     assert [p.name for p in out.iterdir()] == ["REPORT.md"] and (out / "REPORT.md").read_text() == "the previous run"
+
+
+def test_main_job_makes_the_chosen_edge_exports_and_keeps_them_when_a_later_stage_fails(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("WANDA_SERVE_VLLM_PYTHON", str(tmp_path / "no-python"))  # the bench stage fails after the exports
+    result = run("run", tiny_model_dir, "--out", out, "--nsamples", 2, "--seqlen", 16, "--no-recover", "--eval-seqlen", 32,
+                 "--eval-windows", 1, "--export", "gguf,ort-genai,onnx")
+    assert "\nError: stage bench: vLLM is not installed" in result.output and f"(finished stages are kept in {out})" in result.output
+    manifests = {"onnx": out / "onnx-pruned" / MANIFEST_NAME, "ort-genai": out / "ort-genai-pruned" / MANIFEST_NAME,
+                 "gguf": out / "pruned.gguf.manifest.json"}
+    manifests = {name: json.loads(path.read_text()) for name, path in manifests.items()}
+    for name, manifest in manifests.items():
+        assert EDGE_EXPORTS[name].result(manifest), name  # the report's row reads every field it shows
+    gguf_zeros = manifests["gguf"]["checks"]["zeros"]
+    assert (out / "pruned.gguf").is_file() and gguf_zeros["zeros_kept"] == gguf_zeros["source_zeros"] > 0
+    assert manifests["ort-genai"]["zeros"]["pruned_not_zero"] == 0 and manifests["ort-genai"]["builder"]["precision"] == "int4"
+    unknown = run("run", "--out", tmp_path / "other", "--export", "onnx,tflite")
+    assert unknown.exit_code == 2 and "Invalid value for '--export'" in unknown.output and "onnx, ort-genai, gguf" in unknown.output
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_full_disk_is_one_error_line_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):

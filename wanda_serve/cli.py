@@ -27,14 +27,14 @@ from exporters.ort_genai import OrtGenaiExport, export_ort_genai
 from exporters.vllm_checkpoint import VllmExport, export_vllm
 from wanda_serve.artifacts import check_output_file, write_file_atomically
 from wanda_serve.cli_options import (
-    ByteSizeType, HiddenAliasOption, bench_options, bench_settings, device_option, eval_options, pruning_options, server_options,
+    ByteSizeType, ChoiceListType, HiddenAliasOption, bench_options, bench_settings, device_option, eval_options, pruning_options, server_options,
 )
 from wanda_serve.contract import EvalOptions
 from wanda_serve.engine import Owl, Refine
 from wanda_serve.errors import WandaServeError
 from wanda_serve.jobs import RECOVER_TOKENS, PruneJob, recipe_name, run_eval, run_prune
 from wanda_serve.models import EMBEDDED_MODEL_NAME
-from wanda_serve.pipeline import MainJob, run_main_job
+from wanda_serve.pipeline import EDGE_EXPORTS, MainJob, run_main_job
 from wanda_serve.recover import RecoverJob, run_recover
 
 
@@ -537,21 +537,26 @@ def bench(dense, pruned, out, no_greedy_check, tokenizer, overwrite, **kwargs):
 @click.option("--recover-tokens", default=RECOVER_TOKENS, show_default=True, type=click.IntRange(1),
               help="Distil the pruned model from the dense one on this many tokens before exporting it (see recover).")
 @click.option("--no-recover", is_flag=True, help="Export and serve the pruned model as pruned, without recovery.")
+@click.option("--export", "edge_exports", type=ChoiceListType(EDGE_EXPORTS), default="onnx", show_default=True,
+              help=f"Edge exports of the served model besides vLLM's, comma-separated: {', '.join(EDGE_EXPORTS)} "
+                   "(each as its `export` command with its defaults).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
 @bench_options
 @_user_errors_as_one_line
 def run_command(model, out, method, structure, nsamples, seqlen, eval_seqlen, eval_windows, export_dtype, recover_tokens, no_recover,
-                overwrite, **kwargs):
-    """The whole pipeline: prune, evaluate, recover, export for vLLM and ONNX, serve dense and pruned, benchmark.
+                edge_exports, overwrite, **kwargs):
+    """The whole pipeline: prune, evaluate, recover, export for vLLM and the edge, serve dense and pruned, benchmark.
 
     \b
     MODEL: as for prune; omitted, the embedded SmolLM2-135M-Instruct. OUT gets pruned/ (with
     prune_report.json), recovered/ (with recover_report.json; not with --no-recover), vllm-dense/,
-    vllm-pruned/ and onnx-pruned/ (of the recovered model, when there is one), bench/ and REPORT.md.
+    vllm-pruned/, the --export outputs (onnx-pruned/, ort-genai-pruned/, pruned.gguf; of the
+    recovered model, when there is one), bench/ and REPORT.md.
 
     \b
     Examples:
       wanda-serve run
+      wanda-serve run --export onnx,ort-genai,gguf
       wanda-serve run ./my-llama --concurrency 1,16,64 --gpu-hour-price 2.5 --out runs/llama-2of4
     """
     name = Path(model).name if model else EMBEDDED_MODEL_NAME
@@ -559,6 +564,7 @@ def run_command(model, out, method, structure, nsamples, seqlen, eval_seqlen, ev
     prune = PruneJob(out=out / "pruned", model=model, method=method, structure=structure, nsamples=nsamples, seqlen=seqlen,
                      evaluation=EvalOptions("wiki", eval_seqlen, eval_windows))
     job = MainJob(out=out, prune=prune, export_dtype=export_dtype,
-                  bench=bench_settings(kwargs), overwrite=overwrite, recover_tokens=None if no_recover else recover_tokens)
+                  bench=bench_settings(kwargs), overwrite=overwrite, recover_tokens=None if no_recover else recover_tokens,
+                  edge_exports=edge_exports)
     report = run_main_job(job)
     click.echo(f"wrote {report}")

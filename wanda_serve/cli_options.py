@@ -83,6 +83,24 @@ class ConcurrencyType(click.ParamType):
         return levels
 
 
+class ChoiceListType(click.ParamType):
+    """Comma-separated names, each one of `choices`; returns a tuple without repeats, in the given order."""
+
+    name = "names"
+
+    def __init__(self, choices):
+        self.choices = tuple(choices)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        names = tuple(dict.fromkeys(part.strip() for part in str(value).split(",") if part.strip()))
+        unknown = [name for name in names if name not in self.choices]
+        if unknown or not names:
+            self.fail(f"{value!r}: choose one or more of {', '.join(self.choices)}, comma-separated", param, ctx)
+        return names
+
+
 class HiddenAliasOption(click.Option):
     """An option with old spellings that still work but that neither --help nor error messages show."""
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from deploy.bench import SPARSE_RUNTIME, BenchJob, BenchSettings, run_bench
 from deploy.report import model_table
 from deploy.results import BenchResults
+from exporters.gguf_export import GgufExport, export_gguf
 from exporters.onnx_export import GRAPH_NAME, OnnxExport, export_onnx
+from exporters.ort_genai import OrtGenaiExport, export_ort_genai
 from exporters.vllm_checkpoint import VllmExport, export_vllm
 from wanda_serve.artifacts import replacing_dir, write_file_atomically
 from wanda_serve.contract import RESULTS_NAME
@@ -24,6 +27,41 @@ from wanda_serve.recover import RecoverJob, run_recover
 RUN_REPORT_NAME = "REPORT.md"
 
 
+@dataclass(frozen=True)
+class EdgeExport:
+    """An export of the served model for an edge runtime, besides vLLM's: where it goes, how it is made,
+    and its row in REPORT.md."""
+
+    path: str  # in the run directory
+    export: Callable[[Path, str], dict]  # (destination, model directory) -> its manifest
+    result: Callable[[dict], str]  # manifest -> the report row's result
+
+
+def _onnx_result(manifest: dict) -> str:
+    check = manifest["variants"][GRAPH_NAME]["check"]
+    return (f"max abs logit diff vs PyTorch {check['max_abs_logit_diff']:.1e}, "
+            f"greedy equal: {'yes' if check['greedy_equal'] else 'no'}")
+
+
+def _ort_genai_result(manifest: dict) -> str:
+    greedy, zeros = manifest["checks"]["greedy"], manifest["zeros"]
+    return (f"{manifest['builder']['precision']} on onnxruntime-genai; greedy tokens agreeing with PyTorch (of 32): "
+            f"{', '.join(map(str, greedy['greedy_tokens_agreeing']))}; pruned weights no longer zero: {zeros['pruned_not_zero']}")
+
+
+def _gguf_result(manifest: dict) -> str:
+    logits, zeros = manifest["checks"]["logits"], manifest["checks"]["zeros"]
+    return (f"{manifest['type']['name']}, {manifest['file']['bytes'] / 1e6:.0f} MB; read back: max logit diff {logits['relative_diff']:.2%} "
+            f"of the largest, pruned zeros kept: {zeros['zeros_kept']} of {zeros['source_zeros']}")
+
+
+EDGE_EXPORTS = {
+    "onnx": EdgeExport("onnx-pruned", lambda out, model: export_onnx(OnnxExport(out, model)), _onnx_result),
+    "ort-genai": EdgeExport("ort-genai-pruned", lambda out, model: export_ort_genai(OrtGenaiExport(out, model)), _ort_genai_result),
+    "gguf": EdgeExport("pruned.gguf", lambda out, model: export_gguf(GgufExport(out, model)), _gguf_result),
+}
+
+
 @dataclass
 class MainJob:
     out: Path
@@ -32,6 +70,12 @@ class MainJob:
     bench: BenchSettings = field(default_factory=BenchSettings)
     overwrite: bool = False
     recover_tokens: int | None = RECOVER_TOKENS  # distil the pruned model before exporting it; None: serve it as pruned
+    edge_exports: tuple[str, ...] = ("onnx",)  # keys of EDGE_EXPORTS, exported after vLLM's in this order
+
+    def __post_init__(self):
+        unknown = [name for name in self.edge_exports if name not in EDGE_EXPORTS]
+        if unknown:
+            raise WandaServeError(f"unknown export {', '.join(unknown)}: choose from {', '.join(EDGE_EXPORTS)}")
 
 
 def run_main_job(job: MainJob) -> Path:
@@ -59,11 +103,13 @@ def run_main_job(job: MainJob) -> Path:
             stage = "export vllm"
             dense_export = export_vllm(VllmExport(job.out / "vllm-dense", job.prune.model, job.export_dtype))
             pruned_export = export_vllm(VllmExport(job.out / "vllm-pruned", str(served), job.export_dtype))
-            stage = "export onnx"
-            onnx = export_onnx(OnnxExport(job.out / "onnx-pruned", str(served)))
+            edge = {}
+            for name in job.edge_exports:
+                stage = f"export {name}"
+                edge[name] = EDGE_EXPORTS[name].export(job.out / EDGE_EXPORTS[name].path, str(served))
             stage = "bench"
             bench = run_bench(bench_job)
-            write_file_atomically(job.out / RUN_REPORT_NAME, _report(job, prune, recovery, dense_export, pruned_export, onnx, bench,
+            write_file_atomically(job.out / RUN_REPORT_NAME, _report(job, prune, recovery, dense_export, pruned_export, edge, bench,
                                                                    time.perf_counter() - started))
     except (WandaServeError, KeyboardInterrupt) as e:
         if replacing:
@@ -75,11 +121,10 @@ def run_main_job(job: MainJob) -> Path:
     return job.out / RUN_REPORT_NAME
 
 
-def _report(job: MainJob, prune: dict, recovery: dict | None, dense_export: dict, pruned_export: dict, onnx: dict, bench: BenchResults,
+def _report(job: MainJob, prune: dict, recovery: dict | None, dense_export: dict, pruned_export: dict, edge: dict[str, dict], bench: BenchResults,
             seconds: float) -> str:
     ppl = prune["perplexity"]
     exported = pruned_export["sparsity"]["exported"]
-    onnx_check = onnx["variants"][GRAPH_NAME]["check"]
     lines = [
         f"# wanda-serve run: {prune['model']['source']}, {recipe_name(prune)}",
         "",
@@ -94,8 +139,7 @@ def _report(job: MainJob, prune: dict, recovery: dict | None, dense_export: dict
         f"| export vLLM | `vllm-dense/`, `vllm-pruned/` | {job.export_dtype}; pruned sparsity {exported['overall_sparsity']:.3f}, "
         + ", ".join(f"{p} valid: {'yes' if ok else 'no'}" for p, ok in exported["all_nm_valid"].items())
         + f"; vLLM greedy check: dense {dense_export['checks']['vllm']['status']}, pruned {pruned_export['checks']['vllm']['status']} |",
-        f"| export ONNX | `onnx-pruned/` | max abs logit diff vs PyTorch {onnx_check['max_abs_logit_diff']:.1e}, "
-        f"greedy equal: {'yes' if onnx_check['greedy_equal'] else 'no'} |",
+        *(f"| export {name} | `{EDGE_EXPORTS[name].path}` | {EDGE_EXPORTS[name].result(manifest)} |" for name, manifest in edge.items()),
         f"| bench | `bench/` | [summary](bench/summary.md), [{RESULTS_NAME}](bench/{RESULTS_NAME}) |",
         "",
         "## Serving: against dense on vLLM",
