@@ -46,6 +46,20 @@ def tiny_model(arch: str, seed: int = 0):
     return AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
 
 
+def pruned_model_dir(path: Path, arch: str, tokenizer, model=None) -> Path:
+    """A tiny `arch` model (or `model`, one already made) pruned to 2:4 with Wanda on random ids, saved with `tokenizer`."""
+    from wanda_serve.engine import prune_model
+    from wanda_serve.methods import get_method
+    from wanda_serve.structure import Structure
+
+    model = model if model is not None else tiny_model(arch)
+    calibration = [torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))]
+    prune_model(model, calibration, get_method("wanda"), Structure(n=2, m=4), progress=False)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))

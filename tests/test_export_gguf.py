@@ -23,15 +23,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, pruned_model_dir, tiny_model
 from exporters import gguf_export, gguf_vocab
 from exporters.gguf_export import LOGITS_TOLERANCE, GgufExport, export_gguf, llama_rope_permute
 from exporters.verify import prompt_batch
 from wanda_serve.cli import cli
-from wanda_serve.engine import block_linears, prune_model
+from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
-from wanda_serve.methods import get_method
-from wanda_serve.structure import Structure
 
 # Multiplies the q and k weights of the test models. At the default init (std 0.02) attention is
 # almost uniform, so q and k hardly matter: a file with a wrong q/k layout would give nearly the
@@ -49,19 +47,14 @@ def sharpen_attention(model, scale: float = Q_K_SCALE):
     return model
 
 
-def pruned_model_dir(path: Path, arch: str, tokenizer, scale: float = Q_K_SCALE) -> Path:
-    model = sharpen_attention(tiny_model(arch), scale)
-    calibration = [torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))]
-    prune_model(model, calibration, get_method("wanda"), Structure(n=2, m=4), progress=False)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def sharp_pruned_model_dir(path: Path, arch: str, tokenizer, scale: float = Q_K_SCALE) -> Path:
+    return pruned_model_dir(path, arch, tokenizer, sharpen_attention(tiny_model(arch), scale))
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gguf-sources")
-    return {arch: pruned_model_dir(root / arch, arch, tiny_tokenizer) for arch in ("llama", "qwen2")}
+    return {arch: sharp_pruned_model_dir(root / arch, arch, tiny_tokenizer) for arch in ("llama", "qwen2")}
 
 
 def read_back(path: Path):
@@ -197,7 +190,7 @@ def test_permutation_is_the_rotary_layout_llama_cpp_computes():
 def test_a_file_without_the_q_k_permutation_is_refused(tmp_path, tiny_tokenizer, monkeypatch, scale, caught_by):
     """Sharp attention: the logits check alone refuses it. Near-uniform attention (the default init)
     hides it from the logits; the per-tensor check still refuses it."""
-    source = pruned_model_dir(tmp_path / "llama", "llama", tiny_tokenizer, scale)
+    source = sharp_pruned_model_dir(tmp_path / "llama", "llama", tiny_tokenizer, scale)
     monkeypatch.setattr(gguf_export, "llama_rope_permute", lambda weights, n_head, n_head_kv: weights)
     with pytest.raises(WandaServeError, match=f"export check failed: .*{caught_by}"):
         export_gguf(GgufExport(tmp_path / "out" / "model.gguf", str(source), "f16"))

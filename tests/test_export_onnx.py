@@ -6,25 +6,14 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 from transformers import AutoModelForCausalLM
 
-from conftest import TEXT, VOCAB, tiny_model
+from conftest import TEXT, VOCAB, pruned_model_dir
 from exporters.onnx_export import OnnxExport, export_onnx
 from exporters.onnx_runtime import OnnxCausalLM
 from exporters.verify import torch_greedy
 from wanda_serve.cli import cli
 from wanda_serve.contract import PROMPTS, EvalOptions
-from wanda_serve.engine import block_linears, prune_model
+from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
-from wanda_serve.methods import get_method
-from wanda_serve.structure import Structure
-
-
-def pruned_model_dir(path, arch, tokenizer):
-    model = tiny_model(arch)
-    calibration = [torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))]
-    prune_model(model, calibration, get_method("wanda"), Structure(n=2, m=4), progress=False)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -10,31 +10,19 @@ import onnx
 import onnxruntime
 import onnxruntime_genai as og
 import pytest
-import torch
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, pruned_model_dir
 from exporters.ort_genai import OrtGenaiExport, check_zeros, dequantize_nbits, export_ort_genai, genai_greedy, source_zeros
 from exporters.verify import torch_greedy
 from wanda_serve.cli import cli
 from wanda_serve.contract import GREEDY_TOKENS, MANIFEST_NAME, PROMPTS
-from wanda_serve.engine import block_linears, prune_model
+from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
-from wanda_serve.methods import get_method
-from wanda_serve.structure import Structure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def pruned_model_dir(path, arch, tokenizer):
-    model = tiny_model(arch)
-    calibration = [torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))]
-    prune_model(model, calibration, get_method("wanda"), Structure(n=2, m=4), progress=False)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
