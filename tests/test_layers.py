@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TOP = {"wanda_serve.cli", "wanda_serve.cli_options", "wanda_serve.pipeline", "wanda_serve.__main__"}
+TOP = {"wanda_serve.cli", "wanda_serve.cli_export", "wanda_serve.cli_options", "wanda_serve.pipeline", "wanda_serve.__main__"}
 STAGES = {"wanda_serve.jobs", "wanda_serve.recover"}  # wanda_serve's own stages: prune and recover
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import errno
-import functools
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -20,14 +17,12 @@ from transformers.utils import logging as transformers_logging
 from deploy.bench import BenchJob, run_bench
 from deploy.report import model_table
 from deploy.vllm_server import ServerFailed, VllmServer
-from exporters.gguf_export import GgufExport, export_gguf
-from exporters.onnx_export import OnnxExport, export_onnx
 from exporters.onnx_runtime import OnnxCausalLM
-from exporters.ort_genai import OrtGenaiExport, export_ort_genai
-from exporters.vllm_checkpoint import VllmExport, export_vllm
 from wanda_serve.artifacts import check_output_file, write_file_atomically
+from wanda_serve.cli_export import export
 from wanda_serve.cli_options import (
-    ByteSizeType, ChoiceListType, HiddenAliasOption, bench_options, bench_settings, device_option, eval_options, pruning_options, server_options,
+    DEBUG_ENV, ChoiceListType, HiddenAliasOption, bench_options, bench_settings, device_option, eval_options, pruning_options,
+    server_options, user_errors_as_one_line,
 )
 from wanda_serve.contract import EvalOptions
 from wanda_serve.engine import Owl, Refine
@@ -36,45 +31,6 @@ from wanda_serve.jobs import RECOVER_TOKENS, PruneJob, recipe_name, run_eval, ru
 from wanda_serve.models import EMBEDDED_MODEL_NAME
 from wanda_serve.pipeline import EDGE_EXPORTS, MainJob, run_main_job
 from wanda_serve.recover import RecoverJob, run_recover
-
-
-DEBUG_ENV = "WANDA_SERVE_DEBUG"
-# The machine refused a write (disk full, quota, read-only file system, permissions): the user's to fix
-# wherever in a command it happens, so it is reported like any other user error.
-REFUSED_BY_THE_MACHINE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def _debugging() -> bool:
-    context = click.get_current_context(silent=True)
-    return bool(context and context.find_root().params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def _user_errors_as_one_line(command):
-    """Library errors about the user's input become one `Error: ...` line and exit code 1.
-
-    With --debug (or WANDA_SERVE_DEBUG=1) they propagate instead, with the whole chain of causes.
-    Anything else is a bug in wanda-serve and keeps its traceback.
-    """
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except WandaServeError as e:
-            if _debugging():
-                raise
-            raise click.ClickException(str(e)) from e
-        except KeyboardInterrupt as e:
-            if _debugging():
-                raise
-            raise click.ClickException("interrupted; nothing was written") from e
-        except OSError as e:
-            if e.errno not in REFUSED_BY_THE_MACHINE or _debugging():
-                raise
-            raise click.ClickException(f"{e.strerror}: {e.filename} (nothing was written)") from e
-
-    return wrapper
-
 
 def _exit_on_signal(signum, frame):
     # SystemExit unwinds like an exception, so temporary outputs are removed.
@@ -134,7 +90,7 @@ def cli(verbose, debug):
 @eval_options
 @click.option("--no-eval", is_flag=True, help="Skip perplexity before and after pruning.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
-@_user_errors_as_one_line
+@user_errors_as_one_line
 def prune(model, out, method, structure, reconstruct, permute, block_order, refine, owl, owl_spread, owl_outlier_factor, calib, nsamples, seqlen, seed, batch_size, device, dtype, eval_data, eval_seqlen, eval_windows, no_eval, overwrite):
     """Prune MODEL layer by layer and write it as a Hugging Face directory with prune_report.json.
 
@@ -195,7 +151,7 @@ def prune(model, out, method, structure, reconstruct, permute, block_order, refi
 @click.option("--reference/--no-reference", default=True, show_default=True,
               help="Also measure PRUNED before recovery and the teacher (--no-reference: only the recovered model).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
-@_user_errors_as_one_line
+@user_errors_as_one_line
 def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, temperature, hidden_weight, data, device, dtype, seed,
             checkpoint_every, resume, gradient_checkpointing, eval_data, out_of_domain, eval_seqlen, eval_windows, no_eval, reference,
             overwrite):
@@ -237,7 +193,7 @@ def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, temper
 @click.option("--structure", default=None, help="Also audit this N:M pattern (2:4 and 4:8 are always audited).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full result as JSON here.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
-@_user_errors_as_one_line
+@user_errors_as_one_line
 def eval_command(model, data, eval_seqlen, eval_windows, device, structure, json_path, overwrite):
     """Perplexity of MODEL on held-out text, and a per-layer sparsity audit.
 
@@ -260,156 +216,7 @@ def eval_command(model, data, eval_seqlen, eval_windows, device, structure, json
         write_file_atomically(json_path, json.dumps(result, indent=2) + "\n", overwrite, option="--json")
 
 
-@cli.group()
-def export():
-    """Export a model for a runtime: `export vllm`, `export onnx`, `export ort-genai`, `export gguf`."""
-
-
-@export.command("vllm")
-@click.argument("model", required=False)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint directory.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--max-shard-size", type=ByteSizeType(), default="4GB", show_default=True,
-              help="Safetensors shard size limit: 4GB, 500MB, 2GiB or bytes.")
-@click.option("--no-vllm-check", is_flag=True, help="Skip the greedy check on vLLM's offline engine.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
-@_user_errors_as_one_line
-def export_vllm_command(model, out, dtype, max_shard_size, no_vllm_check, overwrite):
-    """Write MODEL as a checkpoint that stock vLLM serves, verified by reloading it.
-
-    \b
-    The checkpoint is dense safetensors (pruned weights are zeros) plus config, tokenizer, chat
-    template, generation config and export_manifest.json. Sparsity metadata that vLLM refuses is
-    removed. The export is reloaded through transformers (logits must be identical) and, where vLLM
-    is installed, run on vLLM's offline engine (greedy continuation must equal transformers').
-
-    \b
-    Examples:
-      wanda-serve export vllm runs/wanda-2of4 --out runs/wanda-2of4-vllm
-      vllm serve runs/wanda-2of4-vllm
-    """
-    manifest = export_vllm(VllmExport(out, model, dtype, max_shard_size, overwrite, vllm_check=not no_vllm_check))
-    for item in manifest["stripped_metadata"]:
-        click.echo(f"removed {item} from the config (current vLLM refuses it)")
-    sparsity = manifest["sparsity"]["exported"]
-    click.echo(f"wrote {out}  ({dtype}, {len(manifest['files'])} files, sparsity {sparsity['overall_sparsity']:.4f}, "
-               + ", ".join(f"{p} valid: {'yes' if ok else 'no'}" for p, ok in sparsity["all_nm_valid"].items()) + ")")
-    checks = manifest["checks"]
-    click.echo(f"checks: transformers reload logits identical; vLLM greedy: {checks['vllm']['status']}")
-
-
-@export.command("gguf")
-@click.argument("model", required=False)
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Output file, FILE.gguf; its manifest goes beside it as FILE.gguf.manifest.json.")
-@click.option("--type", "gguf_type", default="f16", show_default=True, metavar="f16|bf16|q8_0|q4_k",
-              help="Type of the 2-D weights (1-D tensors and norms stay f32, as llama.cpp's converter keeps them).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing FILE.gguf and its manifest.")
-@_user_errors_as_one_line
-def export_gguf_command(model, out, gguf_type, overwrite):
-    """Write MODEL as one GGUF file for llama.cpp, ollama and LM Studio, verified by reading it back.
-
-    \b
-    Tensor names, metadata, tokenizer and quantization follow llama.cpp's own converter, through
-    the gguf package (q/k rows of LLaMA-style models reordered for llama.cpp's rotary embedding).
-    The file is read back with transformers' GGUF loader: every tensor must equal the source's up to
-    the type's rounding, the logits on fixed prompts must be within the type's tolerance, the
-    tokenizer must tokenize as the source's, and every pruned zero must still be exactly zero;
-    otherwise nothing is written. A 32-token greedy continuation is compared and reported.
-    Supported: LLaMA, Mistral (without sliding window) and Qwen2 with byte-level BPE tokenizers.
-
-    \b
-    Examples:
-      wanda-serve export gguf runs/wanda-2of4 --out runs/wanda-2of4.gguf --type q8_0
-      llama-cli -m runs/wanda-2of4.gguf -p "The capital of France is"
-    """
-    manifest = export_gguf(GgufExport(out, model, gguf_type, overwrite))
-    checks = manifest["checks"]
-    click.echo(f"wrote {out}  ({gguf_type}, {manifest['file']['bytes'] / 1e6:.1f} MB, {manifest['architecture']['gguf']} "
-               f"architecture, export {manifest['export_seconds']:.1f} s) and {out}.manifest.json")
-    zeros = checks["zeros"]
-    click.echo(f"read back: max |logit diff| {checks['logits']['max_abs_diff']:.2g} ({checks['logits']['relative_diff']:.2%} of the "
-               f"largest, tolerance {checks['logits']['tolerance']:.0%}), greedy equal: {'yes' if checks['greedy']['equal'] else 'no'}, "
-               f"tokenizer identical: {'yes' if checks['tokenizer']['identical'] else 'no'}, "
-               f"pruned zeros kept: {zeros['zeros_kept']} of {zeros['source_zeros']}")
-
-
-@export.command("onnx")
-@click.argument("model", required=False)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--quantize", type=click.Choice(["int8", "int4"]), multiple=True,
-              help="Also write a weight-only quantized variant (repeatable): int8 or int4 (onnxruntime MatMulNBits).")
-@click.option("--perplexity", "measure_perplexity", is_flag=True, help="Measure the perplexity of the export and each variant.")
-@click.option("--eval-data", default="wiki", show_default=True, help="Text for --perplexity (as for eval --data).")
-@eval_options
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
-@_user_errors_as_one_line
-def export_onnx_command(model, out, dtype, quantize, measure_perplexity, eval_data, eval_seqlen, eval_windows, overwrite):
-    """Write MODEL as an ONNX decoder with a KV cache, verified on onnxruntime.
-
-    \b
-    One graph serves prefill (empty past) and decode, with dynamic batch and lengths; weights are
-    external data beside it. The export is checked against PyTorch on fixed prompts (logits, and a
-    32-token greedy continuation that must be identical) and removed if the check fails.
-
-    \b
-    Examples:
-      wanda-serve export onnx runs/wanda-2of4 --out runs/wanda-2of4-onnx --quantize int4 --perplexity
-      wanda-serve generate-onnx runs/wanda-2of4-onnx "The capital of France is"
-    """
-    evaluation = EvalOptions(eval_data, eval_seqlen, eval_windows) if measure_perplexity else None
-    manifest = export_onnx(OnnxExport(out, model, dtype, tuple(quantize), evaluation, overwrite))
-    click.echo(f"wrote {out}  (export {manifest['export_seconds']:.1f} s, pruned zeros kept: {'yes' if manifest['zeros']['kept'] else 'no'})")
-    reference = manifest["pytorch_reference"]
-    if "perplexity" in reference:
-        click.echo(f"PyTorch {reference['dtype']}: perplexity {reference['perplexity']['perplexity']:.3f}")
-    for name, variant in manifest["variants"].items():
-        check = variant["check"]
-        line = f"{name} ({variant['dtype']}): max |logit diff| vs PyTorch {check['max_abs_logit_diff']:.2g}, greedy equal: {'yes' if check['greedy_equal'] else 'no'}"
-        if "perplexity" in variant:
-            line += f", perplexity {variant['perplexity']['perplexity']:.3f}"
-        click.echo(line)
-
-
-@export.command("ort-genai")
-@click.argument("model", required=False)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--precision", type=click.Choice(["int4", "fp16", "fp32"]), default="int4", show_default=True,
-              help="Weights: int4 (MatMulNBits, symmetric), fp16 (CUDA only) or fp32.")
-@click.option("--execution-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="The onnxruntime-genai provider the model is built for.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
-@_user_errors_as_one_line
-def export_ort_genai_command(model, out, precision, execution_provider, overwrite):
-    """Write MODEL with onnxruntime-genai's model builder, verified on onnxruntime-genai.
-
-    \b
-    MODEL: as for prune (a directory from `wanda-serve prune`); omitted, the embedded SmolLM2.
-    OUT is what onnxruntime_genai.Model loads (genai_config.json, model.onnx, tokenizer). The
-    32-token greedy continuation of fixed prompts on onnxruntime-genai must equal PyTorch's in
-    float32 for fp32 (otherwise nothing is written); for fp16 and int4 the agreement is reported.
-    Every pruned zero is checked in the graph's weights (int4: dequantized).
-
-    \b
-    Examples:
-      wanda-serve export ort-genai runs/wanda-2of4 --out runs/wanda-2of4-genai
-      wanda-serve export ort-genai runs/wanda-2of4 --out runs/wanda-2of4-genai-fp32 --precision fp32
-    """
-    manifest = export_ort_genai(OrtGenaiExport(out, model, precision, execution_provider, overwrite))
-    builder, zeros, checks = manifest["builder"], manifest["zeros"], manifest["checks"]
-    click.echo(f"wrote {out}  ({precision} for {execution_provider}, onnxruntime-genai {builder['version']} model builder, "
-               f"{manifest['export_seconds']:.1f} s)")
-    if zeros["kept"]:
-        click.echo(f"pruned zeros kept: all {zeros['source_zeros']} ({zeros['weights']})")
-    else:
-        click.echo(f"pruned zeros: {zeros['pruned_not_zero']} of {zeros['source_zeros']} are no longer zero ({zeros['weights']})")
-    greedy = checks["greedy"]
-    agreement = ", ".join("equal" if p["equal"] else f"differs from token {p['first_divergence']}" for p in greedy["prompts"])
-    click.echo(f"greedy vs PyTorch float32 on onnxruntime-genai ({checks['provider']}): {agreement}; "
-               f"max log-prob gap {greedy['max_log_prob_gap']:.2g}")
-    if "note" in checks:
-        click.echo(f"note: {checks['note']}")
+cli.add_command(export)
 
 
 @cli.command("generate-onnx")
@@ -424,7 +231,7 @@ def export_ort_genai_command(model, out, precision, execution_provider, overwrit
 @click.option("--chat", is_flag=True, help="Wrap PROMPT in the tokenizer's chat template.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU.")
-@_user_errors_as_one_line
+@user_errors_as_one_line
 def generate_onnx(directory, prompt, variant, max_new_tokens, temperature, top_p, seed, chat, provider):
     """Continue PROMPT with an ONNX export on onnxruntime, using its KV cache.
 
@@ -460,7 +267,7 @@ def generate_onnx(directory, prompt, variant, max_new_tokens, temperature, top_p
               help="Run 2:4 layers on PyTorch's sparse kernels (wanda-serve's vLLM plugin, vLLM --quantization wanda24); "
                    "layers it cannot take over, or machines without a supported GPU, stay dense.")
 @server_options
-@_user_errors_as_one_line
+@user_errors_as_one_line
 def serve(model, port, served_model_name, run_dir, sparse_runtime, **kwargs):
     """Serve MODEL (a directory from `export vllm`) with vLLM's OpenAI-compatible server until Ctrl-C.
 
@@ -502,7 +309,7 @@ def serve(model, port, served_model_name, run_dir, sparse_runtime, **kwargs):
 @click.option("--tokenizer", default=None, help="Tokenizer directory for the prompts (default: the dense model's).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
 @bench_options
-@_user_errors_as_one_line
+@user_errors_as_one_line
 def bench(dense, pruned, out, no_greedy_check, tokenizer, overwrite, **kwargs):
     """Benchmark the pruned model against the dense one on real vLLM servers, side by side.
 
@@ -542,7 +349,7 @@ def bench(dense, pruned, out, no_greedy_check, tokenizer, overwrite, **kwargs):
                    "(each as its `export` command with its defaults).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
 @bench_options
-@_user_errors_as_one_line
+@user_errors_as_one_line
 def run_command(model, out, method, structure, nsamples, seqlen, eval_seqlen, eval_windows, export_dtype, recover_tokens, no_recover,
                 edge_exports, overwrite, **kwargs):
     """The whole pipeline: prune, evaluate, recover, export for vLLM and the edge, serve dense and pruned, benchmark.

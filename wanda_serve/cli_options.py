@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import functools
+import os
 import re
 import shlex
 from typing import Callable
@@ -22,6 +24,45 @@ from wanda_serve.contract import EvalOptions
 from wanda_serve.errors import WandaServeError
 from wanda_serve.methods import METHODS, AlpsConfig
 from wanda_serve.structure import Structure
+
+
+DEBUG_ENV = "WANDA_SERVE_DEBUG"
+# The machine refused a write (disk full, quota, read-only file system, permissions): the user's to fix
+# wherever in a command it happens, so it is reported like any other user error.
+REFUSED_BY_THE_MACHINE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _debugging() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def user_errors_as_one_line(command):
+    """Library errors about the user's input become one `Error: ...` line and exit code 1.
+
+    With --debug (or WANDA_SERVE_DEBUG=1) they propagate instead, with the whole chain of causes.
+    Anything else is a bug in wanda-serve and keeps its traceback.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except WandaServeError as e:
+            if _debugging():
+                raise
+            raise click.ClickException(str(e)) from e
+        except KeyboardInterrupt as e:
+            if _debugging():
+                raise
+            raise click.ClickException("interrupted; nothing was written") from e
+        except OSError as e:
+            if e.errno not in REFUSED_BY_THE_MACHINE or _debugging():
+                raise
+            raise click.ClickException(f"{e.strerror}: {e.filename} (nothing was written)") from e
+
+    return wrapper
+
 
 
 class StructureType(click.ParamType):
