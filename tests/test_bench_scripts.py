@@ -276,3 +276,111 @@ def test_recover_settings_validate_on_calibration_text_the_training_never_sees(t
     assert train_text + "\n\n" + valid_text == corpus.calibration
     assert valid_text not in train_text and valid_text not in corpus.evaluation and corpus.evaluation not in valid_text
     assert 0.10 <= len(valid_text) / len(corpus.calibration) < 0.2
+
+
+# bench/edge.py: the goal's verdict and the page, from synthetic rows.
+import edge  # noqa: E402  (its ExportRow and Row are not imported by name: scale's ExportRow is)
+
+
+def edge_row(model, export, precision, runtime, perplexity, decode=(), size=None, tokens=(1, 2, 3, 4), not_measured=None):
+    """A row as main() builds it; decode: seconds per round (63 decode steps each), prefill 0.1 s per round."""
+    return edge.Row(model, export, precision, runtime, size, perplexity, tuple(0.1 for _ in decode), tuple(decode), 63,
+               tokens if decode else (), not_measured)
+
+
+def edge_rows(pruned_int4_decode=(0.45, 0.5, 0.5)):
+    reference = (1.0, 1.2, 1.1)
+    return tuple(row for model, base in (("dense", 20.0), ("pruned", 140.0)) for row in (
+        edge_row(model, "PyTorch", "fp32", "eager", base, reference, 538_000_000),
+        edge_row(model, "PyTorch", "bf16", "eager", base * 1.01, (0.9, 1.0, 1.0)),
+        edge_row(model, "onnx", "fp32", edge.ONNX_RUNNER, base, (0.6, 0.7, 0.65), 540_000_000),
+        edge_row(model, "onnx", "int4", edge.ONNX_RUNNER, base * 1.25, pruned_int4_decode if model == "pruned" else (0.45, 0.5, 0.5),
+                 181_000_000, tokens=(1, 2, 9, 9)),
+        edge_row(model, "ort-genai", "int4", edge.GENAI, base * 1.3, (0.4, 0.45, 0.42), 170_000_000),
+        edge_row(model, "gguf", "q8_0", edge.LLAMA_CPP, None, size=144_000_000, not_measured="llama-cpp-python is not importable"),
+        edge_row(model, "gguf", "q8_0", edge.READ_BACK, base * 1.001, size=144_000_000, not_measured=edge.NOT_TIMED[edge.READ_BACK]),
+    ))
+
+
+def test_edge_speedup_is_the_median_of_per_round_ratios_so_drift_cancels():
+    reference = edge_row("dense", "PyTorch", "fp32", "eager", 20.0, (1.0, 1.0, 4.0))
+    row = edge_row("dense", "onnx", "int4", edge.ONNX_RUNNER, 25.0, (1.0, 0.25, 1.0))
+    assert edge.decode_speedup(row, reference) == 4.0  # the ratio of the medians would say 1.0
+    assert row.decode_tokens_per_second == 63.0 and row.prefill_ms == pytest.approx(100.0)
+    assert row.decode_spread == pytest.approx(0.75)
+    assert edge.tokens_agreeing(edge_row("dense", "onnx", "int4", "x", 1.0, (1.0,), tokens=(1, 2, 9, 4)), reference) == 2
+
+
+def test_edge_goal_is_met_by_the_export_with_the_lowest_perplexity_among_those_at_2x():
+    found = edge.verdicts(edge_rows())
+    assert [verdict.model for verdict in found] == ["dense", "pruned"] and all(verdict.met for verdict in found)
+    dense = found[0]
+    assert [(row.export, row.precision) for row, _ in dense.qualifying] == [("onnx", "int4"), ("ort-genai", "int4")]
+    assert dense.qualifying[0][1] == pytest.approx(1.0 / 0.45)  # the median of 1.0/0.45, 1.2/0.5 and 1.1/0.5
+    text = dense.text()
+    assert text.startswith("dense: **met** by 2 of the edge exports. At the lowest perplexity cost, onnx int4 on "
+                           "onnxruntime (OnnxCausalLM) decodes 2.22× PyTorch eager fp32 (126.0 vs 57.3 tokens/s) at perplexity "
+                           "20.00 → 25.00 (+25.0%); also ort-genai int4 on onnxruntime-genai 2.62× at perplexity 20.00 → 26.00")
+    assert "the dense model's" not in text  # the dense model is its own baseline
+    assert "(8.75× the dense model's PyTorch fp32 perplexity, 20.00)" in found[1].text()  # onnx int4: 175 vs 20
+    assert edge.goal_summary(found) == "**Met** for dense and pruned."
+
+
+def test_edge_goal_not_met_names_the_fastest_export_and_how_far_short_it_is():
+    rows = tuple(row for row in edge_rows() if not (row.model == "pruned" and row.export in ("onnx", "ort-genai") and row.precision == "int4"))
+    found = edge.verdicts(rows)
+    pruned = found[1]
+    assert not pruned.met and pruned.fastest[0].export == "onnx" and pruned.fastest[1] == pytest.approx(1.1 / 0.65)
+    assert pruned.text() == ("pruned: **not met**. The fastest edge export, onnx fp32 on onnxruntime (OnnxCausalLM), decodes 1.69× "
+                             "PyTorch eager fp32 (96.9 vs 57.3 tokens/s), 1.18× short of the goal, at perplexity 140.00 → 140.00 "
+                             "(+0.0%) (7.00× the dense model's PyTorch fp32 perplexity, 20.00).")
+    assert edge.goal_summary(found) == "**Met** for dense; **not met** for pruned."
+    assert edge.goal_summary([found[1]]) == "**Not met** for any model (pruned)."
+    assert edge.GOAL_SPEEDUP == 2.0
+    # Rows that were never timed (llama.cpp not importable, the GGUF read-back) are no candidates.
+    assert all(row.runtime not in (edge.LLAMA_CPP, edge.READ_BACK) for verdict in found for row, _ in verdict.qualifying)
+
+
+def edge_page(rows) -> edge.Page:
+    machine = {"cpu": "Some CPU", "cores": 2, "cpu_capability": "AVX512", "torch_threads": 2,
+               "versions": {"torch": "2.13.0", "onnxruntime": "1.32.0", "llama-cpp-python": "not installed"}}
+    settings = {"model": "SmolLM2-135M-Instruct", "data": "wiki (embedded)", "eval_windows": 8, "eval_seqlen": 512, "prompt_tokens": 128,
+                "new_tokens": 64, "warmup": 1, "repeats": 3, "prune_command": "wanda-serve prune --method wanda", "prompt_ids": [1, 2]}
+    exports = (edge.ExportRow("pruned", "ort-genai-int4", "wanda-serve export ort-genai runs/x --precision int4", 95.0,
+                         "greedy tokens agreeing with PyTorch fp32: 12 and 32 of 32", True),
+               edge.ExportRow("pruned", "gguf-q8_0", "wanda-serve export gguf runs/x --type q8_0", 61.0, "read back: ...", False))
+    return edge.Page("python bench/edge.py --repeats 3", 1500.0, machine, settings, exports, rows,
+                     "llama-cpp-python is not importable in this Python")
+
+
+def test_edge_page_renders_every_row_the_verdict_and_what_was_not_measured():
+    text = edge.render(edge_page(edge_rows(pruned_int4_decode=(0.9, 1.0, 1.0))))
+    assert text.startswith("# Edge exports of SmolLM2-135M-Instruct: size, perplexity and CPU speed\n")
+    assert "Written by `python bench/edge.py --repeats 3` (25 min for this invocation)" in text
+    assert "timed in 3 rounds; each round runs every runtime once, in an order rotated every round" in text
+    assert "| dense | PyTorch | fp32 | eager | 513.1 | 20.00 | 1.00 | 100.0 | 57.3 | 1.00 | 18% | 4 of 4 |" in text
+    assert "| pruned | onnx | int4 | onnxruntime (OnnxCausalLM) | 172.6 | 175.00 | 1.25 | 100.0 | 63.0 | 1.11 | 10% | 2 of 4 |" in text
+    assert "| dense | gguf | q8_0 | llama.cpp | 137.3 | not measured (1) | - | not timed (1) | - | - | - | - |" in text
+    assert "| dense | gguf | q8_0 | transformers' GGUF read-back | 137.3 | 20.02 | 1.00 | not timed (2) | - | - | - | - |" in text
+    assert "\n(1) llama-cpp-python is not importable.\n(2) not timed: PyTorch on the weights dequantized to float32" in text
+    assert "\n**Met** for dense and pruned.\n" in text
+    assert "- pruned: **met** by 1 of the edge exports. At the lowest perplexity cost, ort-genai int4" in text
+    assert "Not measured: llama-cpp-python is not importable in this Python. The GGUF files' speed in llama.cpp is therefore unknown" in text
+    assert "wanda-serve export gguf runs/x --type q8_0\n```" in text
+    assert "| pruned | gguf-q8_0 | 61 | read back: ... | **NO** |" in text
+    for line in text.splitlines():  # every table line has its header's columns: no stray | inside a cell
+        if line.startswith("| model | export | precision"):
+            columns = line.count("|")
+        elif line.startswith(("| dense |", "| pruned |")):
+            assert line.count("|") in (columns, 6), line  # a result row, or a row of the exports' table
+
+
+def test_edge_exports_spell_out_every_option_that_decides_them():
+    assert edge.command_args({"--dtype": "float32", "--quantize": ["int8", "int4"], "--flag": None}) == [
+        "--dtype", "float32", "--quantize", "int8", "--quantize", "int4", "--flag"]
+    required = {"onnx": {"--dtype", "--quantize"}, "ort-genai": {"--precision", "--execution-provider"}, "gguf": {"--type"}}
+    assert {(e.kind, tuple(sorted(e.options))) for e in edge.EXPORTS} == {(kind, tuple(sorted(options))) for kind, options in required.items()}
+    assert [spec.key for spec in edge.SPECS if spec.export_key] and all(spec.export_key in edge.EXPORTS_BY_KEY for spec in edge.SPECS if spec.export_key)
+    assert {(spec.export, spec.precision) for spec in edge.SPECS if spec.timed} >= {
+        ("PyTorch", "fp32"), ("PyTorch", "bf16"), ("onnx", "fp32"), ("onnx", "int8"), ("onnx", "int4"), ("ort-genai", "int4"),
+        ("ort-genai", "fp32"), ("gguf", "f16"), ("gguf", "q8_0")}
