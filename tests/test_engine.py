@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, VOCAB, tiny_model
-from wanda_serve.engine import (Owl, Refine, block_linears, block_stages, capture_block_inputs, find_decoder_blocks, find_linears,
+from wanda_serve.engine import (Owl, PruneOptions, Refine, block_linears, block_stages, capture_block_inputs, find_decoder_blocks, find_linears,
                                 prune_model)
 from wanda_serve.errors import WandaServeError
 from wanda_serve.methods import InputNorms, get_method
@@ -108,7 +108,7 @@ def test_owl_spreads_the_ratio_over_blocks_and_keeps_the_global_ratio():
     assert owl.block_sparsities([0.02, 0.02], 0.5) == [0.5, 0.5]
 
     model = tiny_model("llama")
-    record = prune_model(model, batches(), get_method("wanda"), Structure(ratio=0.5), progress=False, owl=owl)
+    record = prune_model(model, batches(), get_method("wanda"), Structure(ratio=0.5), options=PruneOptions(owl=owl), progress=False)
     assert sorted(record.block_sparsity) == pytest.approx([0.4, 0.6])  # two blocks: target ± spread
     audit = audit_linears(block_linears(model))
     assert audit["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
@@ -118,7 +118,7 @@ def test_owl_spreads_the_ratio_over_blocks_and_keeps_the_global_ratio():
 
 def test_owl_refuses_n_m():
     with pytest.raises(WandaServeError, match="OWL spreads an unstructured ratio"):
-        prune_model(tiny_model("llama"), batches(), get_method("wanda"), Structure(n=2, m=4), progress=False, owl=Owl())
+        prune_model(tiny_model("llama"), batches(), get_method("wanda"), Structure(n=2, m=4), options=PruneOptions(owl=Owl()), progress=False)
 
 
 @pytest.mark.parametrize("arch, fold", [
@@ -165,12 +165,12 @@ def test_kept_score_is_summed_in_float64():
 def test_permuted_pruning_is_n_m_valid_and_keeps_more_than_unpermuted():
     plain, permuted = tiny_model("llama"), tiny_model("llama")
     prune_model(plain, batches(), get_method("wanda"), Structure(n=2, m=4), progress=False)
-    record = prune_model(permuted, batches(), get_method("wanda"), Structure(n=2, m=4), progress=False, permute=True)
+    record = prune_model(permuted, batches(), get_method("wanda"), Structure(n=2, m=4), options=PruneOptions(permute=True), progress=False)
     assert set(record.permutations) == {"0.mlp.down_proj", "1.mlp.down_proj"}
     assert all(p["kept_score_ratio"] >= 1 for p in record.permutations.values())
     assert audit_linears(block_linears(permuted))["all_nm_valid"]["2:4"]
     with pytest.raises(WandaServeError, match="not N:M"):
-        prune_model(tiny_model("llama"), batches(), get_method("wanda"), Structure(ratio=0.5), progress=False, permute=True)
+        prune_model(tiny_model("llama"), batches(), get_method("wanda"), Structure(ratio=0.5), options=PruneOptions(permute=True), progress=False)
 
 
 class TwoLayers(torch.nn.Module):
@@ -210,7 +210,7 @@ def test_block_stages_follow_the_forward_pass():
 def test_block_order_computes_o_proj_statistic_through_the_pruned_attention():
     structure, method = Structure(n=2, m=4), get_method("wanda")
     staged, one_pass = tiny_model("llama"), tiny_model("llama")
-    prune_model(staged, batches(), method, structure, progress=False, block_order=True)
+    prune_model(staged, batches(), method, structure, options=PruneOptions(block_order=True), progress=False)
     prune_model(one_pass, batches(), method, structure, progress=False)
     first = lambda model, name: find_linears(find_decoder_blocks(model)[0])[name].weight  # noqa: E731
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):  # the first stage sees the block's inputs either way
@@ -243,8 +243,8 @@ def test_refinement_lowers_each_blocks_output_error_and_keeps_every_zero(method)
     structure = Structure(n=2, m=4)
     plain, refined = tiny_model("llama"), tiny_model("llama")
     prune_model(plain, batches(count=4), get_method(method), structure, progress=False)
-    record = prune_model(refined, batches(count=4), get_method(method), structure, progress=False,
-                          refine=Refine(steps=20, lr=1e-3, batch=2))
+    record = prune_model(refined, batches(count=4), get_method(method), structure,
+                         options=PruneOptions(refine=Refine(steps=20, lr=1e-3, batch=2)), progress=False)
     assert len(record.refined) == 2
     for block in record.refined:
         assert block["output_error_after"] < block["output_error_before"], block

@@ -341,20 +341,9 @@ class BlockLayout:
         return [fold for fold in self.folds if fold.consumer in stage]
 
 
-@torch.no_grad()
-def prune_model(
-    model: nn.Module,
-    batches: list[torch.Tensor],
-    method: Method,
-    structure: Structure,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-    owl: Owl | None = None,
-    permute: bool = False,
-    block_order: bool = False,
-    refine: Refine | None = None,
-) -> PruneRecord:
-    """Prune every linear layer of every decoder block of `model` in place.
+@dataclass(frozen=True)
+class PruneOptions:
+    """What the engine does around the method's masks, each off by default.
 
     With `owl`, an unstructured target is spread over the blocks by their outlier ratios (one more
     calibration pass over the dense model first). With `permute`, an N:M target is preceded by the
@@ -362,6 +351,18 @@ def prune_model(
     each block is pruned stage by stage on the inputs of its pruned earlier stages; with `refine`,
     each pruned block is fitted to the dense block's outputs.
     """
+
+    owl: Owl | None = None
+    permute: bool = False
+    block_order: bool = False
+    refine: Refine | None = None
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, batches: list[torch.Tensor], method: Method, structure: Structure,
+                options: PruneOptions = PruneOptions(), device: torch.device | str = "cpu", progress: bool = True) -> PruneRecord:
+    """Prune every linear layer of every decoder block of `model` in place (PruneOptions: what else it does)."""
+    owl, permute, block_order, refine = options.owl, options.permute, options.block_order, options.refine
     device = torch.device(device)
     check_structure_fits(model, structure)
     if owl is not None:
@@ -396,10 +397,16 @@ def prune_model(
                 record.permutations.update(_permute_for_nm(layout.folds_into(stage), linears, stats, method, structure, index))
                 _prune_linears(stage_linears, method, stats, block_structure)
         with record.timing("forward", device):
-            hidden_next = run_block(block, calls, hidden)  # what the next block sees
+            pruned_outputs = run_block(block, calls, hidden)  # what the next block sees, unless refined
         if refine is not None:
-            hidden_next = _refined_outputs(refine, block, linears, calls, hidden, dense_outputs, hidden_next, record, index, device)
-        hidden = hidden_next
+            with record.timing("mask", device):
+                refine(block, linears, calls, hidden, dense_outputs)
+            with record.timing("forward", device):
+                refined_outputs = run_block(block, calls, hidden)
+            record.refined.append({"block": index, "output_error_before": output_error(pruned_outputs, dense_outputs),
+                                   "output_error_after": output_error(refined_outputs, dense_outputs)})
+            pruned_outputs = refined_outputs
+        hidden = pruned_outputs
         block.to(home)
     return record
 
@@ -423,16 +430,3 @@ def _stage_statistics(block, linears: dict[str, nn.Linear], method: Method, call
         stats, _ = block_statistics(block, linears, method.statistic, calls, hidden, device,
                                     stop_after=list(linears)[-1] if stop else None)
     return stats
-
-
-def _refined_outputs(refine: Refine, block, linears: dict[str, nn.Linear], calls: list[BlockCall], hidden: list[torch.Tensor],
-                     dense_outputs: list[torch.Tensor], pruned_outputs: list[torch.Tensor], record: PruneRecord, index: int,
-                     device) -> list[torch.Tensor]:
-    """Fit the pruned block to the dense block's outputs; its new outputs, with the errors before and after recorded."""
-    with record.timing("mask", device):
-        refine(block, linears, calls, hidden, dense_outputs)
-    with record.timing("forward", device):
-        refined_outputs = run_block(block, calls, hidden)
-    record.refined.append({"block": index, "output_error_before": output_error(pruned_outputs, dense_outputs),
-                           "output_error_after": output_error(refined_outputs, dense_outputs)})
-    return refined_outputs

@@ -14,7 +14,7 @@ import torch
 from wanda_serve.artifacts import atomic_output_dir, package_versions
 from wanda_serve.contract import PRUNE_REPORT_NAME, EvalOptions
 from wanda_serve.data import calibration_batches, evaluation_ids, load_corpus
-from wanda_serve.engine import Owl, Refine, block_linears, check_structure_fits, prune_model
+from wanda_serve.engine import Owl, PruneOptions, Refine, block_linears, check_structure_fits, prune_model
 from wanda_serve.errors import WandaServeError
 from wanda_serve.evaluate import perplexity, torch_logits_fn
 from wanda_serve.methods import get_method
@@ -130,8 +130,8 @@ def run_prune(job: PruneJob) -> dict:
 
         evaluation = Evaluation(job.evaluation, loaded.tokenizer, device, job.progress) if job.evaluation else None
         before = evaluation.perplexity(loaded.model) if evaluation else None
-        record = prune_model(loaded.model, batches, method, structure, device, job.progress, job.owl, permute,
-                              job.block_order, job.refine)
+        options = PruneOptions(owl=job.owl, permute=permute, block_order=job.block_order, refine=job.refine)
+        record = prune_model(loaded.model, batches, method, structure, options, device, job.progress)
         after = evaluation.perplexity(loaded.model) if evaluation else None
 
         save_model(loaded, tmp)
