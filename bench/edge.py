@@ -43,7 +43,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Protocol
@@ -54,7 +54,7 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from prune_methods import (  # noqa: E402
-    DEFAULT_RECIPE, NUMERIC_SOURCES, Settings, argv, cpu_name, provenance, stored_result, wanda_serve, weights_sha256,
+    DEFAULT_RECIPE, NUMERIC_SOURCES, Settings, argv, cpu_name, provenance, stored_result, wanda_serve, weights_sha256, write_page,
 )
 
 from exporters.onnx_runtime import OnnxCausalLM, positions_from_mask  # noqa: E402
@@ -809,10 +809,7 @@ def main() -> None:
                 "prune_command": shlex.join(["wanda-serve", "prune", *model_args, *argv(prune_options)]), "prompt_ids": prompt}
     command = shlex.join(["python", "bench/edge.py", *sys.argv[1:]])
     page = Page(command, time.time() - started, machine, settings, tuple(export_rows), tuple(rows), no_llama_cpp)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(asdict(page), indent=2) + "\n")
-    args.out.write_text(render(page))
-    print(args.out.read_text())
+    write_page(args.out, page, render)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ if all of them are the same now, and otherwise stops with one line saying what d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -175,6 +176,14 @@ def differences(stored: dict, expected: dict) -> list[str]:
     old, new = flat(stored), flat(expected)
     return [f"{key}: stored {show(old, key)}, now {show(new, key)}"
             for key in dict.fromkeys([*new, *old]) if (key in old, old.get(key)) != (key in new, new.get(key))]
+
+
+def write_page(out: Path, page, render) -> None:
+    """A benchmark's page: its typed data (a dataclass) as OUT.json and render(page) as OUT, which is also printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(dataclasses.asdict(page), indent=2) + "\n")
+    out.write_text(render(page))
+    print(out.read_text())
 
 
 def stored_result(path: Path, label: str, expected: dict, recompute_stale: bool) -> dict | None:

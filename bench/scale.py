@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from exports import vllm_version  # noqa: E402
 from prune_methods import (  # noqa: E402
-    DEFAULT_RECIPE, NUMERIC_SOURCES, Recipe, Settings, argv, cpu_name, provenance, stored_result, weights_sha256,
+    DEFAULT_RECIPE, NUMERIC_SOURCES, Recipe, Settings, argv, cpu_name, provenance, stored_result, weights_sha256, write_page,
 )
 
 from wanda_serve.artifacts import cache_dir  # noqa: E402
@@ -853,10 +853,7 @@ def main() -> None:
                 "eval_windows_text": f"the first {config.eval_windows} windows" if config.eval_windows else "every window",
                 "prune_command": prune_command, "serve": serve}
     page = build_page(results, config, command, machine_facts(versions), settings, time.time() - started)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(asdict(page), indent=2) + "\n")
-    args.out.write_text(render(page))
-    print(args.out.read_text())
+    write_page(args.out, page, render)
 
 
 if __name__ == "__main__":
