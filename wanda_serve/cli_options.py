@@ -22,6 +22,7 @@ from deploy.vllm_server import ServerSettings
 from deploy.workload import CONCURRENCY_LEVELS, PROMPT_SOURCES, WorkloadSpec
 from wanda_serve.contract import EvalOptions
 from wanda_serve.errors import WandaServeError
+from wanda_serve.jobs import PruneJob
 from wanda_serve.methods import METHODS, AlpsConfig
 from wanda_serve.structure import Structure
 
@@ -261,13 +262,12 @@ def bench_settings(kwargs: dict) -> BenchSettings:
     return schedule_options.build(kwargs, workload=prompt_options.build(kwargs), server=server_options.build(kwargs))
 
 
-# What to prune to and from how much calibration text, shared by prune and run.
-pruning_options = stacked(
-    click.option("--method", type=click.Choice(list(METHODS)), default="wanda", show_default=True,
-                 help="magnitude |W|; wanda |W|·‖X‖; ria (relative importance); sparsegpt (OBS mask and update); "
-                      f"alps (ADMM, then conjugate gradient on the support; {AlpsConfig().describe()})."),
-    click.option("--structure", type=StructureType(), default="2:4", show_default=True,
-                 help="N:M (N zeros in every M inputs) or a ratio such as 0.5."),
-    click.option("--nsamples", default=64, show_default=True, type=click.IntRange(1), help="Calibration samples."),
-    click.option("--seqlen", default=512, show_default=True, type=click.IntRange(2), help="Tokens per calibration sample."),
-)
+# What to prune to and from how much calibration text, shared by prune and run; defaults are PruneJob's.
+pruning_options = FieldOptions(PruneJob, {
+    "method": field_option("--method", type=click.Choice(list(METHODS)),
+                           help="magnitude |W|; wanda |W|·‖X‖; ria (relative importance); sparsegpt (OBS mask and update); "
+                                f"alps (ADMM, then conjugate gradient on the support; {AlpsConfig().describe()})."),
+    "structure": field_option("--structure", type=StructureType(), help="N:M (N zeros in every M inputs) or a ratio such as 0.5."),
+    "nsamples": field_option("--nsamples", type=click.IntRange(1), help="Calibration samples."),
+    "seqlen": field_option("--seqlen", type=click.IntRange(2), help="Tokens per calibration sample."),
+})
