@@ -44,7 +44,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -59,6 +58,7 @@ from prune_methods import (  # noqa: E402
 
 from exporters.onnx_runtime import OnnxCausalLM, positions_from_mask  # noqa: E402
 from exporters.verify import release_memory  # noqa: E402
+from wanda_serve.artifacts import package_version  # noqa: E402
 from wanda_serve.contract import MANIFEST_NAME  # noqa: E402
 from wanda_serve.data import evaluation_ids, load_corpus  # noqa: E402
 from wanda_serve.evaluate import perplexity  # noqa: E402
@@ -610,13 +610,6 @@ class Source:
     cli_args: tuple[str, ...]  # MODEL on the command line (none: the embedded model)
     directory: Path
     sha256: str
-
-
-def package_version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def versions(packages: tuple[str, ...]) -> dict[str, str]:

@@ -53,7 +53,7 @@ from prune_methods import (  # noqa: E402
     DEFAULT_RECIPE, NUMERIC_SOURCES, Recipe, Settings, argv, cpu_name, provenance, stored_result, weights_sha256, write_page,
 )
 
-from wanda_serve.artifacts import cache_dir  # noqa: E402
+from wanda_serve.artifacts import cache_dir, package_version  # noqa: E402
 from wanda_serve.contract import MANIFEST_NAME, PRUNE_REPORT_NAME, RESULTS_NAME, VLLM_PYTHON_ENV, vllm_python  # noqa: E402
 from wanda_serve.methods import get_method  # noqa: E402
 from wanda_serve.models import EMBEDDED_MODEL_NAME, LARGE_MODEL_NAME, PACKAGED_MODELS  # noqa: E402
@@ -801,13 +801,6 @@ def machine_facts(versions: dict[str, str]) -> dict:
     return {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
             "memory_gb": int(memory[1]) * 1024 / GB if memory else float("nan"),
             **{name: package_version(name) for name in ("torch", "transformers")}, **versions}
-
-
-def package_version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def main() -> None:

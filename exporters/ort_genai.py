@@ -17,14 +17,13 @@ import tempfile
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from exporters.verify import ExportCheckFailed, file_digests, release_memory, torch_greedy
-from wanda_serve.artifacts import atomic_output_dir, package_versions
+from wanda_serve.artifacts import atomic_output_dir, package_version, package_versions
 from wanda_serve.contract import GREEDY_TOKENS, MANIFEST_NAME, PROMPTS
 from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
@@ -141,7 +140,7 @@ def run_builder(source: Path, out: Path, cache: Path, precision: str, provider: 
                                         [f"{key}={value}" for key, value in options.items()])
             create_model(None, str(source), str(out), precision, provider, str(cache), **extra)
     except NotImplementedError as e:
-        raise WandaServeError(f"onnxruntime-genai's model builder ({_version('onnxruntime-genai')}) cannot convert {label}: "
+        raise WandaServeError(f"onnxruntime-genai's model builder ({package_version('onnxruntime-genai')}) cannot convert {label}: "
                               f"{_first_line(e)}") from e
     except ValueError as e:
         raise WandaServeError(f"onnxruntime-genai's model builder refused {label}: {_first_line(e)}") from e
@@ -415,7 +414,7 @@ def export_ort_genai(job: OrtGenaiExport) -> dict:
             "format": "onnxruntime-genai model (genai_config.json, ONNX decoder with KV cache), made by onnxruntime-genai's model builder",
             "source": source,
             "architecture": architecture,
-            "builder": {"package": "onnxruntime-genai", "version": _version("onnxruntime-genai"), "precision": job.precision,
+            "builder": {"package": "onnxruntime-genai", "version": package_version("onnxruntime-genai"), "precision": job.precision,
                         "execution_provider": job.execution_provider, "extra_options": options,
                         "model_type": genai_config["model"].get("type")},
             "export_seconds": export_seconds,
@@ -431,17 +430,12 @@ def export_ort_genai(job: OrtGenaiExport) -> dict:
                 "genai_tokenizer_same_ids": same_ids,
             },
             "files": file_digests(tmp),
-            "versions": {**package_versions(), **{name: _version(name) for name in ("onnxruntime-genai", "onnxruntime", "onnx")}},
+            "versions": {**package_versions(), **{name: package_version(name) for name in ("onnxruntime-genai", "onnxruntime", "onnx")}},
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def _version(distribution: str) -> str:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _first_line(error: Exception) -> str:
