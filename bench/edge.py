@@ -3,7 +3,7 @@
 Prunes the embedded model with the default recipe (every option spelled out), then makes every edge
 export of the dense and the pruned model with the real CLI, each in its own process: `export onnx`
 (fp32 with its int8 and int4 weight-only variants), `export ort-genai` (int4 and fp32 for the CPU) and
-`export gguf` (f16 and q8_0). Then, in this process, each runtime is loaded once and measured:
+`export gguf` (f16, q8_0 and q4_0). Then, in this process, each runtime is loaded once and measured:
 
 - perplexity on the first --eval-windows windows of --eval-seqlen tokens of the held-out Wikipedia
   region, through the runtime itself: PyTorch's logits; onnx through wanda-serve's own onnxruntime
@@ -56,6 +56,7 @@ from prune_methods import (  # noqa: E402
     DEFAULT_RECIPE, NUMERIC_SOURCES, Settings, argv, cpu_name, provenance, stored_result, wanda_serve, weights_sha256, write_page,
 )
 
+from exporters.gguf_export import logits_tolerance_text  # noqa: E402
 from exporters.onnx_runtime import OnnxCausalLM, positions_from_mask  # noqa: E402
 from exporters.verify import release_memory  # noqa: E402
 from wanda_serve.artifacts import package_version  # noqa: E402
@@ -89,6 +90,7 @@ class EdgeExport:
 
 
 _SHARED = ("models.py", "engine.py", "artifacts.py", "contract.py", "../exporters/verify.py")
+GGUF_TYPES = ("f16", "q8_0", "q4_0")
 EXPORTS = (
     EdgeExport("onnx", "onnx", {"--dtype": "float32", "--quantize": ["int8", "int4"]},
                (*_SHARED, "../exporters/onnx_export.py", "../exporters/onnx_runtime.py"), ("onnx", "onnxscript", "onnxruntime")),
@@ -96,7 +98,7 @@ EXPORTS = (
                  (*_SHARED, "../exporters/ort_genai.py"), ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir"))
       for precision in ("int4", "fp32")),
     *(EdgeExport(f"gguf-{kind}", "gguf", {"--type": kind}, (*_SHARED, "../exporters/gguf_export.py", "../exporters/gguf_vocab.py"),
-                 ("gguf",)) for kind in ("f16", "q8_0")),
+                 ("gguf",)) for kind in GGUF_TYPES),
 )
 EXPORTS_BY_KEY = {export.key: export for export in EXPORTS}
 # What computes a perplexity besides the runtime's package and its class below (runtime_code): the text, the
@@ -277,7 +279,7 @@ SPECS = (
       for precision, file in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"), ("int4", "model.int4.onnx"))),
     *(RuntimeSpec(f"ort-genai-{precision}", "ort-genai", precision, GENAI, f"ort-genai-{precision}",
                   packages=("onnxruntime-genai", "onnxruntime")) for precision in ("int4", "fp32")),
-    *(spec for kind in ("f16", "q8_0") for spec in (
+    *(spec for kind in GGUF_TYPES for spec in (
         RuntimeSpec(f"gguf-{kind}-llama.cpp", "gguf", kind, LLAMA_CPP, f"gguf-{kind}", packages=("llama-cpp-python",)),
         RuntimeSpec(f"gguf-{kind}-read-back", "gguf", kind, READ_BACK, f"gguf-{kind}", timed=False, packages=("gguf",)))),
 )
@@ -467,7 +469,7 @@ def export_checks(kind: str, manifest: dict) -> tuple[str, bool]:
                 bool(zeros["kept"]))
     checks = manifest["checks"]
     logits, zeros, greedy = checks["logits"], checks["zeros"], checks["greedy"]
-    return (f"read back: logits within {logits['relative_diff']:.2%} of the largest (tolerance {logits['tolerance']:.0%}), greedy "
+    return (f"read back: logits within {logits['relative_diff']:.2%} of the largest ({logits_tolerance_text(logits['tolerance'])}), greedy "
             f"tokens agreeing {' and '.join(map(str, greedy['tokens_agreeing']))} of {greedy['tokens']}; zeros kept "
             f"{zeros['zeros_kept']:,} of {zeros['source_zeros']:,}", bool(zeros["kept"]))
 

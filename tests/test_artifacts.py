@@ -1,10 +1,11 @@
 """Outputs appear whole or not at all, and a failed write never costs the user what was there."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-from wanda_serve.artifacts import atomic_output_dir, read_json_file, replacing_dir, write_file_atomically
+from wanda_serve.artifacts import atomic_files, atomic_output_dir, read_json_file, replacing_dir, write_file_atomically
 from wanda_serve.errors import WandaServeError
 
 
@@ -85,6 +86,28 @@ def test_file_written_atomically_only_with_overwrite(tmp_path):
     with pytest.raises(WandaServeError, match="is a directory"):
         write_file_atomically(tmp_path, "x", overwrite=True)
     assert listing(tmp_path) == {"result.json": "two"}
+
+
+def test_files_written_together_or_not_at_all(tmp_path):
+    model, manifest = tmp_path / "new" / "model.gguf", tmp_path / "new" / "model.gguf.manifest.json"
+    with pytest.raises(RuntimeError):
+        with atomic_files([(model, "--out"), (manifest, "manifest")]) as (model_tmp, manifest_tmp):
+            assert model_tmp.name.endswith(".partial.gguf")  # readers that go by the suffix still know it
+            model_tmp.write_text("weights")
+            manifest_tmp.write_text("{}")
+            raise RuntimeError("check failed")
+    assert listing(tmp_path) == {}  # the directory made for them is gone too
+    with atomic_files([(model, "--out"), (manifest, "manifest")]) as (model_tmp, manifest_tmp):
+        model_tmp.write_text("weights")
+        manifest_tmp.write_text("{}")
+    assert listing(tmp_path) == {"new": "dir", "new/model.gguf": "weights", "new/model.gguf.manifest.json": "{}"}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert model.stat().st_mode & 0o777 == 0o666 & ~umask  # not left private (0600) like a temporary
+    with pytest.raises(WandaServeError, match="manifest .*manifest.json exists"):
+        with atomic_files([(tmp_path / "other.gguf", "--out"), (manifest, "manifest")]):
+            pass
+    assert not (tmp_path / "other.gguf").exists()
 
 
 def test_damaged_json_is_one_clear_error(tmp_path):

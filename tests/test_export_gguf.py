@@ -1,4 +1,4 @@
-"""GGUF export: tiny pruned LLaMA and Qwen2 models written as f16, bf16 and q8_0, then read back.
+"""GGUF export: tiny pruned LLaMA and Qwen2 models written as f16, bf16, q8_0 and q4_0, then read back.
 
 The file is read back here on its own (transformers' GGUF loader, and gguf's reader for the raw
 tensors), not through the manifest, so each test can fail when the export is wrong. The q/k
@@ -35,7 +35,7 @@ from wanda_serve.errors import WandaServeError
 # almost uniform, so q and k hardly matter: a file with a wrong q/k layout would give nearly the
 # source's logits. With this, attention is sharp, as in a trained model.
 Q_K_SCALE = 8.0
-TYPES = ("f16", "bf16", "q8_0")
+TYPES = ("f16", "bf16", "q8_0", "q4_0")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -89,7 +89,10 @@ def test_export_reads_back_within_tolerance_and_keeps_zeros(sources, tmp_path, a
     assert manifest["architecture"]["q_k_rope_permuted"] == (arch == "llama")
 
     model = read_back(out)
-    assert relative_logit_diff(model, source) <= LOGITS_TOLERANCE[gguf_type]
+    difference = relative_logit_diff(model, source)
+    assert difference == pytest.approx(manifest["checks"]["logits"]["relative_diff"], rel=1e-4)
+    if LOGITS_TOLERANCE[gguf_type] is not None:
+        assert difference <= LOGITS_TOLERANCE[gguf_type]
     reference = AutoModelForCausalLM.from_pretrained(source)
     linears, zeros = block_linears(model), 0
     for name, linear in block_linears(reference).items():
@@ -100,8 +103,10 @@ def test_export_reads_back_within_tolerance_and_keeps_zeros(sources, tmp_path, a
 
     # The file itself: llama.cpp's names and types, and the pruned zeros where llama.cpp finds the weights.
     tensors = raw_tensors(out)
-    expected_type = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[gguf_type]
-    assert tensors["token_embd.weight"][0] == tensors["blk.1.ffn_down.weight"][0] == expected_type
+    expected_type = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}[gguf_type]
+    assert tensors["blk.1.ffn_down.weight"][0] == expected_type
+    # q4_0 keeps the embedding, which is also the output matrix, at 8 bits, as llama.cpp's quantize keeps it finer
+    assert tensors["token_embd.weight"][0] == ("Q8_0" if gguf_type == "q4_0" else expected_type)
     assert tensors["output_norm.weight"][0] == tensors["blk.0.attn_norm.weight"][0] == "F32"
     assert ("output.weight" in tensors) == (arch == "qwen2")  # tiny LLaMA ties lm_head to the embedding
     assert ("blk.0.attn_q.bias" in tensors) == (arch == "qwen2")
@@ -118,7 +123,7 @@ def test_export_reads_back_within_tolerance_and_keeps_zeros(sources, tmp_path, a
         stored = tensors[f"blk.{block}.{gguf_name}.weight"][1]
         assert stored.shape == tuple(weight.shape)
         assert (stored[weight.numpy() == 0] == 0).all(), name
-        if gguf_type != "q8_0":  # q8_0 may round a tiny surviving weight to 0 too
+        if gguf_type in ("f16", "bf16"):  # q8_0 and q4_0 may round a small surviving weight to 0 too
             assert np.array_equal(stored == 0, weight.numpy() == 0), name
 
 
@@ -226,6 +231,9 @@ def test_cli_writes_and_overwrites(sources, tmp_path):
     assert result.exit_code == 0, result.output
     assert out.read_bytes() != first and gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
     assert json.loads(Path(f"{out}.manifest.json").read_text())["type"]["name"] == "bf16"
+    result = run("export", "gguf", sources["llama"], "--out", out, "--type", "q4_0", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "of the largest, reported, not required), greedy equal" in result.stdout  # 4-bit logits: no tolerance
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -246,9 +254,9 @@ BAD_INPUTS = [
     # (name, arguments after MODEL: "{root}" is the case's directory; the text the Error line must hold)
     ("q4_k-has-no-writer", ["{llama}", "--out", "{root}/m.gguf", "--type", "q4_k"],
      "--type q4_k: the installed gguf package 0.19.0 can read q4_k but not write it (gguf.quants has no Q4_K quantizer); "
-     "types that work: f16, bf16, q8_0"),
+     "types that work: f16, bf16, q8_0, q4_0"),
     ("unknown-type", ["{llama}", "--out", "{root}/m.gguf", "--type", "q3_k"],
-     "unknown GGUF type 'q3_k' for --type; choose from f16, bf16, q8_0"),
+     "unknown GGUF type 'q3_k' for --type; choose from f16, bf16, q8_0, q4_0"),
     ("existing-out", ["{llama}", "--out", "{root}/existing.gguf"],
      "--out {root}/existing.gguf exists (use --overwrite to replace it)"),
     ("not-gguf", ["{llama}", "--out", "{root}/model.bin"], "--out {root}/model.bin must end in .gguf"),

@@ -16,7 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from wanda_serve.errors import WandaServeError
 
@@ -146,28 +146,48 @@ def check_output_file(path: Path, overwrite: bool, option: str = "output") -> No
         raise WandaServeError(f"{option} {path} exists (use --overwrite to replace it)")
 
 
-def write_file_atomically(path: Path, text: str, overwrite: bool = False, option: str = "output") -> None:
-    """Write text to path whole or not at all; an existing file is replaced only with `overwrite`."""
-    check_output_file(path, overwrite, option)
-    created: list[Path] = []
-    tmp = None
+@contextmanager
+def atomic_files(outputs: Sequence[tuple[Path, str]], overwrite: bool = False) -> Iterator[list[Path]]:
+    """Temporary files beside the output files, for the block to write, renamed into place in order only
+    if the block completes; on any failure all are removed, with any directories made for them, and what
+    was at the outputs before is untouched. Each output is a (path, the option that named it) pair. A
+    temporary keeps its output's suffix (`.NAME.XXXX.partial.gguf`): some readers go by it."""
+    for path, option in outputs:
+        check_output_file(path, overwrite, option)
+    created: list[Path] = []  # deepest first, to remove on failure
+    temporaries: list[Path] = []
     try:
-        created = _make_parents(path)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        tmp = Path(name)
-        with os.fdopen(fd, "w") as stream:
-            stream.write(text)
+        for path, option in outputs:
+            try:
+                created = _make_parents(path) + created
+                handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{path.suffix}", dir=path.parent)
+                os.close(handle)
+            except OSError as e:
+                raise WandaServeError(f"cannot write {option} {path}: {e.strerror or e}") from e
+            temporaries.append(Path(name))
+        yield temporaries
         umask = os.umask(0)
         os.umask(umask)
-        tmp.chmod(0o666 & ~umask)
-        tmp.replace(path)
-    except BaseException as e:
-        if tmp is not None:
+        for tmp, (path, option) in zip(temporaries, outputs):
+            try:
+                tmp.chmod(0o666 & ~umask)  # mkstemp makes files private; an output gets the usual permissions
+                tmp.replace(path)
+            except OSError as e:
+                raise WandaServeError(f"cannot move the finished {option} into {path}: {e.strerror or e}") from e
+    except BaseException:
+        for tmp in temporaries:
             tmp.unlink(missing_ok=True)
         _remove_empty(created)
-        if isinstance(e, OSError):
-            raise WandaServeError(f"cannot write {option} {path}: {e.strerror or e}") from e
         raise
+
+
+def write_file_atomically(path: Path, text: str, overwrite: bool = False, option: str = "output") -> None:
+    """Write text to path whole or not at all; an existing file is replaced only with `overwrite`."""
+    with atomic_files([(path, option)], overwrite) as (tmp,):
+        try:
+            tmp.write_text(text)
+        except OSError as e:
+            raise WandaServeError(f"cannot write {option} {path}: {e.strerror or e}") from e
 
 
 def read_json_file(path: Path) -> dict:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from exporters.gguf_export import GgufExport, export_gguf
+from exporters.gguf_export import TYPES as GGUF_TYPES
+from exporters.gguf_export import GgufExport, export_gguf, logits_tolerance_text
 from exporters.onnx_export import OnnxExport, export_onnx
 from exporters.ort_genai import OrtGenaiExport, export_ort_genai
 from exporters.vllm_checkpoint import VllmExport, export_vllm
@@ -56,7 +57,7 @@ def export_vllm_command(model, out, dtype, max_shard_size, no_vllm_check, overwr
 @click.argument("model", required=False)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output file, FILE.gguf; its manifest goes beside it as FILE.gguf.manifest.json.")
-@click.option("--type", "gguf_type", default="f16", show_default=True, metavar="f16|bf16|q8_0|q4_k",
+@click.option("--type", "gguf_type", default="f16", show_default=True, metavar="|".join(GGUF_TYPES),
               help="Type of the 2-D weights (1-D tensors and norms stay f32, as llama.cpp's converter keeps them).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing FILE.gguf and its manifest.")
 @user_errors_as_one_line
@@ -83,7 +84,7 @@ def export_gguf_command(model, out, gguf_type, overwrite):
                f"architecture, export {manifest['export_seconds']:.1f} s) and {out}.manifest.json")
     zeros = checks["zeros"]
     click.echo(f"read back: max |logit diff| {checks['logits']['max_abs_diff']:.2g} ({checks['logits']['relative_diff']:.2%} of the "
-               f"largest, tolerance {checks['logits']['tolerance']:.0%}), greedy equal: {'yes' if checks['greedy']['equal'] else 'no'}, "
+               f"largest, {logits_tolerance_text(checks['logits']['tolerance'])}), greedy equal: {'yes' if checks['greedy']['equal'] else 'no'}, "
                f"tokenizer identical: {'yes' if checks['tokenizer']['identical'] else 'no'}, "
                f"pruned zeros kept: {zeros['zeros_kept']} of {zeros['source_zeros']}")
 
