@@ -218,7 +218,8 @@ def plan_tensors(model, architecture: Architecture, kind: GgufType) -> list[Plan
     Names come from gguf's TensorNameMap; a parameter it does not know stops the export. Types follow
     convert_hf_to_gguf.py (ModelBase.prepare_tensors): 1-D tensors and norms in F32, a weight whose
     rows do not fill the type's blocks in F16, everything else in the chosen type, embeddings and
-    output included unless the type names another for them. A tied lm_head is not written: llama.cpp reuses token_embd, as transformers does.
+    output included unless the type names another for them. A tied lm_head is not written: llama.cpp
+    reuses token_embd, as transformers does.
     """
     config = model.config
     names = gguf.get_tensor_name_map(architecture.arch, config.num_hidden_layers)

@@ -436,8 +436,6 @@ def export_ort_genai(job: OrtGenaiExport) -> dict:
     return manifest
 
 
-
-
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
