@@ -2,9 +2,9 @@
 
 The Wikipedia calibration region is split once, at a paragraph boundary: its first 90% is the
 training text, its last 10% the validation text; the held-out evaluation region that
-docs/recover_benchmark.md reports on is not read. For each (learning rate, batch size) pair of
---settings, the default recipe's pruned model (bench/recover.py's, the same bytes) is recovered on the
-training text with `wanda-serve recover --data train.txt --eval-data valid.txt` at one budget, and
+docs/recover_benchmark.md reports on is not read. For each setting of --settings (learning rate, batch
+size, window length, temperature), the default recipe's pruned model (bench/recover.py's, the same
+bytes) is recovered on the training text with `wanda-serve recover --data train.txt --eval-data valid.txt` at one budget, and
 the validation perplexity is recorded with the training speed. Writes a Markdown table and its JSON.
 
     python bench/recover_settings.py --out docs/recover_settings.md
@@ -19,6 +19,7 @@ import argparse
 import json
 import shlex
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,11 +28,34 @@ from recover import RECOVER_SOURCES, pruned_model  # noqa: E402
 
 from wanda_serve.contract import RECOVER_REPORT_NAME  # noqa: E402
 from wanda_serve.data import load_corpus  # noqa: E402
+from wanda_serve.recover import RecoverJob  # noqa: E402
 
 RECIPE = "wanda-permute-2of4"  # the default recipe, as bench/recover.py names it
 VALIDATION_SHARE = 0.10
-SHARED = {"--seqlen": "256", "--warmup": "0.05", "--temperature": "1.0", "--seed": "0", "--out-of-domain": "none",
-          "--eval-seqlen": "1024", "--no-reference": None}
+SHARED = {"--warmup": "0.05", "--seed": "0", "--out-of-domain": "none", "--eval-seqlen": "1024", "--no-reference": None}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row: LR:BATCH[:SEQLEN[:TEMPERATURE]] on the command line; the omitted fields are recover's defaults."""
+
+    lr: str
+    batch: int
+    seqlen: int = RecoverJob.seqlen
+    temperature: float = RecoverJob.temperature
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        lr, batch, *rest = text.split(":")
+        seqlen, temperature = (rest + [None, None])[:2]
+        return cls(lr, int(batch), int(seqlen or cls.seqlen), float(temperature or cls.temperature))
+
+    @property
+    def name(self) -> str:
+        # The fields at recover's default stay out of the name, so results stored before they were options still match.
+        extra = (f"-seqlen{self.seqlen}" * (self.seqlen != RecoverJob.seqlen)
+                 + f"-t{self.temperature:g}" * (self.temperature != RecoverJob.temperature))
+        return f"lr{self.lr}-batch{self.batch}{extra}"
 
 
 def split_calibration(work: Path) -> tuple[Path, Path]:
@@ -48,9 +72,9 @@ def split_calibration(work: Path) -> tuple[Path, Path]:
     return train, valid
 
 
-def recover_options(tokens: int, lr: str, batch: int, train: Path, valid: Path) -> dict[str, str | None]:
-    return {"--tokens": str(tokens), "--lr": lr, "--batch-size": str(batch), "--data": str(train), "--eval-data": str(valid),
-            **SHARED}
+def recover_options(tokens: int, setting: Setting, train: Path, valid: Path) -> dict[str, str | None]:
+    return {"--tokens": str(tokens), "--lr": setting.lr, "--batch-size": str(setting.batch), "--data": str(train),
+            "--eval-data": str(valid), "--seqlen": str(setting.seqlen), "--temperature": str(setting.temperature), **SHARED}
 
 
 def expected_record(options: dict[str, str | None], pruned_sha256: str) -> dict:
@@ -68,28 +92,34 @@ def render(rows: list[dict], command: str, tokens: int) -> str:
         "",
         f"The default recipe's pruned SmolLM2 recovered on {tokens} tokens of the first {1 - VALIDATION_SHARE:.0%} of the "
         f"Wikipedia calibration region; validation perplexity on its last {VALIDATION_SHARE:.0%} (never on the held-out "
-        "evaluation region). Batch: windows of 256 tokens per optimizer step, so a smaller batch takes more steps. "
+        "evaluation region), in windows of 1024 tokens. Batch: windows of `seqlen` tokens per optimizer step, so a smaller "
+        "batch of the same windows takes more steps. Temperature: of both distributions in the KL. "
         "The first row is recover's default.",
         "",
-        "| lr | batch | steps | validation perplexity | vs default | train s | tokens/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| lr | batch | seqlen | temperature | steps | validation perplexity | vs default | train s | tokens/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mark = " **(best)**" if r is best else ""
-        lines.append(f"| {r['lr']} | {r['batch']} | {r['steps']} | {r['validation']:.2f}{mark} | "
-                     f"{r['validation'] / default['validation'] - 1:+.1%} | {r['train_seconds']:.0f} | {r['tokens_per_second']:.0f} |")
-    lines += ["", f"Best: lr {best['lr']}, batch {best['batch']}, {best['validation'] / default['validation'] - 1:+.1%} in validation "
-              f"perplexity against the default (lr {default['lr']}, batch {default['batch']}), at "
-              f"{best['train_seconds'] / default['train_seconds']:.2f}× its training time on this CPU.", ""]
+        lines.append(f"| {r['lr']} | {r['batch']} | {r['seqlen']} | {r['temperature']:g} | {r['steps']} | "
+                     f"{r['validation']:.2f}{mark} | {r['validation'] / default['validation'] - 1:+.1%} | "
+                     f"{r['train_seconds']:.0f} | {r['tokens_per_second']:.0f} |")
+    lines += ["", f"Best: {describe(best)}, {best['validation'] / default['validation'] - 1:+.1%} in validation perplexity "
+              f"against the default ({describe(default)}), at {best['train_seconds'] / default['train_seconds']:.2f}× its "
+              "training time on this CPU.", ""]
     return "\n".join(lines)
+
+
+def describe(row: dict) -> str:
+    return f"lr {row['lr']}, batch {row['batch']}, seqlen {row['seqlen']}, temperature {row['temperature']:g}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokens", type=int, default=100_000, help="the budget the settings are chosen for")
-    parser.add_argument("--settings", default="3e-4:4,3e-4:1,1e-3:4,1e-3:1,1e-4:1",
-                        help="LR:BATCH pairs, comma-separated; the first is recover's default")
+    parser.add_argument("--settings", default="3e-4:4,3e-4:1,1e-3:4,1e-3:1,1e-4:1,3e-4:1:1024,3e-4:2:512,3e-4:4:256:2",
+                        help="LR:BATCH[:SEQLEN[:TEMPERATURE]], comma-separated; the first is recover's default")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-recover-settings"))
     parser.add_argument("--pruned-work", type=Path, default=Path("runs/bench-recover"), help="where bench/recover.py prunes")
     parser.add_argument("--resume", action="store_true", help="reuse results stored in --work, if measured the same way")
@@ -99,9 +129,9 @@ def main() -> None:
     train, valid = split_calibration(args.work)
     pruned, pruned_sha256 = pruned_model(RECIPE, args.pruned_work)
     rows = []
-    for lr, batch in ((lr, int(batch)) for lr, batch in (pair.split(":") for pair in args.settings.split(","))):
-        name = f"lr{lr}-batch{batch}-{args.tokens}"
-        options = recover_options(args.tokens, lr, batch, train, valid)
+    for setting in map(Setting.parse, args.settings.split(",")):
+        name = f"{setting.name}-{args.tokens}"
+        options = recover_options(args.tokens, setting, train, valid)
         expected = expected_record(options, pruned_sha256)
         path = args.work / f"{name}.json"
         stored = stored_result(path, name, expected, args.recompute_stale) if args.resume else None
@@ -112,7 +142,7 @@ def main() -> None:
             path.write_text(json.dumps(stored, indent=2) + "\n")
         report = stored["report"]
         (validation,) = report["perplexity"].values()
-        rows.append({"lr": lr, "batch": batch, "steps": report["steps"], "validation": validation["after"]["perplexity"],
+        rows.append({**asdict(setting), "steps": report["steps"], "validation": validation["after"]["perplexity"],
                      "train_seconds": report["train_seconds"], "tokens_per_second": report["tokens_per_second"]})
     command = shlex.join(["python", "bench/recover_settings.py", *sys.argv[1:]])
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")

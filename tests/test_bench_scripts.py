@@ -283,11 +283,11 @@ def test_recover_settings_reuse_a_stored_result_only_when_measured_the_same_way(
     from prune_methods import stored_result
 
     train, valid = tmp_path / "train.txt", tmp_path / "valid.txt"
-    measured = recover_settings.expected_record(recover_settings.recover_options(100_000, "3e-4", 1, train, valid), "0123")
+    measured = recover_settings.expected_record(recover_settings.recover_options(100_000, recover_settings.Setting.parse("3e-4:1"), train, valid), "0123")
     path = tmp_path / "lr3e-4-batch1-100000.json"
     path.write_text(json.dumps(measured | {"report": {"steps": 391}}))
     assert stored_result(path, "lr3e-4-batch1", measured, recompute_stale=False)["report"] == {"steps": 391}
-    other = recover_settings.expected_record(recover_settings.recover_options(100_000, "1e-3", 1, train, valid), "0123")
+    other = recover_settings.expected_record(recover_settings.recover_options(100_000, recover_settings.Setting.parse("1e-3:1"), train, valid), "0123")
     with pytest.raises(SystemExit, match="recover --lr: stored 3e-4, now 1e-3"):
         stored_result(path, "lr3e-4-batch1", other, recompute_stale=False)
 
