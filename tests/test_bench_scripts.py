@@ -121,20 +121,21 @@ def test_mask_difference_counts_decoder_weights_pruned_in_one_model_and_kept_in_
 
 # bench/scale.py: the goal arithmetic, the page from synthetic rows, and its steps' --resume.
 import scale  # noqa: E402
-from scale import GB, DtypeRow, ExportRow, MemoryGoal, ModelShape, Page, PruneRow, ServeRow  # noqa: E402
+import scale_page  # noqa: E402
+from scale_page import GB, DtypeRow, ExportRow, MemoryGoal, ModelShape, Page, PruneRow, ServeRow  # noqa: E402
 
 SMALL = ModelShape("small", 100_000_000, 10, 5_000_000, (1000, 1000, 4000), 1000, 4000, 400_000_000)
 LARGE = ModelShape("large", 1_000_000_000, 20, 40_000_000, (2000, 2000, 8000), 2000, 8000, 4_000_000_000)
 
 
 def test_scale_statistics_are_measured_on_the_methods_own_classes():
-    assert scale.statistic_bytes("wanda", (1536, 8960)) == ("InputNorms", 8 * (1536 + 8960))  # float64 norms
-    assert scale.statistic_bytes("sparsegpt", (1536, 8960)) == ("InputHessian", 4 * (1536**2 + 8960**2))  # float32 X Xᵀ
-    assert scale.statistic_bytes("magnitude", (1536,)) == ("none", 0)
+    assert scale_page.statistic_bytes("wanda", (1536, 8960)) == ("InputNorms", 8 * (1536 + 8960))  # float64 norms
+    assert scale_page.statistic_bytes("sparsegpt", (1536, 8960)) == ("InputHessian", 4 * (1536**2 + 8960**2))  # float32 X Xᵀ
+    assert scale_page.statistic_bytes("magnitude", (1536,)) == ("none", 0)
 
 
 def test_scale_prune_goal_adds_weights_one_float32_block_statistics_activations_and_1_gb():
-    goal = scale.prune_goal(LARGE, "bfloat16", ("InputNorms", 96_000), nsamples=64, seqlen=512, measured=4.0 * GB)
+    goal = scale_page.prune_goal(LARGE, "bfloat16", ("InputNorms", 96_000), nsamples=64, seqlen=512, measured=4.0 * GB)
     values = [value for _, value in goal.terms]
     assert values == [2 * 1_000_000_000, 4 * 40_000_000, 96_000, 2 * 64 * 512 * 2000 * 4, GB]
     assert goal.terms[-2][0] == "calibration activations, block inputs and outputs: 2 × 64 × 512 × 2000 × 4 B"
@@ -145,21 +146,21 @@ def test_scale_prune_goal_adds_weights_one_float32_block_statistics_activations_
 
 
 def test_scale_export_goals_are_a_multiple_of_the_source_bytes_plus_0_8_gb():
-    assert scale.export_goal("vllm", 4 * GB, 4.5 * GB).limit == pytest.approx(4.8 * GB)
-    onnx = scale.export_goal("onnx", 4 * GB, 7.0 * GB)
+    assert scale_page.export_goal("vllm", 4 * GB, 4.5 * GB).limit == pytest.approx(4.8 * GB)
+    onnx = scale_page.export_goal("onnx", 4 * GB, 7.0 * GB)
     assert onnx.limit == pytest.approx(6.8 * GB) and onnx.verdict() == "**missed by 0.20 GB** (3% over)"
 
 
 def synthetic_page() -> Page:
     def prune(shape, recipe, dtype, factor):
-        memory = scale.prune_goal(shape, dtype, ("InputNorms", 1000), 64, 512, 2.0 * GB * factor)
+        memory = scale_page.prune_goal(shape, dtype, ("InputNorms", 1000), 64, 512, 2.0 * GB * factor)
         return PruneRow(shape.name, recipe, dtype, 20.0, 60.0, 5.0, 9.0, 3.0 * factor, 30.0 * factor, 50.0 * factor, 60.0 * factor, memory)
 
     prune_rows = tuple(prune(shape, recipe, dtype, factor) for shape, factor in ((SMALL, 1), (LARGE, 12))
                        for recipe, dtype in (("wanda + permutation", "float32"), ("sparsegpt", "float32"), ("wanda + permutation", "bfloat16")))
     dtype_rows = (DtypeRow("small", 30.0, 20.0, 60.0, 60.3, 9.0, 9.5), DtypeRow("large", 360.0, 150.0, 40.0, 40.1, 4.0, 4.02))
     exports = tuple(ExportRow(shape.name, "vllm", "dense", "--dtype bfloat16", 10.0 * factor, 900.0, "vLLM greedy passed", True,
-                              scale.export_goal("vllm", shape.checkpoint_bytes, 0.5 * GB * factor)) for shape, factor in ((SMALL, 1), (LARGE, 11)))
+                              scale_page.export_goal("vllm", shape.checkpoint_bytes, 0.5 * GB * factor)) for shape, factor in ((SMALL, 1), (LARGE, 11)))
     serve = tuple(ServeRow(shape.name, 1, label, 100.0 / factor, 50.0 * factor, 10.0 * factor, 400.0 * factor, 8, 0,
                            None if label == "dense" else 0.99) for shape, factor in ((SMALL, 1), (LARGE, 8)) for label in ("dense", "pruned"))
     models = (SMALL, LARGE)
@@ -168,7 +169,7 @@ def synthetic_page() -> Page:
     settings = {"nsamples": 64, "seqlen": 512, "seed": 0, "eval_seqlen": 1024, "eval_windows_text": "the first 16 windows",
                 "prune_command": "wanda-serve prune [MODEL] --method wanda", "serve": {}}
     return Page("python bench/scale.py --models small,large", 600.0, machine, settings, models, prune_rows, dtype_rows, exports, serve,
-                ("- small: vLLM 0.32.0", "- large: vLLM 0.32.0"), scale.growth_rows(models, prune_rows, exports, serve))
+                ("- small: vLLM 0.32.0", "- large: vLLM 0.32.0"), scale_page.growth_rows(models, prune_rows, exports, serve))
 
 
 def test_scale_growth_rows_compare_the_first_model_with_the_last():
@@ -180,11 +181,11 @@ def test_scale_growth_rows_compare_the_first_model_with_the_last():
     assert growth["export vllm of dense: time"].factor == 11.0
     assert growth["serve pruned, concurrency 1: time per output token, p50"].factor == 8.0
     assert growth["serve dense, concurrency 1: seconds per 1000 output tokens"].factor == pytest.approx(8.0)
-    assert scale.growth_rows((SMALL,), page.prune, page.exports, page.serve) == ()
+    assert scale_page.growth_rows((SMALL,), page.prune, page.exports, page.serve) == ()
 
 
 def test_scale_page_renders_every_section_goal_and_the_command():
-    text = scale.render(synthetic_page())
+    text = scale_page.render(synthetic_page())
     assert text.startswith("# Ten times larger: small and large end to end\n")
     assert "Written by `python bench/scale.py --models small,large` (10 min" in text
     for heading in ("## Models", "## Pruning at 2:4", "## bfloat16 against float32", "## Exports", "## Serving on vLLM",
@@ -195,7 +196,7 @@ def test_scale_page_renders_every_section_goal_and_the_command():
     assert "| small | 30.0 | 20.0 | 1.50× | **missed**: 1.33× short | 60.00 → 60.30 | +0.5% | met | 9.00 → 9.50 | +5.6% | " \
            "**missed by 4.6 points** |" in text
     assert "| large | 360.0 | 150.0 | 2.40× | met | 40.00 → 40.10 | +0.2% | met | 4.00 → 4.02 | +0.5% | met |" in text
-    large_prune = scale.prune_goal(LARGE, "float32", ("InputNorms", 1000), 64, 512, 24.0 * GB)
+    large_prune = scale_page.prune_goal(LARGE, "float32", ("InputNorms", 1000), 64, 512, 24.0 * GB)
     assert f"missed by {(24.0 * GB - large_prune.limit) / GB:.2f} GB" in text  # the large model's prune goal, by how much
     assert "- large, vllm of dense: 4.00 (1 × the source checkpoint (4.00 GB)) + 0.80 (allowance) = 4.80 GB; measured 5.50 GB, " \
            "**missed by 0.70 GB** (15% over)" in text
@@ -293,12 +294,14 @@ def test_recover_settings_reuse_a_stored_result_only_when_measured_the_same_way(
 
 
 # bench/edge.py: the goal's verdict and the page, from synthetic rows.
-import edge  # noqa: E402  (its ExportRow and Row are not imported by name: scale's ExportRow is)
+import edge  # noqa: E402
+import edge_page  # noqa: E402  (its ExportRow and Row are not imported by name: scale's ExportRow is)
+import edge_runtimes  # noqa: E402
 
 
 def edge_row(model, export, precision, runtime, perplexity, decode=(), size=None, tokens=(1, 2, 3, 4), not_measured=None):
     """A row as main() builds it; decode: seconds per round (63 decode steps each), prefill 0.1 s per round."""
-    return edge.Row(model, export, precision, runtime, size, perplexity, tuple(0.1 for _ in decode), tuple(decode), 63,
+    return edge_page.Row(model, export, precision, runtime, size, perplexity, tuple(0.1 for _ in decode), tuple(decode), 63,
                tokens if decode else (), not_measured)
 
 
@@ -307,26 +310,26 @@ def edge_rows(pruned_int4_decode=(0.45, 0.5, 0.5)):
     return tuple(row for model, base in (("dense", 20.0), ("pruned", 140.0)) for row in (
         edge_row(model, "PyTorch", "fp32", "eager", base, reference, 538_000_000),
         edge_row(model, "PyTorch", "bf16", "eager", base * 1.01, (0.9, 1.0, 1.0)),
-        edge_row(model, "onnx", "fp32", edge.ONNX_RUNNER, base, (0.6, 0.7, 0.65), 540_000_000),
-        edge_row(model, "onnx", "int4", edge.ONNX_RUNNER, base * 1.25, pruned_int4_decode if model == "pruned" else (0.45, 0.5, 0.5),
+        edge_row(model, "onnx", "fp32", edge_runtimes.ONNX_RUNNER, base, (0.6, 0.7, 0.65), 540_000_000),
+        edge_row(model, "onnx", "int4", edge_runtimes.ONNX_RUNNER, base * 1.25, pruned_int4_decode if model == "pruned" else (0.45, 0.5, 0.5),
                  181_000_000, tokens=(1, 2, 9, 9)),
-        edge_row(model, "ort-genai", "int4", edge.GENAI, base * 1.3, (0.4, 0.45, 0.42), 170_000_000),
-        edge_row(model, "gguf", "q8_0", edge.LLAMA_CPP, None, size=144_000_000, not_measured="llama-cpp-python is not importable"),
-        edge_row(model, "gguf", "q8_0", edge.READ_BACK, base * 1.001, size=144_000_000, not_measured=edge.NOT_TIMED[edge.READ_BACK]),
+        edge_row(model, "ort-genai", "int4", edge_runtimes.GENAI, base * 1.3, (0.4, 0.45, 0.42), 170_000_000),
+        edge_row(model, "gguf", "q8_0", edge_runtimes.LLAMA_CPP, None, size=144_000_000, not_measured="llama-cpp-python is not importable"),
+        edge_row(model, "gguf", "q8_0", edge_runtimes.READ_BACK, base * 1.001, size=144_000_000, not_measured=edge_runtimes.NOT_TIMED[edge_runtimes.READ_BACK]),
     ))
 
 
 def test_edge_speedup_is_the_median_of_per_round_ratios_so_drift_cancels():
     reference = edge_row("dense", "PyTorch", "fp32", "eager", 20.0, (1.0, 1.0, 4.0))
-    row = edge_row("dense", "onnx", "int4", edge.ONNX_RUNNER, 25.0, (1.0, 0.25, 1.0))
-    assert edge.decode_speedup(row, reference) == 4.0  # the ratio of the medians would say 1.0
+    row = edge_row("dense", "onnx", "int4", edge_runtimes.ONNX_RUNNER, 25.0, (1.0, 0.25, 1.0))
+    assert edge_page.decode_speedup(row, reference) == 4.0  # the ratio of the medians would say 1.0
     assert row.decode_tokens_per_second == 63.0 and row.prefill_ms == pytest.approx(100.0)
     assert row.decode_spread == pytest.approx(0.75)
-    assert edge.tokens_agreeing(edge_row("dense", "onnx", "int4", "x", 1.0, (1.0,), tokens=(1, 2, 9, 4)), reference) == 2
+    assert edge_page.tokens_agreeing(edge_row("dense", "onnx", "int4", "x", 1.0, (1.0,), tokens=(1, 2, 9, 4)), reference) == 2
 
 
 def test_edge_goal_is_met_by_the_export_with_the_lowest_perplexity_among_those_at_2x():
-    found = edge.verdicts(edge_rows())
+    found = edge_page.verdicts(edge_rows())
     assert [verdict.model for verdict in found] == ["dense", "pruned"] and all(verdict.met for verdict in found)
     dense = found[0]
     assert [(row.export, row.precision) for row, _ in dense.qualifying] == [("onnx", "int4"), ("ort-genai", "int4")]
@@ -337,38 +340,38 @@ def test_edge_goal_is_met_by_the_export_with_the_lowest_perplexity_among_those_a
                            "20.00 → 25.00 (+25.0%); also ort-genai int4 on onnxruntime-genai 2.62× at perplexity 20.00 → 26.00")
     assert "the dense model's" not in text  # the dense model is its own baseline
     assert "(8.75× the dense model's PyTorch fp32 perplexity, 20.00)" in found[1].text()  # onnx int4: 175 vs 20
-    assert edge.goal_summary(found) == "**Met** for dense and pruned."
+    assert edge_page.goal_summary(found) == "**Met** for dense and pruned."
 
 
 def test_edge_goal_not_met_names_the_fastest_export_and_how_far_short_it_is():
     rows = tuple(row for row in edge_rows() if not (row.model == "pruned" and row.export in ("onnx", "ort-genai") and row.precision == "int4"))
-    found = edge.verdicts(rows)
+    found = edge_page.verdicts(rows)
     pruned = found[1]
     assert not pruned.met and pruned.fastest[0].export == "onnx" and pruned.fastest[1] == pytest.approx(1.1 / 0.65)
     assert pruned.text() == ("pruned: **not met**. The fastest edge export, onnx fp32 on onnxruntime (OnnxCausalLM), decodes 1.69× "
                              "PyTorch eager fp32 (96.9 vs 57.3 tokens/s), 1.18× short of the goal, at perplexity 140.00 → 140.00 "
                              "(+0.0%) (7.00× the dense model's PyTorch fp32 perplexity, 20.00).")
-    assert edge.goal_summary(found) == "**Met** for dense; **not met** for pruned."
-    assert edge.goal_summary([found[1]]) == "**Not met** for any model (pruned)."
-    assert edge.GOAL_SPEEDUP == 2.0
+    assert edge_page.goal_summary(found) == "**Met** for dense; **not met** for pruned."
+    assert edge_page.goal_summary([found[1]]) == "**Not met** for any model (pruned)."
+    assert edge_page.GOAL_SPEEDUP == 2.0
     # Rows that were never timed (llama.cpp not importable, the GGUF read-back) are no candidates.
-    assert all(row.runtime not in (edge.LLAMA_CPP, edge.READ_BACK) for verdict in found for row, _ in verdict.qualifying)
+    assert all(row.runtime not in (edge_runtimes.LLAMA_CPP, edge_runtimes.READ_BACK) for verdict in found for row, _ in verdict.qualifying)
 
 
-def edge_page(rows) -> edge.Page:
+def an_edge_page(rows) -> edge_page.Page:
     machine = {"cpu": "Some CPU", "cores": 2, "cpu_capability": "AVX512", "torch_threads": 2,
                "versions": {"torch": "2.13.0", "onnxruntime": "1.32.0", "llama-cpp-python": "not installed"}}
     settings = {"model": "SmolLM2-135M-Instruct", "data": "wiki (embedded)", "eval_windows": 8, "eval_seqlen": 512, "prompt_tokens": 128,
                 "new_tokens": 64, "warmup": 1, "repeats": 3, "prune_command": "wanda-serve prune --method wanda", "prompt_ids": [1, 2]}
-    exports = (edge.ExportRow("pruned", "ort-genai-int4", "wanda-serve export ort-genai runs/x --precision int4", 95.0,
+    exports = (edge_page.ExportRow("pruned", "ort-genai-int4", "wanda-serve export ort-genai runs/x --precision int4", 95.0,
                          "greedy tokens agreeing with PyTorch fp32: 12 and 32 of 32", True),
-               edge.ExportRow("pruned", "gguf-q8_0", "wanda-serve export gguf runs/x --type q8_0", 61.0, "read back: ...", False))
-    return edge.Page("python bench/edge.py --repeats 3", 1500.0, machine, settings, exports, rows,
+               edge_page.ExportRow("pruned", "gguf-q8_0", "wanda-serve export gguf runs/x --type q8_0", 61.0, "read back: ...", False))
+    return edge_page.Page("python bench/edge.py --repeats 3", 1500.0, machine, settings, exports, rows,
                      "llama-cpp-python is not importable in this Python")
 
 
 def test_edge_page_renders_every_row_the_verdict_and_what_was_not_measured():
-    text = edge.render(edge_page(edge_rows(pruned_int4_decode=(0.9, 1.0, 1.0))))
+    text = edge_page.render(an_edge_page(edge_rows(pruned_int4_decode=(0.9, 1.0, 1.0))))
     assert text.startswith("# Edge exports of SmolLM2-135M-Instruct: size, perplexity and CPU speed\n")
     assert "Written by `python bench/edge.py --repeats 3` (25 min for this invocation)" in text
     assert "timed in 3 rounds; each round runs every runtime once, in an order rotated every round" in text
@@ -389,12 +392,41 @@ def test_edge_page_renders_every_row_the_verdict_and_what_was_not_measured():
             assert line.count("|") in (columns, 6), line  # a result row, or a row of the exports' table
 
 
+def test_export_checks_pass_only_when_every_zero_is_kept_and_every_required_check_passed():
+    from export_checks import export_checks
+
+    vllm = {"checks": {"transformers_reload_max_abs_logit_diff": 0.0, "vllm": {"status": "passed"}},
+            "zeros_kept": {"kept": 10, "source": 10}}
+    onnx = {"zeros": {"kept": True}, "variants": {
+        "model.onnx": {"check": {"max_abs_logit_diff": 1e-4, "greedy_equal": True}},
+        "model.int4.onnx": {"check": {"greedy_tokens_agreeing": [3, 32]}}}}
+    genai = {"quantization": None, "zeros": {"kept": True, "source_zeros": 10, "pruned_not_zero": 0},
+             "checks": {"greedy": {"greedy_equal": True, "greedy_tokens_agreeing": [32, 32], "tokens": 32, "max_log_prob_gap": 1e-4}}}
+    gguf = {"checks": {"logits": {"relative_diff": 0.5, "tolerance": None, "passed": None}, "weights": {"passed": True},
+                       "zeros": {"kept": True, "zeros_kept": 10, "source_zeros": 10}, "greedy": {"tokens_agreeing": [2, 5], "tokens": 32}}}
+    for kind, manifest in {"vllm": vllm, "onnx": onnx, "ort-genai": genai, "gguf": gguf}.items():
+        check = export_checks(kind, manifest)
+        assert check.zeros_kept and check.passed, kind
+    assert "model.int4.onnx: greedy tokens agreeing 3 and 32" in export_checks("onnx", onnx).text
+    assert "reported, not required" in export_checks("gguf", gguf).text  # a 4-bit type's logits are not held to a tolerance
+    # One pruned weight revived, or a required check that did not pass, fails the export's row.
+    assert not export_checks("vllm", vllm | {"zeros_kept": {"kept": 9, "source": 10}}).passed
+    assert not export_checks("vllm", vllm | {"checks": vllm["checks"] | {"vllm": {"status": "skipped (--no-vllm-check)"}}}).passed
+    assert not export_checks("onnx", onnx | {"zeros": {"kept": False}}).zeros_kept
+    unequal = genai["checks"]["greedy"] | {"greedy_equal": False, "greedy_tokens_agreeing": [2, 32]}
+    assert not export_checks("ort-genai", genai | {"checks": {"greedy": unequal}}).passed  # fp32 must reproduce PyTorch
+    assert export_checks("ort-genai", genai | {"checks": {"greedy": unequal}, "quantization": {"op": "MatMulNBits"}}).passed
+    assert not export_checks("gguf", {"checks": gguf["checks"] | {"weights": {"passed": False}}}).passed
+    with pytest.raises(ValueError, match="no export kind 'tflite'"):
+        export_checks("tflite", {})
+
+
 def test_edge_exports_spell_out_every_option_that_decides_them():
     assert edge.command_args({"--dtype": "float32", "--quantize": ["int8", "int4"], "--flag": None}) == [
         "--dtype", "float32", "--quantize", "int8", "--quantize", "int4", "--flag"]
     required = {"onnx": {"--dtype", "--quantize"}, "ort-genai": {"--precision", "--execution-provider"}, "gguf": {"--type"}}
-    assert {(e.kind, tuple(sorted(e.options))) for e in edge.EXPORTS} == {(kind, tuple(sorted(options))) for kind, options in required.items()}
-    assert [spec.key for spec in edge.SPECS if spec.export_key] and all(spec.export_key in edge.EXPORTS_BY_KEY for spec in edge.SPECS if spec.export_key)
-    assert {(spec.export, spec.precision) for spec in edge.SPECS if spec.timed} >= {
+    assert {(e.kind, tuple(sorted(e.options))) for e in edge_runtimes.EXPORTS} == {(kind, tuple(sorted(options))) for kind, options in required.items()}
+    assert [spec.key for spec in edge_runtimes.SPECS if spec.export_key] and all(spec.export_key in edge_runtimes.EXPORTS_BY_KEY for spec in edge_runtimes.SPECS if spec.export_key)
+    assert {(spec.export, spec.precision) for spec in edge_runtimes.SPECS if spec.timed} >= {
         ("PyTorch", "fp32"), ("PyTorch", "bf16"), ("onnx", "fp32"), ("onnx", "int8"), ("onnx", "int4"), ("ort-genai", "int4"),
         ("ort-genai", "fp32"), ("gguf", "f16"), ("gguf", "q8_0")}

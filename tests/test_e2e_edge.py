@@ -94,10 +94,10 @@ def test_bench_edge_runs_the_int4_export_through_onnxruntime_genai(pruned_smollm
     from wanda_serve.evaluate import perplexity
 
     sys.path.insert(0, str(BENCH))
-    import edge
+    import edge_runtimes
 
     ids = evaluation_ids(load_corpus("wiki"), AutoTokenizer.from_pretrained(pruned_smollm2))
-    genai, pytorch = edge.GenaiRuntime(genai_int4[0]), edge.TorchRuntime.load(pruned_smollm2, "float32")
+    genai, pytorch = edge_runtimes.GenaiRuntime(genai_int4[0]), edge_runtimes.TorchRuntime.load(pruned_smollm2, "float32")
     window = ids[:128].unsqueeze(0)
     logits = genai.logits(window)
     assert tuple(logits.shape) == (1, 128, 49152) and bool(logits.isfinite().all())
