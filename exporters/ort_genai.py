@@ -44,6 +44,13 @@ INSTALL = "pip install 'wanda-serve[onnx]' (or: pip install onnxruntime-genai)"
 # dequantizes to exactly 0, so every pruned weight stays pruned.
 BUILDER_OPTIONS = {"hf_token": "false"}
 PRECISION_OPTIONS = {"int4": {"is_symmetric": "true"}}
+# int4 quality settings, in the builder's words. accuracy_level: what MatMulNBits computes in, the
+# activations quantized to int8 (4, the builder's CPU default) or kept in a float type. int8 layers:
+# MatMuls kept at 8 bits (symmetric too, so zeros stay exact): llama.cpp's "mixed" choice of sensitive
+# block layers, or the lm_head. The builder (0.18.0) writes an invalid graph for an int8 lm_head tied to
+# the embeddings (their shared GatherBlockQuantized input is missing), so that one is refused.
+ACCURACY_LEVELS = {1: "fp32", 2: "fp16", 3: "bf16", 4: "int8"}
+INT8_LAYERS = {"none": None, "mixed": "mixed_layers:int8", "last": "last_matmul:int8"}
 # Where the builder keeps each block projection's weight, the projection named as in the Hugging Face
 # model: a float initializer model.layers.{i}.{attn|mlp}.{projection}[.MatMul].weight, (in, out), or for
 # int4 the packed weight of the MatMulNBits node /model/layers.{i}/{attn|mlp}/{projection}/MatMul_Q4.
@@ -59,9 +66,17 @@ class OrtGenaiExport:
     model: str | None = None  # None: the embedded default model
     precision: str = "int4"
     execution_provider: str = "cpu"
+    accuracy_level: int | None = None  # int4 only; None: the builder's default for the provider
+    int8_layers: str = "none"  # int4 only
     overwrite: bool = False
 
     def __post_init__(self):
+        if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVELS:
+            raise WandaServeError(f"unknown --accuracy-level {self.accuracy_level}; choose from {', '.join(map(str, ACCURACY_LEVELS))}")
+        if self.int8_layers not in INT8_LAYERS:
+            raise WandaServeError(f"unknown --int8-layers {self.int8_layers!r}; choose from {', '.join(INT8_LAYERS)}")
+        if self.precision != "int4" and (self.accuracy_level is not None or self.int8_layers != "none"):
+            raise WandaServeError(f"--accuracy-level and --int8-layers set how int4 weights are quantized; --precision is {self.precision}")
         if self.precision not in PRECISIONS:
             raise WandaServeError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if self.execution_provider not in PROVIDERS:
@@ -123,15 +138,24 @@ def source_zeros(model) -> dict[str, PrunedPositions]:
     return {name: PrunedPositions.of(linear) for name, linear in block_linears(model).items()}
 
 
-def run_builder(source: Path, out: Path, cache: Path, precision: str, provider: str, label: str) -> dict[str, str]:
-    """onnxruntime-genai's model builder on a Hugging Face directory; returns the extra options it was given.
+def builder_options(job: OrtGenaiExport) -> dict[str, str]:
+    """The builder's extra options for an export."""
+    options = {**BUILDER_OPTIONS, **PRECISION_OPTIONS.get(job.precision, {})}
+    if job.accuracy_level is not None:
+        options["accuracy_level"] = str(job.accuracy_level)
+    if INT8_LAYERS[job.int8_layers]:
+        options["matmul_mixed_precision"] = INT8_LAYERS[job.int8_layers]
+    return options
+
+
+def run_builder(source: Path, out: Path, cache: Path, precision: str, provider: str, options: dict[str, str], label: str) -> None:
+    """onnxruntime-genai's model builder on a Hugging Face directory, with the extra options.
 
     Its printed progress is kept out of the terminal (logged at debug level). What it refuses, an
     architecture it does not convert above all, becomes one line.
     """
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
-    options = {**BUILDER_OPTIONS, **PRECISION_OPTIONS.get(precision, {})}
     printed = io.StringIO()
     root_level = logging.getLogger().level  # onnxruntime's quantizer resets the root logger to INFO
     try:
@@ -147,7 +171,6 @@ def run_builder(source: Path, out: Path, cache: Path, precision: str, provider: 
     finally:
         logging.getLogger().setLevel(root_level)
         log.debug("model builder output:\n%s", printed.getvalue())
-    return options
 
 
 def projection_weights(graph) -> dict[tuple[int, str], object]:
@@ -381,6 +404,10 @@ def export_ort_genai(job: OrtGenaiExport) -> dict:
         source, location = loaded.source, Path(loaded.location)
         config = loaded.model.config
         architecture = (config.architectures or [type(loaded.model).__name__])[0]
+        if job.int8_layers == "last" and config.tie_word_embeddings:
+            raise WandaServeError(f"--int8-layers last: {source}'s lm_head is tied to its embeddings, and onnxruntime-genai's "
+                                  f"model builder ({package_version('onnxruntime-genai')}) writes an invalid graph for a tied "
+                                  "int8 lm_head; use --int8-layers mixed or none")
         zeros_before = source_zeros(loaded.model)
         reference = GreedyReference.of(loaded.model, loaded.tokenizer)
         with tempfile.TemporaryDirectory(prefix=".builder-", dir=tmp) as scratch:
@@ -392,8 +419,9 @@ def export_ort_genai(job: OrtGenaiExport) -> dict:
             del loaded
             release_memory()
             started = time.perf_counter()
-            options = run_builder(builder_input, tmp, Path(scratch) / "cache", job.precision, job.execution_provider,
-                                  f"{source} ({architecture})")
+            options = builder_options(job)
+            run_builder(builder_input, tmp, Path(scratch) / "cache", job.precision, job.execution_provider, options,
+                        f"{source} ({architecture})")
             export_seconds = time.perf_counter() - started
         genai_config = json.loads((tmp / "genai_config.json").read_text())
         graph_path = tmp / genai_config["model"]["decoder"]["filename"]

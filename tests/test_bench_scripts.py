@@ -400,8 +400,8 @@ def test_export_checks_pass_only_when_every_zero_is_kept_and_every_required_chec
     onnx = {"zeros": {"kept": True}, "variants": {
         "model.onnx": {"check": {"max_abs_logit_diff": 1e-4, "greedy_equal": True}},
         "model.int4.onnx": {"check": {"greedy_tokens_agreeing": [3, 32]}}}}
-    genai = {"quantization": None, "zeros": {"kept": True, "source_zeros": 10, "pruned_not_zero": 0},
-             "checks": {"greedy": {"greedy_equal": True, "greedy_tokens_agreeing": [32, 32], "tokens": 32, "max_log_prob_gap": 1e-4}}}
+    genai = {"zeros": {"kept": True, "source_zeros": 10, "pruned_not_zero": 0}, "checks": {"greedy_must_equal": True, "greedy": {
+        "greedy_equal": True, "greedy_tokens_agreeing": [32, 32], "tokens": 32, "max_log_prob_gap": 1e-4}}}
     gguf = {"checks": {"logits": {"relative_diff": 0.5, "tolerance": None, "passed": None}, "weights": {"passed": True},
                        "zeros": {"kept": True, "zeros_kept": 10, "source_zeros": 10}, "greedy": {"tokens_agreeing": [2, 5], "tokens": 32}}}
     for kind, manifest in {"vllm": vllm, "onnx": onnx, "ort-genai": genai, "gguf": gguf}.items():
@@ -414,8 +414,8 @@ def test_export_checks_pass_only_when_every_zero_is_kept_and_every_required_chec
     assert not export_checks("vllm", vllm | {"checks": vllm["checks"] | {"vllm": {"status": "skipped (--no-vllm-check)"}}}).passed
     assert not export_checks("onnx", onnx | {"zeros": {"kept": False}}).zeros_kept
     unequal = genai["checks"]["greedy"] | {"greedy_equal": False, "greedy_tokens_agreeing": [2, 32]}
-    assert not export_checks("ort-genai", genai | {"checks": {"greedy": unequal}}).passed  # fp32 must reproduce PyTorch
-    assert export_checks("ort-genai", genai | {"checks": {"greedy": unequal}, "quantization": {"op": "MatMulNBits"}}).passed
+    assert not export_checks("ort-genai", genai | {"checks": {"greedy_must_equal": True, "greedy": unequal}}).passed  # fp32
+    assert export_checks("ort-genai", genai | {"checks": {"greedy_must_equal": False, "greedy": unequal}}).passed  # int4
     assert not export_checks("gguf", {"checks": gguf["checks"] | {"weights": {"passed": False}}}).passed
     with pytest.raises(ValueError, match="no export kind 'tflite'"):
         export_checks("tflite", {})

@@ -255,3 +255,31 @@ def test_cli_refuses_fp16_on_the_cpu_and_a_missing_onnxruntime_genai(sources, tm
         "Error: export ort-genai needs onnxruntime-genai, onnx and onnx_ir (onnxruntime_genai is missing): "
         "pip install 'wanda-serve[onnx]' (or: pip install onnxruntime-genai)\n")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arch, int8_layers, option", [("llama", "mixed", "mixed_layers:int8"), ("qwen2", "last", "last_matmul:int8")])
+def test_int4_quality_settings_reach_the_graph_and_keep_every_zero(sources, tmp_path, arch, int8_layers, option):
+    out = tmp_path / "int4-fp32-compute"
+    result = run_cli("export", "ort-genai", sources[arch], "--out", out, "--accuracy-level", "1", "--int8-layers", int8_layers)
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["builder"]["extra_options"] == {"hf_token": "false", "is_symmetric": "true", "accuracy_level": "1",
+                                                   "matmul_mixed_precision": option}
+    # Some MatMuls at 4 bits, the chosen ones at 8, all computed on float32 activations, none with zero points.
+    assert [(s["bits"], s["accuracy_level"], s["zero_points"]) for s in manifest["quantization"]["schemes"]] == [(4, 1, False), (8, 1, False)]
+    zeros = manifest["zeros"]
+    assert zeros["kept"] and zeros["source_zeros"] == pruned_count(sources[arch]) > 0
+    assert 0 < manifest["checks"]["greedy"]["max_log_prob_gap"] < 0.5
+
+
+def test_cli_refuses_int4_settings_that_do_not_apply(sources, tmp_path):
+    run = lambda *args: run_cli("export", "ort-genai", sources["llama"], "--out", tmp_path / "o", *args)
+    line = one_error_line(run("--precision", "fp32", "--accuracy-level", "1"))
+    assert line == "Error: --accuracy-level and --int8-layers set how int4 weights are quantized; --precision is fp32"
+    assert one_error_line(run("--int8-layers", "last")) == (
+        f"Error: --int8-layers last: {sources['llama']}'s lm_head is tied to its embeddings, and onnxruntime-genai's model "
+        f"builder ({og.__version__}) writes an invalid graph for a tied int8 lm_head; use --int8-layers mixed or none")
+    unknown = run("--int8-layers", "all")
+    assert unknown.returncode == 2 and unknown.stderr.splitlines()[-1] == (
+        "Error: Invalid value for '--int8-layers': 'all' is not one of 'none', 'mixed', 'last'.")
+    assert list(tmp_path.iterdir()) == []

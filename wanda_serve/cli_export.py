@@ -9,7 +9,7 @@ import click
 from exporters.gguf_export import TYPES as GGUF_TYPES
 from exporters.gguf_export import GgufExport, export_gguf, logits_tolerance_text
 from exporters.onnx_export import OnnxExport, export_onnx
-from exporters.ort_genai import OrtGenaiExport, export_ort_genai
+from exporters.ort_genai import ACCURACY_LEVELS, INT8_LAYERS, OrtGenaiExport, export_ort_genai
 from exporters.vllm_checkpoint import VllmExport, export_vllm
 from wanda_serve.cli_options import ByteSizeType, eval_options, user_errors_as_one_line
 from wanda_serve.contract import EvalOptions
@@ -134,9 +134,15 @@ def export_onnx_command(model, out, dtype, quantize, measure_perplexity, eval_da
               help="Weights: int4 (MatMulNBits, symmetric), fp16 (CUDA only) or fp32.")
 @click.option("--execution-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="The onnxruntime-genai provider the model is built for.")
+@click.option("--accuracy-level", type=click.Choice([str(level) for level in ACCURACY_LEVELS]), default=None,
+              help="int4: what MatMulNBits computes in: " + ", ".join(f"{level} {name}" for level, name in ACCURACY_LEVELS.items())
+                   + " activations (default: the builder's, 4 for the CPU).")
+@click.option("--int8-layers", type=click.Choice(list(INT8_LAYERS)), default="none", show_default=True,
+              help="int4: MatMuls kept at 8 bits: mixed (the builder's choice of sensitive block layers) or last "
+                   "(the lm_head; not when it is tied to the embeddings).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @user_errors_as_one_line
-def export_ort_genai_command(model, out, precision, execution_provider, overwrite):
+def export_ort_genai_command(model, out, precision, execution_provider, accuracy_level, int8_layers, overwrite):
     """Write MODEL with onnxruntime-genai's model builder, verified on onnxruntime-genai.
 
     \b
@@ -151,7 +157,9 @@ def export_ort_genai_command(model, out, precision, execution_provider, overwrit
       wanda-serve export ort-genai runs/wanda-2of4 --out runs/wanda-2of4-genai
       wanda-serve export ort-genai runs/wanda-2of4 --out runs/wanda-2of4-genai-fp32 --precision fp32
     """
-    manifest = export_ort_genai(OrtGenaiExport(out, model, precision, execution_provider, overwrite))
+    level = None if accuracy_level is None else int(accuracy_level)
+    manifest = export_ort_genai(OrtGenaiExport(out, model, precision, execution_provider, accuracy_level=level,
+                                               int8_layers=int8_layers, overwrite=overwrite))
     builder, zeros, checks = manifest["builder"], manifest["zeros"], manifest["checks"]
     click.echo(f"wrote {out}  ({precision} for {execution_provider}, onnxruntime-genai {builder['version']} model builder, "
                f"{manifest['export_seconds']:.1f} s)")
