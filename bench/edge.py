@@ -2,7 +2,8 @@
 
 Prunes the embedded model with the default recipe (every option spelled out), then makes every edge
 export of the dense and the pruned model with the real CLI, each in its own process: `export onnx`
-(fp32 with its int8 and int4 weight-only variants), `export ort-genai` (int4 and fp32 for the CPU) and
+(fp32 with its int8 and int4 weight-only variants), `export ort-genai` for the CPU (fp32, and int4 with the
+builder's settings, with float32 activations in its MatMuls, and with sensitive layers at 8 bits) and
 `export gguf` (f16, q8_0 and q4_0). Then, in this process, each runtime is loaded once and measured:
 
 - perplexity on the first --eval-windows windows of --eval-seqlen tokens of the held-out Wikipedia

@@ -45,12 +45,20 @@ class EdgeExport:
 
 _SHARED = ("models.py", "engine.py", "artifacts.py", "contract.py", "../exporters/verify.py")
 GGUF_TYPES = ("f16", "q8_0", "q4_0")
+# onnxruntime-genai's exports by key suffix: the precision column, and the options beyond --execution-provider cpu.
+# The int4 quality settings: float32 activations in MatMulNBits instead of int8, or sensitive layers at 8 bits.
+GENAI_EXPORTS = {
+    "int4": ("int4", {"--precision": "int4"}),
+    "int4-fp32-compute": ("int4, fp32 compute", {"--precision": "int4", "--accuracy-level": "1"}),
+    "int4-int8-mixed": ("int4 + int8 mixed", {"--precision": "int4", "--int8-layers": "mixed"}),
+    "fp32": ("fp32", {"--precision": "fp32"}),
+}
 EXPORTS = (
     EdgeExport("onnx", "onnx", {"--dtype": "float32", "--quantize": ["int8", "int4"]},
                (*_SHARED, "../exporters/onnx_export.py", "../exporters/onnx_runtime.py"), ("onnx", "onnxscript", "onnxruntime")),
-    *(EdgeExport(f"ort-genai-{precision}", "ort-genai", {"--precision": precision, "--execution-provider": "cpu"},
+    *(EdgeExport(f"ort-genai-{suffix}", "ort-genai", {**options, "--execution-provider": "cpu"},
                  (*_SHARED, "../exporters/ort_genai.py"), ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir"))
-      for precision in ("int4", "fp32")),
+      for suffix, (_, options) in GENAI_EXPORTS.items()),
     *(EdgeExport(f"gguf-{kind}", "gguf", {"--type": kind}, (*_SHARED, "../exporters/gguf_export.py", "../exporters/gguf_vocab.py"),
                  ("gguf",)) for kind in GGUF_TYPES),
 )
@@ -218,8 +226,8 @@ SPECS = (
     RuntimeSpec("pytorch-bf16", PYTORCH, "bf16", "eager", None),
     *(RuntimeSpec(f"onnx-{precision}", "onnx", precision, ONNX_RUNNER, "onnx", file, packages=("onnxruntime",))
       for precision, file in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"), ("int4", "model.int4.onnx"))),
-    *(RuntimeSpec(f"ort-genai-{precision}", "ort-genai", precision, GENAI, f"ort-genai-{precision}",
-                  packages=("onnxruntime-genai", "onnxruntime")) for precision in ("int4", "fp32")),
+    *(RuntimeSpec(f"ort-genai-{suffix}", "ort-genai", precision, GENAI, f"ort-genai-{suffix}",
+                  packages=("onnxruntime-genai", "onnxruntime")) for suffix, (precision, _) in GENAI_EXPORTS.items()),
     *(spec for kind in GGUF_TYPES for spec in (
         RuntimeSpec(f"gguf-{kind}-llama.cpp", "gguf", kind, LLAMA_CPP, f"gguf-{kind}", packages=("llama-cpp-python",)),
         RuntimeSpec(f"gguf-{kind}-read-back", "gguf", kind, READ_BACK, f"gguf-{kind}", timed=False, packages=("gguf",)))),
