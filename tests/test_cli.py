@@ -13,6 +13,7 @@ from deploy.workload import WorkloadSpec
 from wanda_serve.cli import cli, server_options
 from wanda_serve.contract import MANIFEST_NAME
 from wanda_serve.engine import block_linears
+from wanda_serve.jobs import RECIPES
 from wanda_serve.pipeline import EDGE_EXPORTS
 from wanda_serve.structure import audit_linears
 
@@ -239,6 +240,33 @@ def test_alps_with_block_order_and_refinement_reports_what_it_did(tiny_model_dir
                                                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     assert report["refine"]["steps"] == 3 and [b["block"] for b in report["refine"]["blocks"]] == [0, 1]
     assert report["sparsity"]["all_nm_valid"]["2:4"]
+
+
+def test_a_recipe_is_its_options_spelled_out_and_refuses_them_given_too(tiny_model_dir, tmp_path, monkeypatch):
+    spelled_out = {"fast": ["--method", "wanda"], "best": ["--method", "alps", "--no-permute"]}
+    assert set(spelled_out) == set(RECIPES)
+    for name, options in spelled_out.items():
+        by_name, by_options = tmp_path / f"{name}-recipe", tmp_path / f"{name}-options"
+        for out, extra in ((by_name, ["--recipe", name]), (by_options, options)):
+            result = run(*small_prune_args(tiny_model_dir, out, "--no-eval", *extra))
+            assert result.exit_code == 0, result.output
+        assert (by_name / "model.safetensors").read_bytes() == (by_options / "model.safetensors").read_bytes(), name
+    assert json.loads((tmp_path / "best-recipe" / "prune_report.json").read_text())["method"] == "alps"
+    for given, flags in ((["--method", "wanda"], "--method"), (["--permute"], "--permute/--no-permute"),
+                         (["--refine", 2, "--block-order"], "--block-order/--one-pass, --refine")):
+        result = run(*small_prune_args(tiny_model_dir, tmp_path / "both", "--no-eval", "--recipe", "best", *given))
+        assert result.exit_code == 1 and result.output.splitlines()[-1] == (
+            f"Error: --recipe best chooses {flags}: give either the recipe or the options"), result.output
+    assert not (tmp_path / "both").exists()
+    # The main job: the recipe reaches the prune stage it runs.
+    given = stop_at(monkeypatch, "wanda_serve.cli.run_main_job")
+    run("run", tiny_model_dir, "--recipe", "best", "--out", tmp_path / "run")
+    (job,), = given
+    assert (job.prune.method, job.prune.permute, job.prune.reconstruct, job.prune.block_order, job.prune.refine) == (
+        "alps", False, False, False, None)
+    result = run("run", tiny_model_dir, "--recipe", "fast", "--method", "sparsegpt", "--out", tmp_path / "run")
+    assert result.exit_code == 1 and result.output.splitlines()[-1] == (
+        "Error: --recipe fast chooses --method: give either the recipe or the options")
 
 
 def stop_at(monkeypatch, target: str) -> list:

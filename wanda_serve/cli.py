@@ -22,7 +22,7 @@ from wanda_serve.artifacts import check_output_file, write_file_atomically
 from wanda_serve.cli_export import export
 from wanda_serve.cli_options import (
     DEBUG_ENV, ChoiceListType, HiddenAliasOption, bench_options, bench_settings, device_option, eval_options, pruning_options,
-    server_options, user_errors_as_one_line,
+    recipe_option, server_options, user_errors_as_one_line, with_recipe,
 )
 from wanda_serve.contract import EvalOptions
 from wanda_serve.engine import Owl, Refine
@@ -63,6 +63,7 @@ def cli(verbose, debug):
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory for the pruned model.")
+@recipe_option
 @pruning_options
 @click.option("--reconstruct", is_flag=True,
               help="After the method's mask, update the surviving weights to minimise each layer's output error (OBS, as SparseGPT).")
@@ -91,7 +92,7 @@ def cli(verbose, debug):
 @click.option("--no-eval", is_flag=True, help="Skip perplexity before and after pruning.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @user_errors_as_one_line
-def prune(model, out, method, structure, reconstruct, permute, block_order, refine, owl, owl_spread, owl_outlier_factor, calib, nsamples, seqlen, seed, batch_size, device, dtype, eval_data, eval_seqlen, eval_windows, no_eval, overwrite):
+def prune(model, out, recipe, method, structure, reconstruct, permute, block_order, refine, owl, owl_spread, owl_outlier_factor, calib, nsamples, seqlen, seed, batch_size, device, dtype, eval_data, eval_seqlen, eval_windows, no_eval, overwrite):
     """Prune MODEL layer by layer and write it as a Hugging Face directory with prune_report.json.
 
     \b
@@ -101,14 +102,18 @@ def prune(model, out, method, structure, reconstruct, permute, block_order, refi
     \b
     Examples:
       wanda-serve prune --out runs/wanda-2of4
+      wanda-serve prune --recipe best --out runs/best-2of4
       wanda-serve prune --method sparsegpt --structure 4:8 --nsamples 128 --out runs/sg-4of8
       wanda-serve prune ./model --structure 50% --calib notes.jsonl --out runs/u50
       wanda-serve prune --method ria --reconstruct --out runs/ria-2of4-rec
       wanda-serve prune --structure 0.5 --owl --out runs/wanda-owl-50
     """
+    chosen = with_recipe(recipe, {"method": method, "permute": permute, "reconstruct": reconstruct, "block_order": block_order,
+                                  "refine": refine})
     job = PruneJob(
-        out=out, model=model, method=method, structure=structure, reconstruct=reconstruct, permute=permute,
-        block_order=block_order, refine=Refine(refine, seed=seed) if refine else None, owl=Owl(owl_spread, owl_outlier_factor) if owl else None, calib=calib, nsamples=nsamples, seqlen=seqlen,
+        out=out, model=model, method=chosen["method"], structure=structure, reconstruct=chosen["reconstruct"],
+        permute=chosen["permute"], block_order=chosen["block_order"],
+        refine=Refine(chosen["refine"], seed=seed) if chosen["refine"] else None, owl=Owl(owl_spread, owl_outlier_factor) if owl else None, calib=calib, nsamples=nsamples, seqlen=seqlen,
         seed=seed, batch_size=batch_size, device=device, dtype=dtype, overwrite=overwrite,
         evaluation=None if no_eval else EvalOptions(eval_data, eval_seqlen, eval_windows),
     )
@@ -337,6 +342,7 @@ def bench(dense, pruned, out, no_greedy_check, tokenizer, overwrite, **kwargs):
 @click.argument("model", required=False)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: runs/<model>-<method>-<structure>).")
+@recipe_option
 @pruning_options
 @eval_options
 @click.option("--export-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
@@ -350,7 +356,7 @@ def bench(dense, pruned, out, no_greedy_check, tokenizer, overwrite, **kwargs):
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty run directory.")
 @bench_options
 @user_errors_as_one_line
-def run_command(model, out, method, structure, nsamples, seqlen, eval_seqlen, eval_windows, export_dtype, recover_tokens, no_recover,
+def run_command(model, out, recipe, method, structure, nsamples, seqlen, eval_seqlen, eval_windows, export_dtype, recover_tokens, no_recover,
                 edge_exports, overwrite, **kwargs):
     """The whole pipeline: prune, evaluate, recover, export for vLLM and the edge, serve dense and pruned, benchmark.
 
@@ -363,12 +369,17 @@ def run_command(model, out, method, structure, nsamples, seqlen, eval_seqlen, ev
     \b
     Examples:
       wanda-serve run
+      wanda-serve run --recipe best
       wanda-serve run --export onnx,ort-genai,gguf
       wanda-serve run ./my-llama --concurrency 1,16,64 --gpu-hour-price 2.5 --out runs/llama-2of4
     """
+    # run has no options for these but --method: they are the recipe's, or prune's defaults.
+    chosen = with_recipe(recipe, {"method": method, "permute": None, "reconstruct": False, "block_order": False, "refine": 0})
     name = Path(model).name if model else EMBEDDED_MODEL_NAME
-    out = out or Path("runs") / f"{name}-{method}-{structure.replace(':', 'of').replace('%', 'pct')}"
-    prune = PruneJob(out=out / "pruned", model=model, method=method, structure=structure, nsamples=nsamples, seqlen=seqlen,
+    out = out or Path("runs") / f"{name}-{chosen['method']}-{structure.replace(':', 'of').replace('%', 'pct')}"
+    prune = PruneJob(out=out / "pruned", model=model, method=chosen["method"], structure=structure, nsamples=nsamples, seqlen=seqlen,
+                     permute=chosen["permute"], reconstruct=chosen["reconstruct"], block_order=chosen["block_order"],
+                     refine=Refine(chosen["refine"]) if chosen["refine"] else None,
                      evaluation=EvalOptions("wiki", eval_seqlen, eval_windows))
     job = MainJob(out=out, prune=prune, export_dtype=export_dtype,
                   bench=bench_settings(kwargs), overwrite=overwrite, recover_tokens=None if no_recover else recover_tokens,

@@ -16,13 +16,14 @@ import shlex
 from typing import Callable
 
 import click
+from click.core import ParameterSource
 
 from deploy.bench import BenchSettings
 from deploy.vllm_server import ServerSettings
 from deploy.workload import CONCURRENCY_LEVELS, PROMPT_SOURCES, WorkloadSpec
 from wanda_serve.contract import EvalOptions
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import PruneJob
+from wanda_serve.jobs import RECIPES, PruneJob
 from wanda_serve.methods import METHODS, AlpsConfig
 from wanda_serve.structure import Structure
 
@@ -271,3 +272,28 @@ pruning_options = FieldOptions(PruneJob, {
     "nsamples": field_option("--nsamples", type=click.IntRange(1), help="Calibration samples."),
     "seqlen": field_option("--seqlen", type=click.IntRange(2), help="Tokens per calibration sample."),
 })
+
+
+# A named recipe, shared by prune and run: it sets these parameters, so the command line may not set them too.
+RECIPE_PARAMETERS = {"method": "--method", "permute": "--permute/--no-permute", "reconstruct": "--reconstruct",
+                     "block_order": "--block-order/--one-pass", "refine": "--refine"}
+recipe_option = click.option(
+    "--recipe", type=click.Choice(list(RECIPES)), default=None,
+    help="A method with its options, chosen from docs/prune_benchmark.md: " + "; ".join(
+        f"{name} = --method {recipe.method}" + " --no-permute" * (recipe.permute is False) + " --reconstruct" * recipe.reconstruct
+        + " --block-order" * recipe.block_order + f" --refine {recipe.refine_steps}" * bool(recipe.refine_steps)
+        for name, recipe in RECIPES.items()) + ". Default: the options as given (fast's).")
+
+
+def with_recipe(recipe_name: str | None, params: dict) -> dict:
+    """The command's parameters with --recipe's settings in place; one of them also on the command line is an error."""
+    if recipe_name is None:
+        return params
+    context = click.get_current_context()
+    given = [flag for name, flag in RECIPE_PARAMETERS.items() if context.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if given:
+        raise WandaServeError(f"--recipe {recipe_name} chooses {', '.join(given)}: give either the recipe or the options")
+    recipe = RECIPES[recipe_name]
+    settings = {"method": recipe.method, "permute": recipe.permute, "reconstruct": recipe.reconstruct,
+                "block_order": recipe.block_order, "refine": recipe.refine_steps}
+    return params | settings
