@@ -1,6 +1,7 @@
 """Recovery benchmark: perplexity against the distillation budget, in and out of domain.
 
-For the default recipe (wanda + permutation 2:4) and SparseGPT 2:4 on the embedded SmolLM2: prune
+For the default recipe (wanda + permutation 2:4), SparseGPT 2:4 and the best recipe (`--recipe best`:
+ALPS 2:4) on the embedded SmolLM2: prune
 once, then `wanda-serve recover` once per budget, each a run of its own (warm-up and decay fit the
 budget, as a user with that budget would run it) in its own process. Perplexity on the held-out
 Wikipedia region (in domain: recovery trains on the Wikipedia calibration region) and on the held-out
@@ -37,6 +38,7 @@ from prune_methods import argv, provenance, stored_result, wanda_serve, weights_
 RECIPES = {
     "wanda-permute-2of4": {"--method": "wanda", "--structure": "2:4", "--permute": None},
     "sparsegpt-2of4": {"--method": "sparsegpt", "--structure": "2:4", "--no-permute": None},
+    "alps-2of4": {"--method": "alps", "--structure": "2:4", "--no-permute": None},
 }
 PRUNE_SHARED = {"--calib": "wiki", "--nsamples": "64", "--seqlen": "512", "--seed": "0", "--dtype": "float32"}
 VARIANTS = {"base": {}, "squarehead": {"--hidden-weight": "1.0"}, "bf16": {"--dtype": "bfloat16"}}
