@@ -78,7 +78,13 @@ RECIPES = (
     *(Recipe(m, "0.5", ("--no-permute", "--block-order")) for m in HESSIAN),
     Recipe("wanda", "0.5", ("--no-permute", REFINE)),
 )
-DEFAULT_RECIPE = Recipe("wanda", "2:4", ("--permute",))  # what `wanda-serve prune` does without options
+DEFAULT_RECIPE = Recipe("wanda", "2:4", ("--permute",))  # what `wanda-serve prune` does without options: --recipe fast
+BEST_RECIPE = Recipe("alps", "2:4", ("--no-permute",))  # --recipe best
+SPARSEGPT = Recipe("sparsegpt", "2:4", ("--no-permute",))  # the one-shot reference of the quality goal
+# The one-shot quality goal at 2:4: wiki perplexity at most this share of SparseGPT's (the moonshot: the
+# second), at most TIME_LIMIT x its total time; and block order may cost the fast default at most
+# FAST_MASK_LIMIT x its mask time.
+QUALITY_GOAL, MOONSHOT, TIME_LIMIT, FAST_MASK_LIMIT = 0.85, 0.75, 3.0, 2.0
 OWL_OPTIONS = {"--owl-spread": "0.08", "--owl-outlier-factor": "5"}
 
 
@@ -315,7 +321,48 @@ def render(rows: list[dict], command: str, settings: Settings, now: dict, elapse
             f"{report['memory']['peak_rss_mib']:.0f} | {audit['overall_sparsity']:.3f} | "
             f"{valid if valid == '-' else ('yes' if valid else 'NO')} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + goal_lines(rows)) + "\n"
+
+
+def _wiki(row: dict) -> float:
+    return row["eval"]["perplexity"]["perplexity"]
+
+
+def _label(recipe: Recipe) -> str:
+    return f"{recipe.method} {' '.join(recipe.flags)} {recipe.structure}"
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """The goals' verdicts from the measured rows: the best 2:4 recipe against SparseGPT's, block order on the fast
+    default, and the rows --recipe fast and best name. Only what was measured is judged."""
+    by_name = {row["name"]: row for row in rows}
+    reference = by_name.get(SPARSEGPT.name)
+    if reference is None:
+        return []
+    ppl, seconds = _wiki(reference), reference["report"]["total_seconds"]
+    candidates = sorted((row for row in rows if row.get("recipe") and row["recipe"]["structure"] == "2:4"
+                         and row["report"]["total_seconds"] <= TIME_LIMIT * seconds), key=_wiki)
+    best = Recipe(**candidates[0]["recipe"] | {"flags": tuple(candidates[0]["recipe"]["flags"])})
+    ratio = _wiki(candidates[0]) / ppl
+    verdict = ("**met**, and the moonshot" if ratio <= MOONSHOT else "**met**" if ratio <= QUALITY_GOAL else "**not met**")
+    lines = ["", "## Goals", "",
+             f"- 2:4 at ≤ {QUALITY_GOAL}× SparseGPT's wiki perplexity ({ppl:.2f}; moonshot ≤ {MOONSHOT}×) within "
+             f"{TIME_LIMIT:g}× its total time ({seconds:.0f} s): {verdict}. The best recipe within that time is {_label(best)}: "
+             f"{_wiki(candidates[0]):.2f}, {ratio:.2f}× SparseGPT's, at {candidates[0]['report']['total_seconds'] / seconds:.2f}× "
+             "its total time."]
+    fast, ordered = by_name.get(DEFAULT_RECIPE.name), by_name.get(Recipe("wanda", "2:4", ("--permute", "--block-order")).name)
+    if fast and ordered:
+        mask = ordered["report"]["mask_seconds"] / fast["report"]["mask_seconds"]
+        change = _wiki(ordered) / _wiki(fast) - 1
+        lines.append(f"- The fast default with block order: wiki perplexity {_wiki(fast):.2f} → {_wiki(ordered):.2f} ({change:+.1%}), "
+                     f"mask time {mask:.2f}× ({'within' if mask <= FAST_MASK_LIMIT else '**over**'} the {FAST_MASK_LIMIT:g}× "
+                     f"allowed); {'it helps' if change < 0 else 'it does not help'}.")
+    for name, recipe in (("fast", DEFAULT_RECIPE), ("best", BEST_RECIPE)):
+        if recipe.name in by_name:
+            row = by_name[recipe.name]
+            lines.append(f"- `--recipe {name}` is {_label(recipe)}: wiki {_wiki(row):.2f}, "
+                         f"{_wiki(row) / ppl:.2f}× SparseGPT's, total {row['report']['total_seconds']:.0f} s.")
+    return lines
 
 
 if __name__ == "__main__":

@@ -27,6 +27,46 @@ def test_every_recipe_spells_out_its_permutation_block_order_refinement_and_the_
     assert len({recipe.name for recipe in RECIPES}) == len(RECIPES)
 
 
+def test_the_benchmark_names_the_cli_recipes_and_measures_them():
+    from wanda_serve.cli_options import RECIPES as CLI_RECIPES
+
+    for bench_recipe, cli_recipe in ((prune_methods.DEFAULT_RECIPE, CLI_RECIPES["fast"]), (prune_methods.BEST_RECIPE, CLI_RECIPES["best"])):
+        assert bench_recipe in RECIPES and bench_recipe.method == cli_recipe.method
+        # permute None in the CLI: on for wanda and ria at N:M (permutes_by_default)
+        assert ("--permute" in bench_recipe.flags) == (cli_recipe.permute is not False and cli_recipe.method in ("wanda", "ria"))
+        assert ("--reconstruct" in bench_recipe.flags) == cli_recipe.reconstruct
+        assert ("--block-order" in bench_recipe.flags) == cli_recipe.block_order
+    assert prune_methods.SPARSEGPT in RECIPES
+
+
+def goal_row(recipe: Recipe | None, wiki: float, mask: float = 1.0, total: float = 100.0) -> dict:
+    row = {"name": recipe.name if recipe else "dense", "recipe": None, "eval": {"perplexity": {"perplexity": wiki}}}
+    if recipe:
+        row |= {"recipe": {"method": recipe.method, "structure": recipe.structure, "flags": list(recipe.flags)},
+                "report": {"mask_seconds": mask, "total_seconds": total}}
+    return row
+
+
+def test_goal_lines_judge_the_best_recipe_within_the_time_limit_and_block_order_on_the_fast_default():
+    ordered = Recipe("wanda", "2:4", ("--permute", "--block-order"))
+    rows = [goal_row(None, 20.0), goal_row(prune_methods.SPARSEGPT, 80.0, total=160.0),
+            goal_row(prune_methods.DEFAULT_RECIPE, 140.0, mask=3.0, total=100.0), goal_row(ordered, 120.0, mask=9.0, total=120.0),
+            goal_row(prune_methods.BEST_RECIPE, 64.0, total=300.0),
+            goal_row(Recipe("alps", "2:4", ("--no-permute", "--block-order", "--refine=10")), 50.0, total=481.0)]  # over 3x
+    lines = prune_methods.goal_lines(rows)
+    assert lines[:3] == ["", "## Goals", ""]
+    assert lines[3] == ("- 2:4 at ≤ 0.85× SparseGPT's wiki perplexity (80.00; moonshot ≤ 0.75×) within 3× its total time (160 s): "
+                        "**met**. The best recipe within that time is alps --no-permute 2:4: 64.00, 0.80× SparseGPT's, at 1.88× "
+                        "its total time.")
+    assert lines[4] == ("- The fast default with block order: wiki perplexity 140.00 → 120.00 (-14.3%), mask time 3.00× (**over** "
+                        "the 2× allowed); it helps.")
+    assert lines[5:] == ["- `--recipe fast` is wanda --permute 2:4: wiki 140.00, 1.75× SparseGPT's, total 100 s.",
+                         "- `--recipe best` is alps --no-permute 2:4: wiki 64.00, 0.80× SparseGPT's, total 300 s."]
+    rows[-2] = goal_row(prune_methods.BEST_RECIPE, 59.0, total=300.0)
+    assert "**met**, and the moonshot" in prune_methods.goal_lines(rows)[3]
+    assert prune_methods.goal_lines(rows[:1]) == []  # no SparseGPT row: nothing to judge
+
+
 def stored(tmp_path, recipe: Recipe, settings: Settings, provenance: dict) -> Path:
     """A fake stored result, as main() writes it, without pruning anything."""
     path = tmp_path / f"{recipe.name}.json"

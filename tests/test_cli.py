@@ -13,7 +13,7 @@ from deploy.workload import WorkloadSpec
 from wanda_serve.cli import cli, server_options
 from wanda_serve.contract import MANIFEST_NAME
 from wanda_serve.engine import block_linears
-from wanda_serve.jobs import RECIPES
+from wanda_serve.cli_options import RECIPES
 from wanda_serve.pipeline import EDGE_EXPORTS
 from wanda_serve.structure import audit_linears
 

@@ -28,25 +28,6 @@ log = logging.getLogger(__name__)
 RECOVER_TOKENS = 32_768
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """A named choice of method and the options that go with it, as `--recipe NAME`; chosen from docs/prune_benchmark.md."""
-
-    method: str
-    permute: bool | None = None  # None: permutes_by_default
-    reconstruct: bool = False
-    block_order: bool = False
-    refine_steps: int = 0
-
-
-RECIPES = {
-    # The default: a mask in seconds (SmolLM2 2:4: perplexity 139 against dense 20).
-    "fast": Recipe("wanda"),
-    # The lowest 2:4 perplexity of the table (SmolLM2: 59 against sparsegpt's 79), at 1.7x sparsegpt's total time.
-    "best": Recipe("alps", permute=False),
-}
-
-
 @dataclass
 class PruneJob:
     out: Path
