@@ -1,8 +1,9 @@
 """Ten times larger: the embedded SmolLM2-135M and Qwen2.5-Coder-1.5B end to end, side by side.
 
 For each model: perplexity of the dense model on held-out Wikipedia (wiki) and held-out Python code
-(code); prune at 2:4 with the default recipe (wanda + permutation) and with sparsegpt, in float32,
-and with the default recipe again in bfloat16, each pruned model evaluated like the dense one;
+(code); prune at 2:4 with the default recipe (wanda + permutation), with sparsegpt and with the best
+recipe (alps) in float32, and with the default recipe again in bfloat16, each pruned model evaluated
+like the dense one;
 export the dense and the default-recipe model for vLLM (bfloat16, checked on vLLM's engine) and the
 latter for ONNX (float32 with an int4 variant, checked on onnxruntime); serve dense and pruned on
 vLLM and benchmark them at a few concurrency levels. Then the growth of every cost from the first
@@ -51,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from export_checks import export_checks  # noqa: E402
 from exports import vllm_version  # noqa: E402
 from prune_methods import (  # noqa: E402
-    DEFAULT_RECIPE, NUMERIC_SOURCES, Recipe, Settings, argv, cpu_name, provenance, stored_result, weights_sha256, write_page,
+    BEST_RECIPE, DEFAULT_RECIPE, NUMERIC_SOURCES, Recipe, Settings, argv, cpu_name, provenance, stored_result, weights_sha256, write_page,
 )
 from scale_page import (  # noqa: E402
     EVAL_DATA, GB, MiB, DtypeRow, ExportRow, ModelShape, Page, PruneRow, ServeRow, checkpoint_bytes, export_goal, growth_rows,
@@ -66,6 +67,7 @@ from wanda_serve.models import EMBEDDED_MODEL_NAME, LARGE_MODEL_NAME, PACKAGED_M
 RECIPES = {
     "wanda": (DEFAULT_RECIPE, "float32"),
     "sparsegpt": (Recipe("sparsegpt", "2:4", ("--no-permute",)), "float32"),
+    "alps": (BEST_RECIPE, "float32"),  # --recipe best
     "wanda-bf16": (DEFAULT_RECIPE, "bfloat16"),
 }
 EXPORTED = "wanda"  # the pruned model that is exported and served: the default recipe in float32
