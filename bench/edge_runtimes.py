@@ -196,8 +196,8 @@ def llama_cpp_unavailable() -> str | None:
     """Why llama.cpp cannot be measured here; None if llama-cpp-python is importable."""
     if importlib.util.find_spec("llama_cpp") is not None:
         return None
-    return (f"llama-cpp-python is not importable in this Python ({sys.executable}): it has no binary wheel here, and "
-            "`pip install llama-cpp-python` compiles llama.cpp from source")
+    return (f"llama-cpp-python is not importable in this Python ({sys.executable}): it has no binary wheel here; "
+            "`make llama-cpp` compiles it from source")
 
 
 @dataclass(frozen=True)

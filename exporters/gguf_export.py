@@ -381,6 +381,11 @@ def tokenize_checks(tokenizer) -> list[list[int]]:
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (*PROMPTS, TOKENIZER_CHECK_TEXT)]
 
 
+def tokens_agreeing(continuations: list[list[int]], reference: list[list[int]]) -> list[int]:
+    """Per prompt, how many leading tokens equal the reference's."""
+    return [next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), len(r)) for c, r in zip(continuations, reference)]
+
+
 def compare(model, tokenizer, reference: SourceReference, source_tokenizer) -> dict:
     """The read-back model and tokenizer against the source: logits, greedy continuations, token ids."""
     logits = torch_logits(model, reference.batch).numpy()
@@ -395,10 +400,35 @@ def compare(model, tokenizer, reference: SourceReference, source_tokenizer) -> d
         "relative_logit_diff": difference / scale if scale > 0 else float("inf"),
         "greedy": greedy,
         "greedy_equal": greedy == reference.greedy,
-        "greedy_tokens_agreeing": [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), len(r))
-                                   for g, r in zip(greedy, reference.greedy)],
+        "greedy_tokens_agreeing": tokens_agreeing(greedy, reference.greedy),
         "tokenizer_identical": token_ids == reference.token_ids,
     }
+
+
+def llama_cpp_greedy(path: Path, prompt_ids: list[list[int]], new_tokens: int) -> dict:
+    """The file run by llama.cpp itself (llama-cpp-python), where it is installed: each prompt's greedy
+    continuation, the argmax of llama.cpp's logits at every step, end-of-sequence neither stopping nor masked
+    (as torch_greedy). llama.cpp computes in its own kernels (f16 and quantized dot products), so its tokens
+    are compared, not required to agree. It is optional: it has no binary wheel (make llama-cpp builds it)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {"ran": False, "why": "llama-cpp-python is not installed (make llama-cpp builds it from source)"}
+    context = max(map(len, prompt_ids)) + new_tokens
+    # logits_all: llama-cpp-python (0.3) keeps no logits in `scores` otherwise; it samples inside llama.cpp.
+    llm = Llama(model_path=str(path), n_ctx=context, n_batch=context, n_threads=torch.get_num_threads(),
+                n_threads_batch=torch.get_num_threads(), logits_all=True, verbose=False)
+    continuations = []
+    for ids in prompt_ids:
+        llm.reset()
+        llm.eval(ids)
+        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        while len(tokens) < new_tokens:
+            llm.eval(tokens[-1:])
+            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        continuations.append(tokens)
+    llm.close()
+    return {"ran": True, "version": metadata.version("llama-cpp-python"), "greedy": continuations}
 
 
 def export_gguf(job: GgufExport) -> dict:
@@ -424,6 +454,9 @@ def export_gguf(job: GgufExport) -> dict:
 
         readback = load_model(str(gguf_tmp), "float32")
         check = compare(readback.model, readback.tokenizer, reference, tokenizer)
+        llama_cpp = llama_cpp_greedy(gguf_tmp, [tokenizer(prompt)["input_ids"] for prompt in PROMPTS], GREEDY_TOKENS)
+        if llama_cpp["ran"]:
+            llama_cpp["tokens_agreeing"] = tokens_agreeing(llama_cpp["greedy"], reference.greedy)
         weights = check_weights(readback.model, reference.weights, planned)
         zeros = check_zeros(readback.model, reference.zeros)
         del readback
@@ -473,6 +506,7 @@ def export_gguf(job: GgufExport) -> dict:
                 "tokenizer": {"identical": check["tokenizer_identical"], "texts": [*PROMPTS, TOKENIZER_CHECK_TEXT],
                               "source_unknown_tokens_dropped": reference.unknown_tokens},
                 "zeros": {**zeros, "required": kind.exact_zeros},
+                "llama_cpp": llama_cpp,
             },
             "versions": package_versions(),
         }

@@ -9,6 +9,8 @@ written without it.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from conftest import VOCAB, pruned_model_dir, tiny_model
 from exporters import gguf_export, gguf_vocab
 from exporters.gguf_export import LOGITS_TOLERANCE, GgufExport, export_gguf, llama_rope_permute
 from exporters.verify import prompt_batch
+from wanda_serve.contract import PROMPTS
 from wanda_serve.cli import cli
 from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
@@ -279,3 +282,37 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(sources, bad_input_ro
     assert done.returncode == 1 and "Traceback" not in output, output
     assert len(errors) == 1 and message.replace("{root}", str(bad_input_root)) in errors[0], output
     assert snapshot(bad_input_root) == before and snapshot(sources["llama"]) == source_before
+
+
+def test_without_llama_cpp_the_manifest_says_it_was_not_run(sources, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if it were not installed
+    manifest = export_gguf(GgufExport(tmp_path / "model.gguf", str(sources["llama"]), "q8_0"))
+    assert manifest["checks"]["llama_cpp"] == {
+        "ran": False, "why": "llama-cpp-python is not installed (make llama-cpp builds it from source)"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed (make llama-cpp)")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_cpp_itself_runs_the_file_as_pytorch_runs_the_source(sources, tmp_path, arch):
+    """llama.cpp's own loader and kernels, independent of transformers' GGUF reader: its logits on a prompt match the
+    source's within f16's rounding (a wrong q/k layout or tensor name would not), and the export's own llama.cpp check
+    agrees with the greedy continuation computed here."""
+    from llama_cpp import Llama
+
+    out = tmp_path / "model.gguf"
+    manifest = export_gguf(GgufExport(out, str(sources[arch]), "f16"))
+    tokenizer = AutoTokenizer.from_pretrained(sources[arch])
+    ids = tokenizer(PROMPTS[0])["input_ids"]  # as the export's check tokenizes its first prompt
+    llm = Llama(model_path=str(out), n_ctx=64, n_batch=64, logits_all=True, verbose=False)
+    llm.eval(ids)
+    on_llama_cpp = np.array(llm.scores[:len(ids)], dtype=np.float32)
+    llm.close()
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(sources[arch]).eval()(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(on_llama_cpp - expected).max() <= 0.01 * np.abs(expected).max()
+
+    check = manifest["checks"]["llama_cpp"]
+    assert check["ran"] and check["version"] == importlib.metadata.version("llama-cpp-python")
+    assert check["greedy"][0][0] == int(on_llama_cpp[-1].argmax())  # the continuation follows llama.cpp's logits
+    assert [len(tokens) for tokens in check["greedy"]] == [32, 32]
+    assert check["tokens_agreeing"] == gguf_export.tokens_agreeing(check["greedy"], manifest["checks"]["greedy"]["source"])

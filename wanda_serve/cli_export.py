@@ -70,7 +70,8 @@ def export_gguf_command(model, out, gguf_type, overwrite):
     The file is read back with transformers' GGUF loader: every tensor must equal the source's up to
     the type's rounding, the logits on fixed prompts must be within the type's tolerance, the
     tokenizer must tokenize as the source's, and every pruned zero must still be exactly zero;
-    otherwise nothing is written. A 32-token greedy continuation is compared and reported.
+    otherwise nothing is written. A 32-token greedy continuation is compared and reported, and
+    where llama-cpp-python is installed (make llama-cpp), llama.cpp's own greedy continuation too.
     Supported: LLaMA, Mistral (without sliding window) and Qwen2 with byte-level BPE tokenizers.
 
     \b
@@ -87,6 +88,12 @@ def export_gguf_command(model, out, gguf_type, overwrite):
                f"largest, {logits_tolerance_text(checks['logits']['tolerance'])}), greedy equal: {'yes' if checks['greedy']['equal'] else 'no'}, "
                f"tokenizer identical: {'yes' if checks['tokenizer']['identical'] else 'no'}, "
                f"pruned zeros kept: {zeros['zeros_kept']} of {zeros['source_zeros']}")
+    llama_cpp = checks["llama_cpp"]
+    if llama_cpp["ran"]:
+        click.echo(f"llama.cpp (llama-cpp-python {llama_cpp['version']}): greedy tokens agreeing with PyTorch "
+                   f"{' and '.join(map(str, llama_cpp['tokens_agreeing']))} of {checks['greedy']['tokens']}")
+    else:
+        click.echo(f"llama.cpp: not run ({llama_cpp['why']})")
 
 
 @export.command("onnx")
