@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from exporters.gguf_vocab import Vocabulary, read_vocabulary
-from exporters.verify import ExportCheckFailed, file_sha256, prompt_batch, release_memory, torch_greedy, torch_logits
+from exporters.verify import (
+    ExportCheckFailed, file_sha256, prompt_batch, release_memory, tokens_agreeing, torch_greedy, torch_logits,
+)
 from wanda_serve.artifacts import atomic_files, check_output_file, package_versions
 from wanda_serve.contract import GREEDY_TOKENS, PROMPTS
 from wanda_serve.engine import block_linears
@@ -381,11 +383,6 @@ def tokenize_checks(tokenizer) -> list[list[int]]:
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (*PROMPTS, TOKENIZER_CHECK_TEXT)]
 
 
-def tokens_agreeing(continuations: list[list[int]], reference: list[list[int]]) -> list[int]:
-    """Per prompt, how many leading tokens equal the reference's."""
-    return [next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), len(r)) for c, r in zip(continuations, reference)]
-
-
 def compare(model, tokenizer, reference: SourceReference, source_tokenizer) -> dict:
     """The read-back model and tokenizer against the source: logits, greedy continuations, token ids."""
     logits = torch_logits(model, reference.batch).numpy()
@@ -454,9 +451,6 @@ def export_gguf(job: GgufExport) -> dict:
 
         readback = load_model(str(gguf_tmp), "float32")
         check = compare(readback.model, readback.tokenizer, reference, tokenizer)
-        llama_cpp = llama_cpp_greedy(gguf_tmp, [tokenizer(prompt)["input_ids"] for prompt in PROMPTS], GREEDY_TOKENS)
-        if llama_cpp["ran"]:
-            llama_cpp["tokens_agreeing"] = tokens_agreeing(llama_cpp["greedy"], reference.greedy)
         weights = check_weights(readback.model, reference.weights, planned)
         zeros = check_zeros(readback.model, reference.zeros)
         del readback
@@ -481,6 +475,10 @@ def export_gguf(job: GgufExport) -> dict:
                 f"export check failed: the tokenizer read back from the GGUF file (pre-tokenizer {vocabulary.pre!r}) "
                 "tokenizes the check texts differently from the source's"
             )
+        # Reported, not required, so run only on a file that passed every required check.
+        llama_cpp = llama_cpp_greedy(gguf_tmp, [tokenizer(prompt)["input_ids"] for prompt in PROMPTS], GREEDY_TOKENS)
+        if llama_cpp["ran"]:
+            llama_cpp["tokens_agreeing"] = tokens_agreeing(llama_cpp["greedy"], reference.greedy)
         types: dict[str, int] = {}
         for tensor in planned:
             types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 from exporters.onnx_runtime import OnnxCausalLM, positions_from_mask, require_onnx
 from exporters.verify import (
     ExportCheckFailed, cast_parameters, file_digests, prompt_batch, release_memory,
-    torch_greedy, torch_logits,
+    tokens_agreeing, torch_greedy, torch_logits,
 )
 from wanda_serve.artifacts import atomic_output_dir, package_versions
 from wanda_serve.contract import GREEDY_TOKENS, MANIFEST_NAME, PROMPTS, EvalOptions
@@ -244,8 +244,7 @@ def compare_with_torch(runner: OnnxCausalLM, reference: TorchReference, tokenize
         "max_abs_logit_diff": float(np.abs(reference.logits - got)[real].max()),
         "greedy": greedy,
         "greedy_equal": greedy == reference.greedy,
-        "greedy_tokens_agreeing": [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), len(r))
-                                   for g, r in zip(greedy, reference.greedy)],
+        "greedy_tokens_agreeing": tokens_agreeing(greedy, reference.greedy),
     }
 
 

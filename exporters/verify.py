@@ -53,6 +53,11 @@ def torch_greedy(model, tokenizer, prompts=PROMPTS, new_tokens: int = GREEDY_TOK
     return continuations
 
 
+def tokens_agreeing(continuations: list[list[int]], reference: list[list[int]]) -> list[int]:
+    """Per prompt, how many leading tokens of a continuation equal the reference's."""
+    return [next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), len(r)) for c, r in zip(continuations, reference)]
+
+
 def cast_parameters(model, dtype: torch.dtype):
     """Cast parameters only, in place: buffers such as rotary inv_freq stay fp32, as from_pretrained(dtype=...) leaves them.
 

@@ -28,7 +28,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from conftest import VOCAB, pruned_model_dir, tiny_model
 from exporters import gguf_export, gguf_vocab
 from exporters.gguf_export import LOGITS_TOLERANCE, GgufExport, export_gguf, llama_rope_permute
-from exporters.verify import prompt_batch
+from exporters.verify import prompt_batch, tokens_agreeing
 from wanda_serve.contract import PROMPTS
 from wanda_serve.cli import cli
 from wanda_serve.engine import block_linears
@@ -315,4 +315,4 @@ def test_llama_cpp_itself_runs_the_file_as_pytorch_runs_the_source(sources, tmp_
     assert check["ran"] and check["version"] == importlib.metadata.version("llama-cpp-python")
     assert check["greedy"][0][0] == int(on_llama_cpp[-1].argmax())  # the continuation follows llama.cpp's logits
     assert [len(tokens) for tokens in check["greedy"]] == [32, 32]
-    assert check["tokens_agreeing"] == gguf_export.tokens_agreeing(check["greedy"], manifest["checks"]["greedy"]["source"])
+    assert check["tokens_agreeing"] == tokens_agreeing(check["greedy"], manifest["checks"]["greedy"]["source"])
