@@ -22,7 +22,7 @@ from wanda_serve.artifacts import check_output_file, write_file_atomically
 from wanda_serve.cli_export import export
 from wanda_serve.cli_options import (
     DEBUG_ENV, ChoiceListType, HiddenAliasOption, bench_options, bench_settings, device_option, eval_options, pruning_options,
-    recipe_option, server_options, user_errors_as_one_line, with_recipe,
+    Recipe, recipe_option, server_options, user_errors_as_one_line, with_recipe,
 )
 from wanda_serve.contract import EvalOptions
 from wanda_serve.engine import Owl, Refine
@@ -108,12 +108,10 @@ def prune(model, out, recipe, method, structure, reconstruct, permute, block_ord
       wanda-serve prune --method ria --reconstruct --out runs/ria-2of4-rec
       wanda-serve prune --structure 0.5 --owl --out runs/wanda-owl-50
     """
-    chosen = with_recipe(recipe, {"method": method, "permute": permute, "reconstruct": reconstruct, "block_order": block_order,
-                                  "refine": refine})
+    chosen = with_recipe(recipe, Recipe(method, permute, reconstruct, block_order, refine))
     job = PruneJob(
-        out=out, model=model, method=chosen["method"], structure=structure, reconstruct=chosen["reconstruct"],
-        permute=chosen["permute"], block_order=chosen["block_order"],
-        refine=Refine(chosen["refine"], seed=seed) if chosen["refine"] else None, owl=Owl(owl_spread, owl_outlier_factor) if owl else None, calib=calib, nsamples=nsamples, seqlen=seqlen,
+        out=out, model=model, method=chosen.method, structure=structure, reconstruct=chosen.reconstruct, permute=chosen.permute,
+        block_order=chosen.block_order, refine=Refine(chosen.refine, seed=seed) if chosen.refine else None, owl=Owl(owl_spread, owl_outlier_factor) if owl else None, calib=calib, nsamples=nsamples, seqlen=seqlen,
         seed=seed, batch_size=batch_size, device=device, dtype=dtype, overwrite=overwrite,
         evaluation=None if no_eval else EvalOptions(eval_data, eval_seqlen, eval_windows),
     )
@@ -373,13 +371,12 @@ def run_command(model, out, recipe, method, structure, nsamples, seqlen, eval_se
       wanda-serve run --export onnx,ort-genai,gguf
       wanda-serve run ./my-llama --concurrency 1,16,64 --gpu-hour-price 2.5 --out runs/llama-2of4
     """
-    # run has no options for these but --method: they are the recipe's, or prune's defaults.
-    chosen = with_recipe(recipe, {"method": method, "permute": None, "reconstruct": False, "block_order": False, "refine": 0})
+    chosen = with_recipe(recipe, Recipe(method))  # of a recipe's options, run has only --method
     name = Path(model).name if model else EMBEDDED_MODEL_NAME
-    out = out or Path("runs") / f"{name}-{chosen['method']}-{structure.replace(':', 'of').replace('%', 'pct')}"
-    prune = PruneJob(out=out / "pruned", model=model, method=chosen["method"], structure=structure, nsamples=nsamples, seqlen=seqlen,
-                     permute=chosen["permute"], reconstruct=chosen["reconstruct"], block_order=chosen["block_order"],
-                     refine=Refine(chosen["refine"]) if chosen["refine"] else None,
+    out = out or Path("runs") / f"{name}-{chosen.method}-{structure.replace(':', 'of').replace('%', 'pct')}"
+    prune = PruneJob(out=out / "pruned", model=model, method=chosen.method, structure=structure, nsamples=nsamples, seqlen=seqlen,
+                     permute=chosen.permute, reconstruct=chosen.reconstruct, block_order=chosen.block_order,
+                     refine=Refine(chosen.refine) if chosen.refine else None,
                      evaluation=EvalOptions("wiki", eval_seqlen, eval_windows))
     job = MainJob(out=out, prune=prune, export_dtype=export_dtype,
                   bench=bench_settings(kwargs), overwrite=overwrite, recover_tokens=None if no_recover else recover_tokens,

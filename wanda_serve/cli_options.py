@@ -276,14 +276,19 @@ pruning_options = FieldOptions(PruneJob, {
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """A named choice of method and the options that go with it, as `--recipe NAME`; chosen from docs/prune_benchmark.md.
-    Here and not beside PruneJob: a name for options changes no number, so the benchmarks' code version ignores it."""
+    """A method and the options that go with it, as prune's options give them or `--recipe NAME` names them (chosen
+    from docs/prune_benchmark.md). Here and not beside PruneJob: a name for options changes no number, so the
+    benchmarks' code version ignores it."""
 
     method: str
     permute: bool | None = None  # None: permutes_by_default
     reconstruct: bool = False
     block_order: bool = False
-    refine_steps: int = 0
+    refine: int = 0  # steps of block-output refinement
+
+    def flags(self) -> str:
+        return (f"--method {self.method}" + " --no-permute" * (self.permute is False) + " --reconstruct" * self.reconstruct
+                + " --block-order" * self.block_order + f" --refine {self.refine}" * bool(self.refine))
 
 
 RECIPES = {
@@ -292,26 +297,21 @@ RECIPES = {
     # The lowest 2:4 perplexity of the table (SmolLM2: 59 against sparsegpt's 79), at 1.7x sparsegpt's total time.
     "best": Recipe("alps", permute=False),
 }
-# A named recipe, shared by prune and run: it sets these parameters, so the command line may not set them too.
-RECIPE_PARAMETERS = {"method": "--method", "permute": "--permute/--no-permute", "reconstruct": "--reconstruct",
-                     "block_order": "--block-order/--one-pass", "refine": "--refine"}
+# The option that sets each field of a Recipe: a recipe named on the command line may not be given them too.
+RECIPE_OPTIONS = {"method": "--method", "permute": "--permute/--no-permute", "reconstruct": "--reconstruct",
+                  "block_order": "--block-order/--one-pass", "refine": "--refine"}
 recipe_option = click.option(
     "--recipe", type=click.Choice(list(RECIPES)), default=None,
-    help="A method with its options, chosen from docs/prune_benchmark.md: " + "; ".join(
-        f"{name} = --method {recipe.method}" + " --no-permute" * (recipe.permute is False) + " --reconstruct" * recipe.reconstruct
-        + " --block-order" * recipe.block_order + f" --refine {recipe.refine_steps}" * bool(recipe.refine_steps)
-        for name, recipe in RECIPES.items()) + ". Default: the options as given (fast's).")
+    help="A method with its options, chosen from docs/prune_benchmark.md: "
+         + "; ".join(f"{name} = {recipe.flags()}" for name, recipe in RECIPES.items()) + ". Default: the options as given (fast's).")
 
 
-def with_recipe(recipe_name: str | None, params: dict) -> dict:
-    """The command's parameters with --recipe's settings in place; one of them also on the command line is an error."""
+def with_recipe(recipe_name: str | None, given: Recipe) -> Recipe:
+    """The recipe --recipe names, or the one the options give; a named recipe with any of its options is an error."""
     if recipe_name is None:
-        return params
+        return given
     context = click.get_current_context()
-    given = [flag for name, flag in RECIPE_PARAMETERS.items() if context.get_parameter_source(name) == ParameterSource.COMMANDLINE]
-    if given:
-        raise WandaServeError(f"--recipe {recipe_name} chooses {', '.join(given)}: give either the recipe or the options")
-    recipe = RECIPES[recipe_name]
-    settings = {"method": recipe.method, "permute": recipe.permute, "reconstruct": recipe.reconstruct,
-                "block_order": recipe.block_order, "refine": recipe.refine_steps}
-    return params | settings
+    clashing = [flag for name, flag in RECIPE_OPTIONS.items() if context.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if clashing:
+        raise WandaServeError(f"--recipe {recipe_name} chooses {', '.join(clashing)}: give either the recipe or the options")
+    return RECIPES[recipe_name]
