@@ -71,16 +71,16 @@ class OrtGenaiExport:
     overwrite: bool = False
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise WandaServeError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if self.execution_provider not in PROVIDERS:
+            raise WandaServeError(f"unknown execution provider {self.execution_provider!r}; choose from {', '.join(PROVIDERS)}")
         if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVELS:
             raise WandaServeError(f"unknown --accuracy-level {self.accuracy_level}; choose from {', '.join(map(str, ACCURACY_LEVELS))}")
         if self.int8_layers not in INT8_LAYERS:
             raise WandaServeError(f"unknown --int8-layers {self.int8_layers!r}; choose from {', '.join(INT8_LAYERS)}")
         if self.precision != "int4" and (self.accuracy_level is not None or self.int8_layers != "none"):
             raise WandaServeError(f"--accuracy-level and --int8-layers set how int4 weights are quantized; --precision is {self.precision}")
-        if self.precision not in PRECISIONS:
-            raise WandaServeError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
-        if self.execution_provider not in PROVIDERS:
-            raise WandaServeError(f"unknown execution provider {self.execution_provider!r}; choose from {', '.join(PROVIDERS)}")
         if (self.precision, self.execution_provider) in UNSUPPORTED:
             raise WandaServeError(UNSUPPORTED[(self.precision, self.execution_provider)])
 
