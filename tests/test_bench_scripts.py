@@ -471,3 +471,32 @@ def test_edge_exports_spell_out_every_option_that_decides_them():
     assert {(spec.export, spec.precision) for spec in edge_runtimes.SPECS if spec.timed} >= {
         ("PyTorch", "fp32"), ("PyTorch", "bf16"), ("onnx", "fp32"), ("onnx", "int8"), ("onnx", "int4"), ("ort-genai", "int4"),
         ("ort-genai", "fp32"), ("gguf", "f16"), ("gguf", "q8_0")}
+
+
+# bench/recover.py: the goal's verdict from synthetic rows.
+def recover_row(recipe: str, budget: int, wiki: float, news: float, mask_identical: bool = True, variant: str = "base") -> dict:
+    return {"recipe": recipe, "variant": variant, "budget": budget, "tokens": budget + 96, "wiki": wiki, "news": news,
+            "wiki_before": 140.0, "news_before": 270.0, "wiki_teacher": 20.0, "news_teacher": 27.0, "mask_identical": mask_identical}
+
+
+def test_recover_goal_judges_each_recipe_at_the_goal_budget_in_and_out_of_domain():
+    import recover
+
+    rows = [recover_row("wanda-permute-2of4", 10_000, 60.0, 95.0), recover_row("wanda-permute-2of4", 100_000, 43.2, 68.0),
+            recover_row("wanda-permute-2of4", 100_000, 30.0, 40.0, variant="bf16"),  # not the base variant: not judged
+            recover_row("sparsegpt-2of4", 100_000, 39.9, 250.0), recover_row("alps-2of4", 100_000, 29.9, 50.0, mask_identical=False)]
+    default, sparsegpt, alps, mask = recover.goal_lines(rows)[2:]
+    assert default.startswith("- wanda-permute-2of4 (the default recipe, the goal) after 100096 tokens: wiki 43.20, 2.16x dense")
+    assert ": **not met**." in default and default.endswith("comparable.")  # 140/43.2 = 3.24 in domain, 270/68 = 3.97 out
+    assert "1.99x dense" in sparsegpt and ": **met**." in sparsegpt and "**not comparable**" in sparsegpt  # 270/250 = 1.08
+    assert "1.49x dense" in alps and "**met**, and the moonshot" in alps
+    assert mask == "- Mask identical before and after: **no** for alps-2of4 base 100096."
+    assert recover.goal_lines(rows[:1])[2] == "- No recipe was measured at 100000 tokens; the goal is not judged."
+
+
+def test_recover_prunes_with_the_pruning_benchmarks_recipes():
+    import recover
+
+    assert recover.RECIPES[recover.DEFAULT] == prune_methods.DEFAULT_RECIPE
+    assert recover.prune_options(prune_methods.BEST_RECIPE) == {
+        "--method": "alps", "--structure": "2:4", "--no-permute": None, **recover.PRUNE_SHARED}
