@@ -85,6 +85,9 @@ SPARSEGPT = Recipe("sparsegpt", "2:4", ("--no-permute",))  # the one-shot refere
 # second), at most TIME_LIMIT x its total time; and block order may cost the fast default at most
 # FAST_MASK_LIMIT x its mask time.
 QUALITY_GOAL, MOONSHOT, TIME_LIMIT, FAST_MASK_LIMIT = 0.85, 0.75, 3.0, 2.0
+# How far one recipe's perplexity moves between runs that differ only in float rounding (docs/determinism.md:
+# a 4.5% spread): recipes closer than this are not told apart by one run.
+ROUNDING_SPREAD = 0.05
 OWL_OPTIONS = {"--owl-spread": "0.08", "--owl-outlier-factor": "5"}
 
 
@@ -332,6 +335,22 @@ def _label(recipe: Recipe) -> str:
     return f"{recipe.method} {' '.join(recipe.flags)} {recipe.structure}"
 
 
+def _equals(rows: list[dict], wiki: float) -> str:
+    """', equal within the rounding spread to ...' for the rows that close to `wiki` (rows sorted by perplexity)."""
+    close = [row for row in rows if _wiki(row) <= wiki * (1 + ROUNDING_SPREAD)]
+    return (f"; equal to it within the rounding spread of one run (≤ {ROUNDING_SPREAD:.0%}, docs/determinism.md): "
+            + ", ".join(f"{_label(_recipe(row))} ({_wiki(row):.2f})" for row in close)) if close else ""
+
+
+def _verdict(change: float) -> str:
+    return ("it helps" if change < -ROUNDING_SPREAD else "it does not help" if change > ROUNDING_SPREAD
+            else f"within the rounding spread of one run (≤ {ROUNDING_SPREAD:.0%}), so not established")
+
+
+def _recipe(row: dict) -> Recipe:
+    return Recipe(**row["recipe"] | {"flags": tuple(row["recipe"]["flags"])})
+
+
 def goal_lines(rows: list[dict]) -> list[str]:
     """The goals' verdicts from the measured rows: the best 2:4 recipe against SparseGPT's, block order on the fast
     default, and the rows --recipe fast and best name. Only what was measured is judged."""
@@ -342,21 +361,21 @@ def goal_lines(rows: list[dict]) -> list[str]:
     ppl, seconds = _wiki(reference), reference["report"]["total_seconds"]
     candidates = sorted((row for row in rows if row.get("recipe") and row["recipe"]["structure"] == "2:4"
                          and row["report"]["total_seconds"] <= TIME_LIMIT * seconds), key=_wiki)
-    best = Recipe(**candidates[0]["recipe"] | {"flags": tuple(candidates[0]["recipe"]["flags"])})
+    best = _recipe(candidates[0])
     ratio = _wiki(candidates[0]) / ppl
     verdict = ("**met**, and the moonshot" if ratio <= MOONSHOT else "**met**" if ratio <= QUALITY_GOAL else "**not met**")
     lines = ["", "## Goals", "",
              f"- 2:4 at ≤ {QUALITY_GOAL}× SparseGPT's wiki perplexity ({ppl:.2f}; moonshot ≤ {MOONSHOT}×) within "
              f"{TIME_LIMIT:g}× its total time ({seconds:.0f} s): {verdict}. The best recipe within that time is {_label(best)}: "
              f"{_wiki(candidates[0]):.2f}, {ratio:.2f}× SparseGPT's, at {candidates[0]['report']['total_seconds'] / seconds:.2f}× "
-             "its total time."]
+             "its total time" + _equals(candidates[1:], _wiki(candidates[0])) + "."]
     fast, ordered = by_name.get(DEFAULT_RECIPE.name), by_name.get(Recipe("wanda", "2:4", ("--permute", "--block-order")).name)
     if fast and ordered:
         mask = ordered["report"]["mask_seconds"] / fast["report"]["mask_seconds"]
         change = _wiki(ordered) / _wiki(fast) - 1
         lines.append(f"- The fast default with block order: wiki perplexity {_wiki(fast):.2f} → {_wiki(ordered):.2f} ({change:+.1%}), "
                      f"mask time {mask:.2f}× ({'within' if mask <= FAST_MASK_LIMIT else '**over**'} the {FAST_MASK_LIMIT:g}× "
-                     f"allowed); {'it helps' if change < 0 else 'it does not help'}.")
+                     f"allowed); {_verdict(change)}.")
     for name, recipe in (("fast", DEFAULT_RECIPE), ("best", BEST_RECIPE)):
         if recipe.name in by_name:
             row = by_name[recipe.name]

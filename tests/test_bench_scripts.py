@@ -52,18 +52,25 @@ def test_goal_lines_judge_the_best_recipe_within_the_time_limit_and_block_order_
     rows = [goal_row(None, 20.0), goal_row(prune_methods.SPARSEGPT, 80.0, total=160.0),
             goal_row(prune_methods.DEFAULT_RECIPE, 140.0, mask=3.0, total=100.0), goal_row(ordered, 120.0, mask=9.0, total=120.0),
             goal_row(prune_methods.BEST_RECIPE, 64.0, total=300.0),
+            goal_row(Recipe("alps", "2:4", ("--no-permute", "--block-order")), 66.0, total=330.0),  # 3.1% worse: a tie
+            goal_row(Recipe("alps", "2:4", ("--no-permute", "--permute")), 70.0, total=330.0),  # 9.4% worse: not
             goal_row(Recipe("alps", "2:4", ("--no-permute", "--block-order", "--refine=10")), 50.0, total=481.0)]  # over 3x
     lines = prune_methods.goal_lines(rows)
     assert lines[:3] == ["", "## Goals", ""]
     assert lines[3] == ("- 2:4 at ≤ 0.85× SparseGPT's wiki perplexity (80.00; moonshot ≤ 0.75×) within 3× its total time (160 s): "
                         "**met**. The best recipe within that time is alps --no-permute 2:4: 64.00, 0.80× SparseGPT's, at 1.88× "
-                        "its total time.")
+                        "its total time; equal to it within the rounding spread of one run (≤ 5%, docs/determinism.md): "
+                        "alps --no-permute --block-order 2:4 (66.00).")
     assert lines[4] == ("- The fast default with block order: wiki perplexity 140.00 → 120.00 (-14.3%), mask time 3.00× (**over** "
                         "the 2× allowed); it helps.")
     assert lines[5:] == ["- `--recipe fast` is wanda --permute 2:4: wiki 140.00, 1.75× SparseGPT's, total 100 s.",
                          "- `--recipe best` is alps --no-permute 2:4: wiki 64.00, 0.80× SparseGPT's, total 300 s."]
-    rows[-2] = goal_row(prune_methods.BEST_RECIPE, 59.0, total=300.0)
+    rows[4] = goal_row(prune_methods.BEST_RECIPE, 59.0, total=300.0)
     assert "**met**, and the moonshot" in prune_methods.goal_lines(rows)[3]
+    rows[3] = goal_row(ordered, 137.0, mask=3.0, total=120.0)  # -2.1%: inside the rounding spread
+    assert prune_methods.goal_lines(rows)[4].endswith("; within the rounding spread of one run (≤ 5%), so not established.")
+    rows[3] = goal_row(ordered, 160.0, mask=3.0, total=120.0)
+    assert prune_methods.goal_lines(rows)[4].endswith("; it does not help.")
     assert prune_methods.goal_lines(rows[:1]) == []  # no SparseGPT row: nothing to judge
 
 
