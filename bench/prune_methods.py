@@ -335,8 +335,13 @@ def _label(recipe: Recipe) -> str:
     return f"{recipe.method} {' '.join(recipe.flags)} {recipe.structure}"
 
 
+def goal_verdict(ratio: float, goal: float, moonshot: float) -> str:
+    """A perplexity ratio against a goal and its (lower) moonshot, as the benchmark pages word it."""
+    return "**met**, and the moonshot" if ratio <= moonshot else "**met**" if ratio <= goal else "**not met**"
+
+
 def _equals(rows: list[dict], wiki: float) -> str:
-    """', equal within the rounding spread to ...' for the rows that close to `wiki` (rows sorted by perplexity)."""
+    """'; equal to it within the rounding spread ...: ...' naming the rows within that spread of `wiki`, or ''."""
     close = [row for row in rows if _wiki(row) <= wiki * (1 + ROUNDING_SPREAD)]
     return (f"; equal to it within the rounding spread of one run (≤ {ROUNDING_SPREAD:.0%}, docs/determinism.md): "
             + ", ".join(f"{_label(_recipe(row))} ({_wiki(row):.2f})" for row in close)) if close else ""
@@ -363,7 +368,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
                          and row["report"]["total_seconds"] <= TIME_LIMIT * seconds), key=_wiki)
     best = _recipe(candidates[0])
     ratio = _wiki(candidates[0]) / ppl
-    verdict = ("**met**, and the moonshot" if ratio <= MOONSHOT else "**met**" if ratio <= QUALITY_GOAL else "**not met**")
+    verdict = goal_verdict(ratio, QUALITY_GOAL, MOONSHOT)
     lines = ["", "## Goals", "",
              f"- 2:4 at ≤ {QUALITY_GOAL}× SparseGPT's wiki perplexity ({ppl:.2f}; moonshot ≤ {MOONSHOT}×) within "
              f"{TIME_LIMIT:g}× its total time ({seconds:.0f} s): {verdict}. The best recipe within that time is {_label(best)}: "

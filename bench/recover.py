@@ -32,7 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from prune_methods import BEST_RECIPE, DEFAULT_RECIPE, SPARSEGPT, Recipe, argv, provenance, stored_result, wanda_serve, weights_sha256  # noqa: E402
+from prune_methods import BEST_RECIPE, DEFAULT_RECIPE, SPARSEGPT, Recipe, argv, goal_verdict, provenance, stored_result, wanda_serve, weights_sha256  # noqa: E402
 
 # The recipes as the pruning benchmark defines them, under the names their stored results carry.
 RECIPES = {"wanda-permute-2of4": DEFAULT_RECIPE, "sparsegpt-2of4": SPARSEGPT, "alps-2of4": BEST_RECIPE}
@@ -138,7 +138,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
     lines = ["## Goal", ""]
     for r in (r for r in rows if r["variant"] == "base" and r["budget"] == GOAL_TOKENS):
         ratio = r["wiki"] / r["wiki_teacher"]
-        verdict = "**met**, and the moonshot" if ratio <= MOONSHOT else "**met**" if ratio <= GOAL else "**not met**"
+        verdict = goal_verdict(ratio, GOAL, MOONSHOT)
         wiki_factor, news_factor = r["wiki_before"] / r["wiki"], r["news_before"] / r["news"]
         comparable = news_factor >= OUT_OF_DOMAIN_SHARE * wiki_factor
         lines.append(
