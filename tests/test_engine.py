@@ -254,3 +254,29 @@ def test_refinement_lowers_each_blocks_output_error_and_keeps_every_zero(method)
         zeros = find_linears(find_decoder_blocks(plain)[0])[name].weight == 0
         assert (linear.weight[zeros] == 0).all(), name
         assert not torch.equal(linear.weight, find_linears(find_decoder_blocks(plain)[0])[name].weight), name
+
+
+def test_refinement_steps_on_batch_samples_however_the_calibration_was_grouped():
+    samples = batches(count=1, size=(12, 24))[0]
+    grouped = {"4 calls of 3": list(samples.split(3)), "12 calls of 1": list(samples.split(1))}
+    results, rows_per_step = {}, {}
+    for name, calibration in grouped.items():
+        model = tiny_model("opt")  # OPT's position ids carry the batch dimension, so they must be cut with the samples
+        block = find_decoder_blocks(model)[0]
+        calls = capture_block_inputs(model, calibration, torch.device("cpu"))
+        hidden = [call.hidden for call in calls]
+        with torch.no_grad():
+            targets = [call.run(block, h) for call, h in zip(calls, hidden)]
+        linears = find_linears(block)
+        for linear in linears.values():
+            linear.weight.data[:, ::4] = 0  # some zeros to keep
+        seen = []
+        hook = block.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]) if torch.is_grad_enabled() else None)
+        Refine(steps=3, batch=5)(block, linears, calls, hidden, targets)
+        hook.remove()
+        rows_per_step[name] = seen
+        results[name] = {n: linear.weight.detach().clone() for n, linear in linears.items()}
+    assert sum(rows_per_step["4 calls of 3"]) == sum(rows_per_step["12 calls of 1"]) == 3 * 5
+    for name, weight in results["4 calls of 3"].items():
+        assert torch.allclose(weight, results["12 calls of 1"][name], atol=1e-6), name
+        assert (weight[:, ::4] == 0).all()

@@ -74,6 +74,13 @@ class BlockCall:
         out = block(hidden, *self.args, **self.kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    def rows(self, rows: list[int]) -> BlockCall:
+        """This call for some of its samples: every tensor whose leading dimension is the batch (hidden states,
+        OPT's position ids, a padded attention mask) keeps those rows; batch-1 tensors broadcast and stay."""
+        batch, index = self.hidden.shape[0], torch.tensor(rows)
+        pick = lambda t: t.index_select(0, index.to(t.device)) if t.dim() >= 2 and t.shape[0] == batch else t  # noqa: E731
+        return BlockCall(pick(self.hidden), _map_tensors(self.args, pick), _map_tensors(self.kwargs, pick))
+
 
 class _BlockInputsCaptured(Exception):
     pass
@@ -263,8 +270,8 @@ def run_block(block, calls: list[BlockCall], hidden: list[torch.Tensor]) -> list
 class Refine:
     """Block-output refinement (Wanda++'s regional optimization): after a block is pruned, `steps` Adam steps
     on its surviving linear weights, the mask held exactly, minimising the mean squared error between the
-    dense block's outputs and the pruned block's on the calibration inputs (`batch` samples per step).
-    In float32, one block at a time, whatever the model's dtype."""
+    dense block's outputs and the pruned block's on `batch` calibration samples per step, drawn from all of
+    them whatever --batch-size grouped them into. In float32, one block at a time, whatever the model's dtype."""
 
     steps: int
     lr: float = 1e-3  # the best of 1e-5..1e-3 on held-out calibration windows at 10 steps (docs/refine_settings.md)
@@ -285,13 +292,20 @@ class Refine:
             p.requires_grad_(id(p) in trainable)
         optimizer = torch.optim.Adam([linear.weight for linear in linears.values()], lr=self.lr)
         generator = torch.Generator().manual_seed(self.seed)
+        samples = [(call, row) for call, batch in enumerate(hidden) for row in range(batch.shape[0])]
         zeros.attach()
         try:
             with torch.enable_grad():
                 for _ in range(self.steps):
-                    chosen = torch.randperm(len(calls), generator=generator)[: self.batch].tolist()
+                    chosen = torch.randperm(len(samples), generator=generator)[: self.batch].tolist()
+                    rows_of_call: dict[int, list[int]] = {}
+                    for sample in sorted(chosen):
+                        call, row = samples[sample]
+                        rows_of_call.setdefault(call, []).append(row)
                     optimizer.zero_grad()
-                    loss = sum(nn.functional.mse_loss(calls[i].run(block, hidden[i]), targets[i]) for i in chosen) / len(chosen)
+                    squared_error = sum(nn.functional.mse_loss(calls[c].rows(rows).run(block, hidden[c][rows]), targets[c][rows],
+                                                               reduction="sum") for c, rows in rows_of_call.items())
+                    loss = squared_error / sum(targets[c][rows].numel() for c, rows in rows_of_call.items())
                     loss.backward()
                     optimizer.step()
                     zeros.remask()
