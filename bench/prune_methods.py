@@ -91,6 +91,13 @@ ROUNDING_SPREAD = 0.05
 OWL_OPTIONS = {"--owl-spread": "0.08", "--owl-outlier-factor": "5"}
 
 
+def measurement_order() -> list[Recipe]:
+    """RECIPES with the goal's rows first (the default, SparseGPT, the best, the refined ones), so that a run cut
+    short (it resumes) has answered the goal before the rest of the table."""
+    first = [DEFAULT_RECIPE, SPARSEGPT, BEST_RECIPE, *(recipe for recipe in RECIPES if REFINE in recipe.flags)]
+    return first + [recipe for recipe in RECIPES if recipe not in first]
+
+
 @dataclass(frozen=True)
 class Settings:
     """What every recipe shares: the model, calibration, evaluation and device."""
@@ -264,8 +271,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     now = provenance()
-    rows = []
-    for recipe in (None, *RECIPES):  # None: the dense model
+    results = {}
+    for recipe in (None, *measurement_order()):  # None: the dense model
         name = recipe.name if recipe else "dense"
         path, expected = args.work / f"{name}.json", {"options": settings.recorded_options(recipe), "provenance": now}
         result = stored_result(path, name, expected, args.recompute_stale) if args.resume else None
@@ -273,7 +280,8 @@ def main() -> None:
             result = {"name": name, "recipe": asdict(recipe) if recipe else None, **expected,
                       **measure(recipe, settings, args.work, args.keep)}
             path.write_text(json.dumps(result, indent=2) + "\n")
-        rows.append(result)
+        results[name] = result
+    rows = [results["dense"], *(results[recipe.name] for recipe in RECIPES)]
 
     command = "python bench/prune_methods.py " + shlex.join(sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)

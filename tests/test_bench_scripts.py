@@ -27,6 +27,13 @@ def test_every_recipe_spells_out_its_permutation_block_order_refinement_and_the_
     assert len({recipe.name for recipe in RECIPES}) == len(RECIPES)
 
 
+def test_the_goals_rows_are_measured_first_and_every_recipe_once():
+    order = prune_methods.measurement_order()
+    assert sorted(order, key=RECIPES.index) == list(RECIPES)
+    assert order[:3] == [prune_methods.DEFAULT_RECIPE, prune_methods.SPARSEGPT, prune_methods.BEST_RECIPE]
+    assert all(prune_methods.REFINE in recipe.flags for recipe in order[3:6])
+
+
 def test_the_benchmark_names_the_cli_recipes_and_measures_them():
     from wanda_serve.cli_options import RECIPES as CLI_RECIPES
 
@@ -142,11 +149,12 @@ def test_main_stops_before_measuring_when_a_stored_result_differs(tmp_path, monk
     now = prune_methods.provenance()
     stored_dense = tmp_path / "dense.json"
     stored_dense.write_text(json.dumps({"name": "dense", "options": settings.recorded_options(None), "provenance": now, "eval": {}}))
-    stored(tmp_path, RECIPES[0], Settings(seqlen=256), now)
+    first = prune_methods.measurement_order()[0]
+    stored(tmp_path, first, Settings(seqlen=256), now)
     measured = []
     monkeypatch.setattr(prune_methods, "measure", lambda recipe, *args: measured.append(recipe))
     monkeypatch.setattr(sys, "argv", ["prune_methods.py", "--resume", "--work", str(tmp_path), "--out", str(tmp_path / "out.md")])
-    with pytest.raises(SystemExit, match=f"stored result of {RECIPES[0].name} .*prune --seqlen: stored 256, now 512"):
+    with pytest.raises(SystemExit, match=f"stored result of {first.name} .*prune --seqlen: stored 256, now 512"):
         prune_methods.main()
     assert measured == []  # the dense result matched and was reused
 
