@@ -1,7 +1,7 @@
-"""Choose block-output refinement's learning rate on calibration text only, never the evaluation text.
+"""Choose block-output refinement's learning rate and samples per step on calibration text only, never the evaluation text.
 
 For a few decoder blocks of the embedded SmolLM2 (dense inputs): prune the block with the default
-recipe's method (wanda 2:4), fit it with `Refine` at each learning rate, and measure the block's
+recipe's method (wanda 2:4), fit it with `Refine` at each learning rate and batch (samples per step), and measure the block's
 output error ‖pruned − dense‖² / ‖dense‖² on held-out calibration windows (another seed, so other
 windows of the calibration region). Writes a Markdown table.
 
@@ -33,7 +33,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--blocks", default="0,10,20,29")
-    parser.add_argument("--lrs", default="1e-5,3e-5,1e-4,3e-4,1e-3")
+    parser.add_argument("--lrs", default="1e-3,3e-3,1e-2,3e-2")
+    parser.add_argument("--batches", default="8,64", help="samples per Adam step, of the 64 calibration windows")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     started = time.time()
@@ -44,7 +45,7 @@ def main() -> None:
     fit_hidden, held_hidden = [c.hidden for c in fit_calls], [c.hidden for c in held_calls]
     blocks, method, structure = find_decoder_blocks(loaded.model), get_method("wanda"), Structure(n=2, m=4)
     chosen = [int(b) for b in args.blocks.split(",")]
-    lrs = [float(lr) for lr in args.lrs.split(",")]
+    settings = [(float(lr), int(batch)) for batch in args.batches.split(",") for lr in args.lrs.split(",")]
     rows = []
     with torch.no_grad():
         for index, block in enumerate(blocks):
@@ -56,10 +57,10 @@ def main() -> None:
                 for name, linear in linears.items():
                     linear.weight.data = method.prune(linear.weight.data, stats[name], structure)
                 row = {"block": index, "0": output_error(run_block(pruned, held_calls, held_hidden), held_targets)}
-                for lr in lrs:
+                for lr, batch in settings:
                     refined = copy.deepcopy(pruned)
-                    Refine(args.steps, lr=lr)(refined, find_linears(refined), fit_calls, fit_hidden, fit_targets)
-                    row[f"{lr:g}"] = output_error(run_block(refined, held_calls, held_hidden), held_targets)
+                    Refine(args.steps, lr=lr, batch=batch)(refined, find_linears(refined), fit_calls, fit_hidden, fit_targets)
+                    row[f"{lr:g}, {batch}"] = output_error(run_block(refined, held_calls, held_hidden), held_targets)
                 print(row, flush=True)
                 rows.append(row)
             fit_hidden = run_block(block, fit_calls, fit_hidden)
@@ -67,11 +68,12 @@ def main() -> None:
             if index >= max(chosen):
                 break
     command = shlex.join(["python", "bench/refine_settings.py", *sys.argv[1:]])
-    header = ["block", "not refined", *(f"lr {lr:g}" for lr in lrs)]
-    lines = ["# Block-output refinement: learning rate", "",
+    header = ["block", "not refined", *(f"lr {lr:g}, batch {batch}" for lr, batch in settings)]
+    lines = ["# Block-output refinement: learning rate and samples per step", "",
              f"Written by `{command}` in {(time.time() - started) / 60:.0f} minutes.", "",
-             f"Embedded SmolLM2, wanda 2:4 per block on the dense model's block inputs; {args.steps} Adam steps of "
-             f"{Refine.batch} of 64 calibration windows (512 tokens, seed 0). Output error ‖pruned − dense‖² / ‖dense‖² on 16 "
+             f"Embedded SmolLM2, wanda 2:4 per block on the dense model's block inputs; {args.steps} Adam steps, each on "
+             "`batch` of the 64 calibration windows (512 tokens, seed 0); the default is "
+             f"lr {Refine.lr:g}, batch {Refine.batch}. Output error ‖pruned − dense‖² / ‖dense‖² on 16 "
              "held-out calibration windows (seed 1). The evaluation text is not used.", "",
              "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     lines += ["| " + " | ".join([str(r["block"])] + [f"{v:.4f}" for k, v in r.items() if k != "block"]) + " |" for r in rows]
