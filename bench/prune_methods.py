@@ -71,6 +71,7 @@ RECIPES = (
     *(Recipe(m, "2:4", ("--permute", "--reconstruct", "--block-order")) for m in ("wanda", "ria")),
     *(Recipe(m, "2:4", ("--no-permute", "--block-order")) for m in HESSIAN),
     Recipe("wanda", "2:4", ("--permute", REFINE)),
+    *(Recipe(m, "2:4", ("--no-permute", REFINE)) for m in HESSIAN),
     *(Recipe(m, "2:4", ("--no-permute", "--block-order", REFINE)) for m in HESSIAN),
     *(Recipe(m, "0.5", ("--no-permute",)) for m in (*SCORING, *HESSIAN)),
     *(Recipe(m, "0.5", ("--no-permute", "--reconstruct")) for m in SCORING),

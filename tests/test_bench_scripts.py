@@ -31,7 +31,7 @@ def test_the_goals_rows_are_measured_first_and_every_recipe_once():
     order = prune_methods.measurement_order()
     assert sorted(order, key=RECIPES.index) == list(RECIPES)
     assert order[:3] == [prune_methods.DEFAULT_RECIPE, prune_methods.SPARSEGPT, prune_methods.BEST_RECIPE]
-    assert all(prune_methods.REFINE in recipe.flags for recipe in order[3:6])
+    assert all(prune_methods.REFINE in recipe.flags for recipe in order[3:8])
 
 
 def test_the_benchmark_names_the_cli_recipes_and_measures_them():
