@@ -14,7 +14,8 @@ The pruned model and the teacher are measured once per recipe, by its first run 
 the pruned weights it started from, and the provenance of the code that trains and evaluates (as
 bench/prune_methods.py records it); --resume reuses only results measured the same way. The pruning
 code is not part of that provenance: the pruned weights' hash stands for it, so all budgets of a
-recipe start from the same bytes.
+recipe start from the same bytes. The pruned model is pruned again when its options or the pruning
+code changed; the results stored from it stay valid if that gives the same bytes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from prune_methods import BEST_RECIPE, DEFAULT_RECIPE, SPARSEGPT, Recipe, argv, goal_verdict, provenance, stored_result, wanda_serve, weights_sha256  # noqa: E402
+from prune_methods import BEST_RECIPE, DEFAULT_RECIPE, NUMERIC_SOURCES, SPARSEGPT, Recipe, argv, goal_verdict, provenance, stored_result, wanda_serve, weights_sha256  # noqa: E402
 
 # The recipes as the pruning benchmark defines them, under the names their stored results carry.
 RECIPES = {"wanda-permute-2of4": DEFAULT_RECIPE, "sparsegpt-2of4": SPARSEGPT, "alps-2of4": BEST_RECIPE}
@@ -74,10 +75,15 @@ def prune_options(recipe: Recipe) -> dict[str, str | None]:
 
 
 def pruned_model(recipe: str, work: Path) -> tuple[Path, str]:
-    """The recipe's pruned model (pruned on first use) and the SHA-256 of its weights."""
-    pruned = work / f"{recipe}-pruned"
-    if not (pruned / "prune_report.json").is_file():
-        wanda_serve("prune", "--out", str(pruned), *argv(prune_options(RECIPES[recipe])), "--no-eval", "--overwrite")
+    """The recipe's pruned model and the SHA-256 of its weights. Kept in --work beside a record of the prune options
+    and the pruning code's provenance, and pruned again when either changed; the same code prunes to the same bytes
+    on one machine, so stored results stay valid exactly when the weights they started from did not change."""
+    pruned, record = work / f"{recipe}-pruned", work / f"{recipe}-pruned.json"
+    expected = {"options": prune_options(RECIPES[recipe]), "provenance": provenance(NUMERIC_SOURCES)}
+    if not (pruned / "prune_report.json").is_file() or not record.is_file() or json.loads(record.read_text()) != expected:
+        record.unlink(missing_ok=True)
+        wanda_serve("prune", "--out", str(pruned), *argv(expected["options"]), "--no-eval", "--overwrite")
+        record.write_text(json.dumps(expected, indent=2) + "\n")
     return pruned, weights_sha256(pruned)[:16]
 
 

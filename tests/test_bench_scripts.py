@@ -515,3 +515,26 @@ def test_recover_prunes_with_the_pruning_benchmarks_recipes():
     assert recover.RECIPES[recover.DEFAULT] == prune_methods.DEFAULT_RECIPE
     assert recover.prune_options(prune_methods.BEST_RECIPE) == {
         "--method": "alps", "--structure": "2:4", "--no-permute": None, **recover.PRUNE_SHARED}
+
+
+def test_recover_prunes_again_when_the_options_or_the_pruning_code_changed(tmp_path, monkeypatch):
+    import recover
+
+    pruned_runs = []
+
+    def fake_prune(*args):
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(exist_ok=True)
+        (out / "prune_report.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"weights of code %d" % len(pruned_runs))
+        pruned_runs.append(args)
+
+    monkeypatch.setattr(recover, "wanda_serve", fake_prune)
+    first = recover.pruned_model(recover.DEFAULT, tmp_path)
+    assert recover.pruned_model(recover.DEFAULT, tmp_path) == first and len(pruned_runs) == 1  # reused as it is
+    monkeypatch.setattr(recover, "provenance", lambda sources: {"code_version": "another"})
+    second = recover.pruned_model(recover.DEFAULT, tmp_path)
+    assert len(pruned_runs) == 2 and second[1] != first[1]  # the new bytes' hash makes stored results stale
+    monkeypatch.setitem(recover.PRUNE_SHARED, "--seed", "1")
+    recover.pruned_model(recover.DEFAULT, tmp_path)
+    assert len(pruned_runs) == 3 and pruned_runs[-1][pruned_runs[-1].index("--seed") + 1] == "1"
