@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from prune_methods import BEST_RECIPE, DEFAULT_RECIPE, NUMERIC_SOURCES, SPARSEGPT, Recipe, argv, goal_verdict, provenance, stored_result, wanda_serve, weights_sha256  # noqa: E402
 
 # The recipes as the pruning benchmark defines them, under the names their stored results carry.
-RECIPES = {"wanda-permute-2of4": DEFAULT_RECIPE, "sparsegpt-2of4": SPARSEGPT, "alps-2of4": BEST_RECIPE}
+RECIPES = {"wanda-permute-2of4": DEFAULT_RECIPE, "sparsegpt-2of4": SPARSEGPT, "sparsegpt-refine-2of4": BEST_RECIPE}
 DEFAULT = "wanda-permute-2of4"  # the goal's recipe: what `wanda-serve prune` does without options
 PRUNE_SHARED = {"--calib": "wiki", "--nsamples": "64", "--seqlen": "512", "--seed": "0", "--dtype": "float32"}
 VARIANTS = {"base": {}, "squarehead": {"--hidden-weight": "1.0"}, "bf16": {"--dtype": "bfloat16"}}

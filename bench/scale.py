@@ -2,7 +2,7 @@
 
 For each model: perplexity of the dense model on held-out Wikipedia (wiki) and held-out Python code
 (code); prune at 2:4 with the default recipe (wanda + permutation), with sparsegpt and with the best
-recipe (alps) in float32, and with the default recipe again in bfloat16, each pruned model evaluated
+recipe (sparsegpt with block-output refinement) in float32, and with the default recipe again in bfloat16, each pruned model evaluated
 like the dense one;
 export the dense and the default-recipe model for vLLM (bfloat16, checked on vLLM's engine) and the
 latter for ONNX (float32 with an int4 variant, checked on onnxruntime); serve dense and pruned on
@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from export_checks import export_checks  # noqa: E402
 from exports import vllm_version  # noqa: E402
 from prune_methods import (  # noqa: E402
-    BEST_RECIPE, DEFAULT_RECIPE, NUMERIC_SOURCES, Recipe, Settings, argv, cpu_name, provenance, stored_result, weights_sha256, write_page,
+    BEST_RECIPE, DEFAULT_RECIPE, NUMERIC_SOURCES, SPARSEGPT, Recipe, Settings, argv, cpu_name, provenance, stored_result, weights_sha256, write_page,
 )
 from scale_page import (  # noqa: E402
     EVAL_DATA, GB, MiB, DtypeRow, ExportRow, ModelShape, Page, PruneRow, ServeRow, checkpoint_bytes, export_goal, growth_rows,
@@ -66,8 +66,8 @@ from wanda_serve.models import EMBEDDED_MODEL_NAME, LARGE_MODEL_NAME, PACKAGED_M
 # The recipes, by the name their rows and directories get: (recipe, --dtype).
 RECIPES = {
     "wanda": (DEFAULT_RECIPE, "float32"),
-    "sparsegpt": (Recipe("sparsegpt", "2:4", ("--no-permute",)), "float32"),
-    "alps": (BEST_RECIPE, "float32"),  # --recipe best
+    "sparsegpt": (SPARSEGPT, "float32"),
+    "sparsegpt-refine": (BEST_RECIPE, "float32"),  # --recipe best
     "wanda-bf16": (DEFAULT_RECIPE, "bfloat16"),
 }
 EXPORTED = "wanda"  # the pruned model that is exported and served: the default recipe in float32

@@ -43,6 +43,7 @@ def test_the_benchmark_names_the_cli_recipes_and_measures_them():
         assert ("--permute" in bench_recipe.flags) == (cli_recipe.permute is not False and cli_recipe.method in ("wanda", "ria"))
         assert ("--reconstruct" in bench_recipe.flags) == cli_recipe.reconstruct
         assert ("--block-order" in bench_recipe.flags) == cli_recipe.block_order
+        assert next((int(f.removeprefix("--refine=")) for f in bench_recipe.flags if f.startswith("--refine=")), 0) == cli_recipe.refine
     assert prune_methods.SPARSEGPT in RECIPES
 
 
@@ -56,6 +57,8 @@ def goal_row(recipe: Recipe | None, wiki: float, mask: float = 1.0, total: float
 
 def test_goal_lines_judge_the_best_recipe_within_the_time_limit_and_block_order_on_the_fast_default():
     ordered = Recipe("wanda", "2:4", ("--permute", "--block-order"))
+    best = prune_methods.BEST_RECIPE
+    best_label = " ".join([best.method, *best.flags, best.structure])
     rows = [goal_row(None, 20.0), goal_row(prune_methods.SPARSEGPT, 80.0, total=160.0),
             goal_row(prune_methods.DEFAULT_RECIPE, 140.0, mask=3.0, total=100.0), goal_row(ordered, 120.0, mask=9.0, total=120.0),
             goal_row(prune_methods.BEST_RECIPE, 64.0, total=300.0),
@@ -65,13 +68,13 @@ def test_goal_lines_judge_the_best_recipe_within_the_time_limit_and_block_order_
     lines = prune_methods.goal_lines(rows)
     assert lines[:3] == ["", "## Goals", ""]
     assert lines[3] == ("- 2:4 at ≤ 0.85× SparseGPT's wiki perplexity (80.00; moonshot ≤ 0.75×) within 3× its total time (160 s): "
-                        "**met**. The best recipe within that time is alps --no-permute 2:4: 64.00, 0.80× SparseGPT's, at 1.88× "
+                        f"**met**. The best recipe within that time is {best_label}: 64.00, 0.80× SparseGPT's, at 1.88× "
                         "its total time; equal to it within the rounding spread of one run (≤ 5%, docs/determinism.md): "
                         "alps --no-permute --block-order 2:4 (66.00).")
     assert lines[4] == ("- The fast default with block order: wiki perplexity 140.00 → 120.00 (-14.3%), mask time 3.00× (**over** "
                         "the 2× allowed); it helps.")
     assert lines[5:] == ["- `--recipe fast` is wanda --permute 2:4: wiki 140.00, 1.75× SparseGPT's, total 100 s.",
-                         "- `--recipe best` is alps --no-permute 2:4: wiki 64.00, 0.80× SparseGPT's, total 300 s."]
+                         f"- `--recipe best` is {best_label}: wiki 64.00, 0.80× SparseGPT's, total 300 s."]
     rows[4] = goal_row(prune_methods.BEST_RECIPE, 59.0, total=300.0)
     assert "**met**, and the moonshot" in prune_methods.goal_lines(rows)[3]
     rows[3] = goal_row(ordered, 137.0, mask=3.0, total=120.0)  # -2.1%: inside the rounding spread
@@ -499,13 +502,13 @@ def test_recover_goal_judges_each_recipe_at_the_goal_budget_in_and_out_of_domain
 
     rows = [recover_row("wanda-permute-2of4", 10_000, 60.0, 95.0), recover_row("wanda-permute-2of4", 100_000, 43.2, 68.0),
             recover_row("wanda-permute-2of4", 100_000, 30.0, 40.0, variant="bf16"),  # not the base variant: not judged
-            recover_row("sparsegpt-2of4", 100_000, 39.9, 250.0), recover_row("alps-2of4", 100_000, 29.9, 50.0, mask_identical=False)]
-    default, sparsegpt, alps, mask = recover.goal_lines(rows)[2:]
+            recover_row("sparsegpt-2of4", 100_000, 39.9, 250.0), recover_row("sparsegpt-refine-2of4", 100_000, 29.9, 50.0, mask_identical=False)]
+    default, sparsegpt, best, mask = recover.goal_lines(rows)[2:]
     assert default.startswith("- wanda-permute-2of4 (the default recipe, the goal) after 100096 tokens: wiki 43.20, 2.16x dense")
     assert ": **not met**." in default and default.endswith("comparable.")  # 140/43.2 = 3.24 in domain, 270/68 = 3.97 out
     assert "1.99x dense" in sparsegpt and ": **met**." in sparsegpt and "**not comparable**" in sparsegpt  # 270/250 = 1.08
-    assert "1.49x dense" in alps and "**met**, and the moonshot" in alps
-    assert mask == "- Mask identical before and after: **no** for alps-2of4 base 100096."
+    assert "1.49x dense" in best and "**met**, and the moonshot" in best
+    assert mask == "- Mask identical before and after: **no** for sparsegpt-refine-2of4 base 100096."
     assert recover.goal_lines(rows[:1])[2] == "- No recipe was measured at 100000 tokens; the goal is not judged."
 
 
@@ -514,7 +517,7 @@ def test_recover_prunes_with_the_pruning_benchmarks_recipes():
 
     assert recover.RECIPES[recover.DEFAULT] == prune_methods.DEFAULT_RECIPE
     assert recover.prune_options(prune_methods.BEST_RECIPE) == {
-        "--method": "alps", "--structure": "2:4", "--no-permute": None, **recover.PRUNE_SHARED}
+        "--method": "sparsegpt", "--structure": "2:4", "--no-permute": None, "--refine=10": None, **recover.PRUNE_SHARED}
 
 
 def test_recover_prunes_again_when_the_options_or_the_pruning_code_changed(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from deploy.vllm_server import ServerFailed, ServerSettings
 from deploy.workload import WorkloadSpec
 from wanda_serve.cli import cli, server_options
 from wanda_serve.contract import MANIFEST_NAME
-from wanda_serve.engine import block_linears
+from wanda_serve.engine import Refine, block_linears
 from wanda_serve.cli_options import RECIPES
 from wanda_serve.pipeline import EDGE_EXPORTS
 from wanda_serve.structure import audit_linears
@@ -243,7 +243,7 @@ def test_alps_with_block_order_and_refinement_reports_what_it_did(tiny_model_dir
 
 
 def test_a_recipe_is_its_options_spelled_out_and_refuses_them_given_too(tiny_model_dir, tmp_path, monkeypatch):
-    spelled_out = {"fast": ["--method", "wanda"], "best": ["--method", "alps", "--no-permute"]}
+    spelled_out = {"fast": ["--method", "wanda"], "best": ["--method", "sparsegpt", "--no-permute", "--refine", "10"]}
     assert set(spelled_out) == set(RECIPES)
     for name, options in spelled_out.items():
         by_name, by_options = tmp_path / f"{name}-recipe", tmp_path / f"{name}-options"
@@ -251,7 +251,8 @@ def test_a_recipe_is_its_options_spelled_out_and_refuses_them_given_too(tiny_mod
             result = run(*small_prune_args(tiny_model_dir, out, "--no-eval", *extra))
             assert result.exit_code == 0, result.output
         assert (by_name / "model.safetensors").read_bytes() == (by_options / "model.safetensors").read_bytes(), name
-    assert json.loads((tmp_path / "best-recipe" / "prune_report.json").read_text())["method"] == "alps"
+    best = json.loads((tmp_path / "best-recipe" / "prune_report.json").read_text())
+    assert best["method"] == "sparsegpt" and best["refine"]["steps"] == 10
     for given, flags in ((["--method", "wanda"], "--method"), (["--permute"], "--permute/--no-permute"),
                          (["--refine", 2, "--block-order"], "--block-order/--one-pass, --refine")):
         result = run(*small_prune_args(tiny_model_dir, tmp_path / "both", "--no-eval", "--recipe", "best", *given))
@@ -263,7 +264,7 @@ def test_a_recipe_is_its_options_spelled_out_and_refuses_them_given_too(tiny_mod
     run("run", tiny_model_dir, "--recipe", "best", "--out", tmp_path / "run")
     (job,), = given
     assert (job.prune.method, job.prune.permute, job.prune.reconstruct, job.prune.block_order, job.prune.refine) == (
-        "alps", False, False, False, None)
+        "sparsegpt", False, False, False, Refine(10))
     result = run("run", tiny_model_dir, "--recipe", "fast", "--method", "sparsegpt", "--out", tmp_path / "run")
     assert result.exit_code == 1 and result.output.splitlines()[-1] == (
         "Error: --recipe fast chooses --method: give either the recipe or the options")
