@@ -58,7 +58,7 @@ def goal_row(recipe: Recipe | None, wiki: float, mask: float = 1.0, total: float
 def test_goal_lines_judge_the_best_recipe_within_the_time_limit_and_block_order_on_the_fast_default():
     ordered = Recipe("wanda", "2:4", ("--permute", "--block-order"))
     best = prune_methods.BEST_RECIPE
-    best_label = " ".join([best.method, *best.flags, best.structure])
+    best_label = prune_methods._label(best)
     rows = [goal_row(None, 20.0), goal_row(prune_methods.SPARSEGPT, 80.0, total=160.0),
             goal_row(prune_methods.DEFAULT_RECIPE, 140.0, mask=3.0, total=100.0), goal_row(ordered, 120.0, mask=9.0, total=120.0),
             goal_row(prune_methods.BEST_RECIPE, 64.0, total=300.0),
