@@ -79,6 +79,21 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
     return path
 
 
+@pytest.fixture
+def pruned(tiny_model_dir, tmp_path):
+    """tiny_model_dir pruned by the CLI with its defaults (Wanda + permutation, 2:4)."""
+    from click.testing import CliRunner
+
+    from wanda_serve.cli import cli
+
+    out = tmp_path / "pruned"
+    text = tmp_path / "text.txt"
+    result = CliRunner().invoke(cli, ["prune", str(tiny_model_dir), "--out", str(out), "--calib", str(text), "--nsamples", "4",
+                                      "--seqlen", "32", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
 FAKE_VLLM = Path(__file__).with_name("fake_vllm.py")
 
 

@@ -22,16 +22,6 @@ from wanda_serve.structure import audit_linears
 WANDA_SERVE = str(Path(sys.executable).with_name("wanda-serve"))
 
 
-@pytest.fixture
-def pruned(tiny_model_dir, tmp_path):
-    out = tmp_path / "pruned"
-    text = tmp_path / "text.txt"
-    result = CliRunner().invoke(cli, ["prune", str(tiny_model_dir), "--out", str(out), "--calib", str(text), "--nsamples", "4",
-                                      "--seqlen", "32", "--no-eval"])
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def job(pruned: Path, out: Path, **changes) -> RecoverJob:
     text = str(pruned.parent / "text.txt")
     settings = dict(out=out, pruned=str(pruned), tokens=1024, seqlen=64, batch_size=2, lr=1e-3, data=text, checkpoint_every=2,
