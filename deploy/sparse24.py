@@ -212,8 +212,8 @@ def median_ms(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def run_in_cuda_graph(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """fn() captured in a CUDA graph and replayed once: what a server's CUDA graph of it computes."""
+def capture_cuda_graph(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """fn() captured in a CUDA graph, and the output tensor its replays write (in the graph's memory pool)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -222,8 +222,14 @@ def run_in_cuda_graph(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()
+    return graph, out
+
+
+def run_in_cuda_graph(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn() captured in a CUDA graph and replayed once: what a server's CUDA graph of it computes."""
+    graph, out = capture_cuda_graph(fn)
     graph.replay()
-    return out.clone()  # out lives in the graph's memory pool
+    return out.clone()
 
 
 @torch.library.custom_op(f"{PLUGIN_NAME}::linear", mutates_args=())
@@ -232,7 +238,9 @@ def sparse24_linear(x: torch.Tensor, dense: torch.Tensor | None, packed: torch.T
     """x (tokens, in) times the layer's weight: dense below `threshold` tokens when `dense` is kept, else on `backend`."""
     if dense is not None and x.shape[0] < threshold:
         return F.linear(x, dense, bias)
-    out = BACKENDS[backend].mm(x, packed, meta, out_features)
+    # cuSPARSELt returns the product transposed in memory; the op's registered (fake) output is contiguous, and
+    # torch.compile's generated code asserts the strides it was promised
+    out = BACKENDS[backend].mm(x, packed, meta, out_features).contiguous()
     return out if bias is None else out + bias  # bias outside the kernels: the probe checks exactly what runs
 
 

@@ -227,3 +227,14 @@ def test_gpu_benchmark_dry_run_fails_on_a_wrong_index(monkeypatch):
     assert any(failure.startswith("GEMM row differs from dense or failed") for failure in failures)
     assert any(failure.startswith("layers kept dense: {'0.self_attn.q_proj': 'wrong_index: output at ")
                for failure in failures)
+
+
+def test_the_op_returns_the_strides_its_fake_promises_from_a_column_major_kernel(monkeypatch):
+    """cuSPARSELt returns its product transposed in memory. torch.compile's generated code asserts the strides the op's
+    fake promised, so on an H200 a compiled prefill through the op failed (docs/gpu_sparse.md) until it returned a
+    contiguous result. opcheck compares the real output with the fake one, strides included."""
+    column_major = dataclasses.replace(STANDIN, mm=lambda *args: STANDIN.mm(*args).t().contiguous().t())
+    monkeypatch.setitem(BACKENDS, "column_major", column_major)
+    weight24 = Sparse24Weight.pack(pruned_2_of_4(64, 128), "column_major")
+    x = torch.randn(8, 128, dtype=torch.bfloat16)
+    torch.library.opcheck(sparse24.sparse24_linear, (x, None, weight24.packed, weight24.meta, None, "column_major", 64, 1))
