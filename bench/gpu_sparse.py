@@ -3,24 +3,26 @@ the runtime's own per-layer code, eagerly, under torch.compile and replayed from
 
 GEMMs: per linear shape of LLaMA-2-7B, Llama-3-8B and SmolLM2-135M, in bfloat16, float16 and float32, at 1 to
 8192 tokens, on both PyTorch backends (cuSPARSELt, CUTLASS), each tried whether or not the vLLM plugin would use
-it: median time of the dense GEMM and of the runtime's sparse path (CUDA events), the relative error against the
-probe's tolerance, and why the plugin would not use that backend there, if it would not. A backend that raises
-is a row with its error, and the run goes on.
+it: median time of the dense GEMM and of the runtime's sparse path (CUDA events), called eagerly (as the plugin
+times it, host work included) and replayed from a CUDA graph (the kernels alone, as vLLM's captured batch sizes
+run), the relative error against the probe's tolerance, and why the plugin would not use that backend there, if
+it would not. A backend that raises is a row with its error, and the run goes on.
 
 End to end: a transformers Llama at 7B dimensions (random weights pruned 2:4, --dtype). Every linear of its blocks
-is decided by the plugin's own plan_layer (probe included, replayed from a CUDA graph) with the thresholds just
-measured and swapped to deploy.sparse24.Sparse24Linear; prefill and decode are timed dense and swapped. Then the
-swapped model runs eagerly, under torch.compile (dynamic shapes), captured in a CUDA graph, and compiled and
-captured (what vLLM does), at 1 token (the dense path where a layer keeps one) and at the prefill length (the
-sparse path); each is compared with the dense model's logits, and each failure is a row with its error.
-PyTorch only, one process.
+is decided by the plugin's own plan_layer (probe included, replayed from a CUDA graph) at a fixed token threshold
+between decode and prefill, so that both paths run whatever the timings say, and swapped to
+deploy.sparse24.Sparse24Linear; prefill and decode are timed dense and swapped. Then the dense and the swapped model
+run eagerly, under torch.compile (dynamic shapes), captured in a CUDA graph, and compiled and captured (what vLLM
+does), at 1 token (the dense path) and at the prefill length (the sparse path); each is compared with the dense
+model's eager logits, so that the swapped model's error reads against what the same mode does to the dense model
+(a 32-layer random model amplifies any change of rounding). Each failure is a row with its error. PyTorch only,
+one process.
 
     python bench/gpu_sparse.py --out docs/gpu_sparse.md             # a CUDA GPU (minutes on an H100)
     python bench/gpu_sparse.py --dry-run --out /tmp/gpu_sparse.md   # anywhere: tiny shapes on the CPU
 
 The dry run is the same code on the CPU with tiny shapes and the "standin" backend (the CUTLASS layout: kept
-values and their 2-bit positions, packed by PyTorch and unpacked on every call), the swap at a fixed threshold so
-that both paths run, and torch.compile's aot_eager backend (inductor would need minutes of C++ builds): the
+values and their 2-bit positions, packed by PyTorch and unpacked on every call), and torch.compile's aot_eager backend (inductor would need minutes of C++ builds): the
 packing, the swap, the dispatch and the comparisons run for real. It fails unless every comparison the plugin
 would rely on is within tolerance, every layer was swapped, and the derived numbers agree. CUDA graphs are
 skipped there.
@@ -40,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from deploy.sparse24 import (
-    GPU_BACKENDS, PROBE_TOLERANCE_EPS, Execution, Sparse24Linear, Sparse24Weight, backend_reason, measure_timings, median_ms, plan_layer,
-    relative_error, run_in_cuda_graph, runtime_unavailable_reason, threshold_from_timings, tolerance,
+    GPU_BACKENDS, PROBE_TOLERANCE_EPS, Execution, Sparse24Linear, Sparse24Weight, backend_reason, capture_cuda_graph, measure_timings,
+    median_ms, plan_layer, relative_error, run_in_cuda_graph, runtime_unavailable_reason, threshold_from_timings, tolerance,
 )
 from wanda_serve.engine import find_decoder_blocks, find_linears
 from wanda_serve.structure import Structure, prune_mask
@@ -66,12 +68,13 @@ class Setup:
     decode_steps: int
     backends: tuple[str, ...]
     compile_backend: str
-    swap_threshold: int | None  # None: the thresholds just measured; else this one for every layer
+    swap_threshold: int  # tokens from which every swapped layer takes the sparse path: between decode and prefill
 
 
+# A fixed threshold between decode (1 token) and prefill makes both paths run and be checked, whatever the timings
+# say; the thresholds table says where the plugin would take each shape over.
 GPU = Setup(torch.device("cuda"), SHAPES, (1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192), LLAMA_7B, 2048, 64,
-            GPU_BACKENDS, "inductor", None)
-# CPU timings of a stand-in say nothing: a fixed threshold between decode (1 token) and prefill makes both paths run.
+            GPU_BACKENDS, "inductor", 16)
 DRY = Setup(torch.device("cpu"), {"tiny": {"a": (64, 128), "b": (128, 64)}}, (1, 8, 64),
             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                  vocab_size=320), 32, 4, ("standin",), "aot_eager", 8)
@@ -87,6 +90,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def graph_replay_ms(fn, repeats: int, device: torch.device) -> float | None:
+    """Median milliseconds of fn()'s kernels alone, replayed from a CUDA graph (no host work); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    graph, _ = capture_cuda_graph(fn)
+    return median_ms(graph.replay, repeats, device)
 
 
 @torch.no_grad()
@@ -107,9 +118,13 @@ def gemm_rows(setup: Setup, dtypes, repeats: int) -> list[dict]:
                         for tokens, (dense_ms, sparse_ms) in timings.items():
                             x = torch.randn(tokens, in_features, device=setup.device, dtype=dtype, generator=generator)
                             error = relative_error(weight24.linear(x), F.linear(x, weight))
+                            dense_graph_ms = graph_replay_ms(lambda: F.linear(x, weight), repeats, setup.device)
+                            sparse_graph_ms = graph_replay_ms(lambda: weight24.linear(x), repeats, setup.device)
                             rows.append(row | {"tokens": tokens, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
-                                               "speedup": dense_ms / sparse_ms, "relative_error": error,
-                                               "within_tolerance": error <= tolerance(dtype)})
+                                               "speedup": dense_ms / sparse_ms, "graph_dense_ms": dense_graph_ms,
+                                               "graph_sparse_ms": sparse_graph_ms,
+                                               "graph_speedup": dense_graph_ms / sparse_graph_ms if sparse_graph_ms else None,
+                                               "relative_error": error, "within_tolerance": error <= tolerance(dtype)})
                     except Exception as e:  # noqa: BLE001 - a failing backend is a result: record it and go on
                         rows.append(row | {"error": error_text(e)})
     return rows
@@ -119,19 +134,20 @@ def shape_key(rows: int, cols: int, dtype: str, backend: str) -> str:
     return f"{rows}x{cols} {dtype} {backend}"
 
 
-def thresholds(rows: list[dict]) -> dict[str, int | None]:
-    """Per shape, dtype and backend the plugin would try: the token count from which sparse wins (deploy.sparse24's rule)."""
+def thresholds(rows: list[dict], prefix: str = "") -> dict[str, int | None]:
+    """Per shape, dtype and backend the plugin would try: the token count from which sparse wins (deploy.sparse24's
+    rule), from the eager timings (prefix "", what the plugin measures) or the CUDA graph replays (prefix "graph_")."""
     timings: dict[str, dict[int, tuple[float, float]]] = {}
     for row in rows:
-        if "tokens" in row and row["plugin_skips"] is None:
+        if "tokens" in row and row["plugin_skips"] is None and row[f"{prefix}sparse_ms"] is not None:
             key = shape_key(*row["shape"], row["dtype"], row["backend"])
-            timings.setdefault(key, {})[row["tokens"]] = (row["dense_ms"], row["sparse_ms"])
+            timings.setdefault(key, {})[row["tokens"]] = (row[f"{prefix}dense_ms"], row[f"{prefix}sparse_ms"])
     return {key: threshold_from_timings(by_tokens) for key, by_tokens in timings.items()}
 
 
 def swap_to_sparse(model, threshold_for_shape, backends: tuple[str, ...], execution: Execution) -> dict:
     """Decide every linear of the decoder blocks as the vLLM plugin does (plan_layer, probe included), with the given
-    thresholds instead of its load-time timing; swap the ones it takes over. What stayed dense and why."""
+    threshold instead of its load-time timing; swap the ones it takes over. What stayed dense and why."""
     kept_dense, swapped, extra_bytes = {}, 0, 0
     for index, block in enumerate(find_decoder_blocks(model)):
         for name, linear in find_linears(block).items():
@@ -149,18 +165,39 @@ def logits(forward, ids: torch.Tensor) -> torch.Tensor:
     return forward(input_ids=ids, use_cache=False).logits
 
 
-def compare_logits(run, reference: torch.Tensor) -> dict:
-    """run() -> logits, compared with the dense model's; what it raises is recorded, not raised."""
+def attempt(run) -> torch.Tensor | str:
+    """run()'s logits, or the error it raised as text: a mode that fails is a result."""
     try:
-        logits = run()
-    except Exception as e:  # noqa: BLE001 - a mode that fails is a result
-        return {"error": error_text(e)}
-    return {"relative_error": relative_error(logits, reference),
-            "max_abs_diff": float((logits.float() - reference.float()).abs().max())}
+        return run()
+    except Exception as e:  # noqa: BLE001
+        return error_text(e)
+
+
+def mode_logits(model, ids: torch.Tensor, sizes: tuple[int, ...], setup: Setup) -> dict[tuple[str, int], torch.Tensor | str]:
+    """(mode, tokens) -> the model's logits, or why they could not be computed: eagerly, under torch.compile with
+    dynamic shapes, and each replayed from a CUDA graph (vLLM compiles, then captures per batch size)."""
+    torch._dynamo.reset()  # the swapped model is compiled afresh, not from the dense model's cache
+    forwards = {"eager": model, "torch.compile": torch.compile(model, dynamic=True, backend=setup.compile_backend)}
+    results = {}
+    for mode, forward in forwards.items():
+        for tokens in sizes:
+            run = functools.partial(logits, forward, ids[:, :tokens])
+            results[(mode, tokens)] = attempt(run)
+            graph_mode = f"{mode} + CUDA graph" if mode != "eager" else "CUDA graph"
+            results[(graph_mode, tokens)] = (attempt(lambda: run_in_cuda_graph(run)) if setup.device.type == "cuda"
+                                             else "skipped: no CUDA device")
+    return results
+
+
+def compare_logits(result: torch.Tensor | str, reference: torch.Tensor) -> dict:
+    if isinstance(result, str):
+        return {"skipped": result.removeprefix("skipped: ")} if result.startswith("skipped: ") else {"error": result}
+    return {"relative_error": relative_error(result, reference),
+            "max_abs_diff": float((result.float() - reference.float()).abs().max())}
 
 
 @torch.no_grad()
-def end_to_end(setup: Setup, measured: dict, dtype: torch.dtype, repeats: int) -> dict:
+def end_to_end(setup: Setup, dtype: torch.dtype, repeats: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device = setup.device
@@ -181,12 +218,13 @@ def end_to_end(setup: Setup, measured: dict, dtype: torch.dtype, repeats: int) -
         for _ in range(setup.decode_steps):
             out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
 
-    result = {"prefill_tokens": setup.prefill_tokens, "decode_steps": setup.decode_steps}
-    reference = {tokens: logits(model, ids[:, :tokens]) for tokens in sizes}
+    result = {"prefill_tokens": setup.prefill_tokens, "decode_steps": setup.decode_steps, "swap_threshold": setup.swap_threshold}
+    dense_modes = mode_logits(model, ids, sizes, setup)
+    reference = {tokens: dense_modes[("eager", tokens)] for tokens in sizes}
     result["dense"] = {"prefill_ms": median_ms(prefill, repeats, device), "decode_ms": median_ms(decode, max(1, repeats // 4), device)}
 
     def threshold_for_shape(rows, cols, weight_dtype, backend, weight_device):
-        return setup.swap_threshold or measured.get(shape_key(rows, cols, dtype_name(weight_dtype), backend))
+        return setup.swap_threshold
 
     # what vLLM does by default, so the probe also replays each layer from a CUDA graph where there is one
     execution = Execution(compiled=True, cuda_graphs=device.type == "cuda")
@@ -195,16 +233,10 @@ def end_to_end(setup: Setup, measured: dict, dtype: torch.dtype, repeats: int) -
     result["prefill_speedup"] = result["dense"]["prefill_ms"] / result["sparse"]["prefill_ms"]
     result["decode_speedup"] = result["dense"]["decode_ms"] / result["sparse"]["decode_ms"]
 
-    # vLLM compiles with dynamic shapes, then replays CUDA graphs of the compiled model per batch size.
-    forwards = {"eager": model, "torch.compile": torch.compile(model, dynamic=True, backend=setup.compile_backend)}
-    result["modes"] = []
-    for mode, forward in forwards.items():
-        for tokens in sizes:
-            run = functools.partial(logits, forward, ids[:, :tokens])
-            result["modes"].append({"mode": mode, "tokens": tokens} | compare_logits(run, reference[tokens]))
-            graph_mode = {"mode": f"{mode} + CUDA graph" if mode != "eager" else "CUDA graph", "tokens": tokens}
-            result["modes"].append(graph_mode | (compare_logits(lambda: run_in_cuda_graph(run), reference[tokens])
-                                                 if device.type == "cuda" else {"skipped": "no CUDA device"}))
+    result["modes"] = [
+        {"mode": mode, "tokens": tokens, "dense": compare_logits(dense_modes[(mode, tokens)], reference[tokens])}
+        | compare_logits(swapped, reference[tokens])
+        for (mode, tokens), swapped in mode_logits(model, ids, sizes, setup).items()]
     return result
 
 
@@ -245,20 +277,27 @@ def render(result: dict) -> str:
         "",
         "## GEMMs, every backend tried (`plugin skips`: why the vLLM plugin would not use it; empty: it probes and times it)",
         "",
-        "| dtype | model | layer | out x in | backend | plugin skips | tokens | dense ms | sparse ms | speedup | relative error | within tolerance |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|",
+        "Called eagerly (host work included, as the plugin times it) and replayed from a CUDA graph (the kernels alone).",
+        "",
+        "| dtype | model | layer | out x in | backend | plugin skips | tokens | dense ms | sparse ms | speedup | graph: dense ms "
+        "| graph: sparse ms | graph: speedup | relative error | within tolerance |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["gemm"]:
         head = (f"| {row['dtype']} | {row['model']} | {row['layer']} | {row['shape'][0]}x{row['shape'][1]} | {row['backend']} | "
                 f"{row['plugin_skips'] or ''} |")
         if "error" in row:
-            lines.append(f"{head} | | | | error: {row['error'].replace('|', '/')} | |")
+            lines.append(f"{head} | | | | | | | error: {row['error'].replace('|', '/')} | |")
         else:
-            lines.append(f"{head} {row['tokens']} | {row['dense_ms']:.4f} | {row['sparse_ms']:.4f} | {row['speedup']:.2f} | "
+            graph = (f"{row['graph_dense_ms']:.4f} | {row['graph_sparse_ms']:.4f} | {row['graph_speedup']:.2f}"
+                     if row["graph_sparse_ms"] is not None else "- | - | -")
+            lines.append(f"{head} {row['tokens']} | {row['dense_ms']:.4f} | {row['sparse_ms']:.4f} | {row['speedup']:.2f} | {graph} | "
                          f"{row['relative_error']:.3g} | {'yes' if row['within_tolerance'] else 'NO'} |")
     lines += ["", "## Thresholds (tokens from which sparse wins), where the plugin would try the backend", "",
-              "| shape dtype backend | threshold |", "|---|---:|"]
-    lines += [f"| {key} | {'never' if value is None else value} |" for key, value in result["thresholds"].items()]
+              "Eager: what the plugin measures at load and uses. CUDA graph: from the replays, the kernels alone.", "",
+              "| shape dtype backend | eager | CUDA graph |", "|---|---:|---:|"]
+    lines += [f"| {key} | {threshold_text(value)} | {threshold_text(result['graph_thresholds'].get(key, 'not timed'))} |"
+              for key, value in result["thresholds"].items()]
     e2e = result["end_to_end"]
     swap = e2e["swap"]
     reasons: dict[str, int] = {}
@@ -267,32 +306,40 @@ def render(result: dict) -> str:
     lines += [
         "", f"## End to end: Llama at {'7B' if not result['dry_run'] else 'tiny'} dimensions, random weights pruned 2:4, "
         f"{result['dtype']}", "",
-        f"Swapped {swap['swapped']} linear layers to the 2:4 path ({swap['extra_gib']:.2f} GiB extra memory); kept dense: "
+        f"Swapped {swap['swapped']} linear layers to the 2:4 path from {e2e['swap_threshold']} tokens up, a fixed threshold so that "
+        f"both paths run ({swap['extra_gib']:.2f} GiB extra memory); kept dense: "
         f"{len(swap['kept_dense'])}" + "".join(f"; {count} × {reason}" for reason, count in reasons.items()) + ".",
         "",
         f"Prefill of {e2e['prefill_tokens']} tokens: dense {e2e['dense']['prefill_ms']:.1f} ms, sparse {e2e['sparse']['prefill_ms']:.1f} ms "
         f"(x{e2e['prefill_speedup']:.2f}). Decode of {e2e['decode_steps']} tokens after a 16-token prompt, batch 1: dense "
         f"{e2e['dense']['decode_ms']:.1f} ms, sparse {e2e['sparse']['decode_ms']:.1f} ms (x{e2e['decode_speedup']:.2f}).",
         "",
-        "The swapped model's logits against the dense model's, per execution mode:",
+        "Logits per execution mode against the dense model's eager logits: the dense model in that mode (what a change of "
+        "kernels or fusion alone does) and the swapped model.",
         "",
-        "| mode | tokens | relative error | max abs diff |",
-        "|---|---:|---:|---:|",
+        "| mode | tokens | dense: relative error | swapped: relative error | swapped: max abs diff |",
+        "|---|---:|---:|---:|---:|",
     ]
     for row in e2e["modes"]:
-        head = f"| {row['mode']} | {row['tokens']} |"
-        if "relative_error" in row:
-            lines.append(f"{head} {row['relative_error']:.3g} | {row['max_abs_diff']:.3g} |")
-        else:
-            lines.append(f"{head} {'error: ' + row['error'].replace('|', '/') if 'error' in row else 'skipped: ' + row['skipped']} | |")
+        diff = f"{row['max_abs_diff']:.3g}" if "max_abs_diff" in row else ""
+        lines.append(f"| {row['mode']} | {row['tokens']} | {comparison_text(row['dense'])} | {comparison_text(row)} | {diff} |")
     return "\n".join(lines) + "\n"
+
+
+def threshold_text(value: int | str | None) -> str:
+    return "never" if value is None else str(value)
+
+
+def comparison_text(comparison: dict) -> str:
+    if "relative_error" in comparison:
+        return f"{comparison['relative_error']:.3g}"
+    return "error: " + comparison["error"].replace("|", "/") if "error" in comparison else "skipped: " + comparison["skipped"]
 
 
 def measure(setup: Setup, dtype: torch.dtype, repeats: int) -> dict:
     rows = gemm_rows(setup, DTYPES, repeats)
-    measured = thresholds(rows)
-    return {"dtype": dtype_name(dtype), "gemm": rows, "thresholds": measured,
-            "end_to_end": end_to_end(setup, measured, dtype, max(3, repeats // 4))}
+    return {"dtype": dtype_name(dtype), "gemm": rows, "thresholds": thresholds(rows), "graph_thresholds": thresholds(rows, "graph_"),
+            "end_to_end": end_to_end(setup, dtype, max(3, repeats // 4))}
 
 
 def main() -> None:
