@@ -18,14 +18,15 @@ model's eager logits, so that the swapped model's error reads against what the s
 (a 32-layer random model amplifies any change of rounding). Each failure is a row with its error. PyTorch only,
 one process.
 
-    python bench/gpu_sparse.py --out docs/gpu_sparse.md             # a CUDA GPU (minutes on an H100)
+    python bench/gpu_sparse.py --out docs/gpu_sparse.md             # a CUDA GPU (about 3 minutes on an H200)
     python bench/gpu_sparse.py --dry-run --out /tmp/gpu_sparse.md   # anywhere: tiny shapes on the CPU
 
 The dry run is the same code on the CPU with tiny shapes and the "standin" backend (the CUTLASS layout: kept
-values and their 2-bit positions, packed by PyTorch and unpacked on every call), and torch.compile's aot_eager backend (inductor would need minutes of C++ builds): the
-packing, the swap, the dispatch and the comparisons run for real. It fails unless every comparison the plugin
-would rely on is within tolerance, every layer was swapped, and the derived numbers agree. CUDA graphs are
-skipped there.
+values and their 2-bit positions, packed by PyTorch and unpacked on every call) and torch.compile's aot_eager
+backend (inductor would need minutes of C++ builds): the packing, the swap, the dispatch and the comparisons run
+for real. It fails unless every comparison the plugin would rely on is within tolerance, every layer was swapped,
+and the derived numbers agree. CUDA graphs are skipped there. On a GPU machine, bench/gpu_checks.sh runs this with
+the CUDA tests.
 """
 
 from __future__ import annotations
@@ -118,12 +119,12 @@ def gemm_rows(setup: Setup, dtypes, repeats: int) -> list[dict]:
                         for tokens, (dense_ms, sparse_ms) in timings.items():
                             x = torch.randn(tokens, in_features, device=setup.device, dtype=dtype, generator=generator)
                             error = relative_error(weight24.linear(x), F.linear(x, weight))
-                            dense_graph_ms = graph_replay_ms(lambda: F.linear(x, weight), repeats, setup.device)
-                            sparse_graph_ms = graph_replay_ms(lambda: weight24.linear(x), repeats, setup.device)
+                            graph_dense_ms = graph_replay_ms(lambda: F.linear(x, weight), repeats, setup.device)
+                            graph_sparse_ms = graph_replay_ms(lambda: weight24.linear(x), repeats, setup.device)
                             rows.append(row | {"tokens": tokens, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
-                                               "speedup": dense_ms / sparse_ms, "graph_dense_ms": dense_graph_ms,
-                                               "graph_sparse_ms": sparse_graph_ms,
-                                               "graph_speedup": dense_graph_ms / sparse_graph_ms if sparse_graph_ms else None,
+                                               "speedup": dense_ms / sparse_ms, "graph_dense_ms": graph_dense_ms,
+                                               "graph_sparse_ms": graph_sparse_ms,
+                                               "graph_speedup": graph_dense_ms / graph_sparse_ms if graph_sparse_ms else None,
                                                "relative_error": error, "within_tolerance": error <= tolerance(dtype)})
                     except Exception as e:  # noqa: BLE001 - a failing backend is a result: record it and go on
                         rows.append(row | {"error": error_text(e)})
