@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from deploy.sparse24 import (
-    GPU_BACKENDS, PROBE_TOLERANCE_EPS, Execution, Sparse24Linear, Sparse24Weight, backend_reason, capture_cuda_graph, measure_timings,
+    GPU_BACKENDS, PROBE_TOLERANCE_EPS, Execution, Sparse24Linear, Sparse24Weight, backend_reason, measure_timings,
     median_ms, plan_layer, relative_error, run_in_cuda_graph, runtime_unavailable_reason, threshold_from_timings, tolerance,
 )
 from wanda_serve.engine import find_decoder_blocks, find_linears
@@ -93,14 +93,6 @@ def error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0]
 
 
-def graph_replay_ms(fn, repeats: int, device: torch.device) -> float | None:
-    """Median milliseconds of fn()'s kernels alone, replayed from a CUDA graph (no host work); None off CUDA."""
-    if device.type != "cuda":
-        return None
-    graph, _ = capture_cuda_graph(fn)
-    return median_ms(graph.replay, repeats, device)
-
-
 @torch.no_grad()
 def gemm_rows(setup: Setup, dtypes, repeats: int) -> list[dict]:
     rows = []
@@ -116,11 +108,12 @@ def gemm_rows(setup: Setup, dtypes, repeats: int) -> list[dict]:
                         weight24 = Sparse24Weight.pack(weight, backend)
                         # the plugin's own load-time timing, here at every token count and repeat count asked for
                         timings = measure_timings(weight, weight24.linear, setup.tokens, repeats)
+                        replayed = (measure_timings(weight, weight24.linear, setup.tokens, repeats, graphs=True)
+                                    if setup.device.type == "cuda" else {})
                         for tokens, (dense_ms, sparse_ms) in timings.items():
                             x = torch.randn(tokens, in_features, device=setup.device, dtype=dtype, generator=generator)
                             error = relative_error(weight24.linear(x), F.linear(x, weight))
-                            graph_dense_ms = graph_replay_ms(lambda: F.linear(x, weight), repeats, setup.device)
-                            graph_sparse_ms = graph_replay_ms(lambda: weight24.linear(x), repeats, setup.device)
+                            graph_dense_ms, graph_sparse_ms = replayed.get(tokens, (None, None))
                             rows.append(row | {"tokens": tokens, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
                                                "speedup": dense_ms / sparse_ms, "graph_dense_ms": graph_dense_ms,
                                                "graph_sparse_ms": graph_sparse_ms,
@@ -224,7 +217,7 @@ def end_to_end(setup: Setup, dtype: torch.dtype, repeats: int) -> dict:
     reference = {tokens: dense_modes[("eager", tokens)] for tokens in sizes}
     result["dense"] = {"prefill_ms": median_ms(prefill, repeats, device), "decode_ms": median_ms(decode, max(1, repeats // 4), device)}
 
-    def threshold_for_shape(rows, cols, weight_dtype, backend, weight_device):
+    def threshold_for_shape(rows, cols, weight_dtype, backend, weight_device, graphs):
         return setup.swap_threshold
 
     # what vLLM does by default, so the probe also replays each layer from a CUDA graph where there is one
@@ -295,7 +288,8 @@ def render(result: dict) -> str:
             lines.append(f"{head} {row['tokens']} | {row['dense_ms']:.4f} | {row['sparse_ms']:.4f} | {row['speedup']:.2f} | {graph} | "
                          f"{row['relative_error']:.3g} | {'yes' if row['within_tolerance'] else 'NO'} |")
     lines += ["", "## Thresholds (tokens from which sparse wins), where the plugin would try the backend", "",
-              "Eager: what the plugin measures at load and uses. CUDA graph: from the replays, the kernels alone.", "",
+              "Both as the plugin measures them at load: eager for calls run eagerly, CUDA graph (replays: the kernels alone) "
+              "for calls captured in a graph, where the server captures graphs.", "",
               "| shape dtype backend | eager | CUDA graph |", "|---|---:|---:|"]
     lines += [f"| {key} | {threshold_text(value)} | {threshold_text(result['graph_thresholds'].get(key, 'not timed'))} |"
               for key, value in result["thresholds"].items()]

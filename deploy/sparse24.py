@@ -11,7 +11,10 @@ up. Otherwise the layer stays dense and `plan_layer` says why: a failing backend
 Sparse GEMMs lose to dense ones at small token counts (decode), so below the threshold the dense
 weight is kept and used. The choice is made per call inside the custom op `wanda24::linear`:
 torch.compile cannot see into it, so it cannot freeze the branch it traced, and each batch size
-captured in a CUDA graph records its own path. This module needs torch only: the vLLM plugin
+captured in a CUDA graph records its own path. A call being captured uses a threshold of its own, timed
+from CUDA-graph replays: PyTorch sets cuSPARSELt up again on every eager call (about 0.5 ms on an
+H200, docs/gpu_sparse.md), which a replay skips, so the kernels can win in a graph where they lose
+eagerly. This module needs torch only: the vLLM plugin
 (deploy/vllm_plugin.py) and bench/gpu_sparse.py both run on it.
 """
 
@@ -39,11 +42,13 @@ PLAN_REPORT_ENV = "WANDA_SERVE_SPARSE_REPORT"  # where the plugin appends each l
 GPU_BACKENDS = ("cusparselt", "cutlass")  # order of preference when both pass
 THRESHOLD_TOKENS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # token counts timed at load time
 THRESHOLD_REPEATS = 10
+NEVER = torch.iinfo(torch.int64).max  # a threshold no call reaches: sparse never wins there
 PROBE_TOKENS = (1, 37, 256)  # 1 and 37 are padded to the kernels' tiles, 256 is not
 PROBE_TOLERANCE_EPS = 8  # the probe's tolerance, in machine epsilons of the weight's dtype (see relative_error)
 EXECUTION_NOTES = {  # what each of vLLM's execution modes does to the per-call choice (describe_plan)
     "torch.compile": f"dense or sparse is chosen per call inside the op {PLUGIN_NAME}::linear, which torch.compile does not trace into",
-    "CUDA graphs": "each captured batch size records its own path; the replay from a CUDA graph was checked against dense at load",
+    "CUDA graphs": "each captured batch size records its own path, by the threshold timed from CUDA-graph replays; the replay "
+                   "from a CUDA graph was checked against dense at load",
 }
 DENSE_DTYPES = {  # dtypes the kernels do not run 2:4
     torch.float32: "float32 is 1:2, not 2:4, on these kernels (CUTLASS pairs float32 values; cuSPARSELt has no float32)",
@@ -232,20 +237,33 @@ def run_in_cuda_graph(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
     return out.clone()
 
 
+def replay_ms(fn: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> float:
+    """Median milliseconds of fn()'s GPU work alone, replayed from a CUDA graph (no host work)."""
+    graph, _ = capture_cuda_graph(fn)
+    return median_ms(graph.replay, repeats, device)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 @torch.library.custom_op(f"{PLUGIN_NAME}::linear", mutates_args=())
 def sparse24_linear(x: torch.Tensor, dense: torch.Tensor | None, packed: torch.Tensor, meta: torch.Tensor | None,
-                    bias: torch.Tensor | None, backend: str, out_features: int, threshold: int) -> torch.Tensor:
-    """x (tokens, in) times the layer's weight: dense below `threshold` tokens when `dense` is kept, else on `backend`."""
-    if dense is not None and x.shape[0] < threshold:
+                    bias: torch.Tensor | None, backend: str, out_features: int, threshold: int, graph_threshold: int) -> torch.Tensor:
+    """x (tokens, in) times the layer's weight: when `dense` is kept, dense below `threshold` tokens (`graph_threshold`
+    while a CUDA graph is being captured), else on `backend`."""
+    if dense is not None and x.shape[0] < (graph_threshold if _capturing(x) else threshold):
         return F.linear(x, dense, bias)
-    # cuSPARSELt returns the product transposed in memory; the op's registered (fake) output is contiguous, and
-    # torch.compile's generated code asserts the strides it was promised
+    # Under torch 2.11 cuSPARSELt's product comes back transposed in memory; the op's registered (fake) output is
+    # contiguous, and torch.compile's generated code asserts the strides it was promised. The copy costs a transpose
+    # (about 0.7 ms at 8192 x 14336 on an H200, docs/gpu_capture_check.log), which load-time timing includes; torch 2.13's
+    # semi-structured code has the kernel write the transposed result itself (fuse_transpose), and then it is free.
     out = BACKENDS[backend].mm(x, packed, meta, out_features).contiguous()
     return out if bias is None else out + bias  # bias outside the kernels: the probe checks exactly what runs
 
 
 @sparse24_linear.register_fake
-def _sparse24_linear_fake(x, dense, packed, meta, bias, backend, out_features, threshold):
+def _sparse24_linear_fake(x, dense, packed, meta, bias, backend, out_features, threshold, graph_threshold):
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -255,7 +273,8 @@ def _nbytes(tensor: torch.Tensor | None) -> int:
 
 @dataclass(frozen=True, eq=False)
 class Sparse24Weight:
-    """A 2:4 weight packed for one backend; with `dense` kept, calls below `threshold` tokens use it instead."""
+    """A 2:4 weight packed for one backend; with `dense` kept, calls below `threshold` tokens (`graph_threshold` for
+    calls captured in a CUDA graph) use it instead."""
 
     backend: str
     packed: torch.Tensor
@@ -264,15 +283,19 @@ class Sparse24Weight:
     dense_bytes: int
     dense: torch.Tensor | None = None  # None: sparse at every token count
     threshold: int = THRESHOLD_TOKENS[0]
+    graph_threshold: int = THRESHOLD_TOKENS[0]
 
     @classmethod
     def pack(cls, weight: torch.Tensor, backend: str) -> Sparse24Weight:
         packed, meta = BACKENDS[backend].pack(weight.contiguous())
         return cls(backend, packed, meta, weight.shape[0], _nbytes(weight))
 
-    def with_threshold(self, weight: torch.Tensor, threshold: int) -> Sparse24Weight:
-        # From the first timed count up, sparse always wins: the dense copy is not needed.
-        return dataclasses.replace(self, threshold=threshold, dense=weight if threshold > THRESHOLD_TOKENS[0] else None)
+    def with_thresholds(self, weight: torch.Tensor, eager: int | None, graph: int | None) -> Sparse24Weight:
+        """Sparse from `eager` tokens per call, from `graph` in calls captured in a CUDA graph; None: never."""
+        threshold, graph_threshold = (NEVER if tokens is None else tokens for tokens in (eager, graph))
+        # Where sparse always wins from the first timed count up, the dense copy is not needed.
+        needs_dense = max(threshold, graph_threshold) > THRESHOLD_TOKENS[0]
+        return dataclasses.replace(self, threshold=threshold, graph_threshold=graph_threshold, dense=weight if needs_dense else None)
 
     @property
     def extra_bytes(self) -> int:
@@ -282,28 +305,32 @@ class Sparse24Weight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # the kernels take 2-D inputs
-        out = sparse24_linear(flat, self.dense, self.packed, self.meta, bias, self.backend, self.out_features, self.threshold)
+        out = sparse24_linear(flat, self.dense, self.packed, self.meta, bias, self.backend, self.out_features, self.threshold,
+                              self.graph_threshold)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
 @torch.no_grad()
 def measure_timings(weight: torch.Tensor, sparse_linear: Callable[[torch.Tensor], torch.Tensor], tokens_list=THRESHOLD_TOKENS,
-                    repeats: int = THRESHOLD_REPEATS) -> dict[int, tuple[float, float]]:
-    """tokens -> (dense ms, sparse ms) of one GEMM with this weight, on its device."""
+                    repeats: int = THRESHOLD_REPEATS, graphs: bool = False) -> dict[int, tuple[float, float]]:
+    """tokens -> (dense ms, sparse ms) of one GEMM with this weight, on its device: called eagerly, or with `graphs`
+    replayed from CUDA graphs."""
+    time_ms = replay_ms if graphs else median_ms
     timings = {}
     for tokens in tokens_list:
         x = torch.randn(tokens, weight.shape[1], device=weight.device, dtype=weight.dtype)
-        timings[tokens] = (median_ms(lambda: F.linear(x, weight), repeats, weight.device),
-                           median_ms(lambda: sparse_linear(x), repeats, weight.device))
+        timings[tokens] = (time_ms(lambda: F.linear(x, weight), repeats, weight.device),
+                           time_ms(lambda: sparse_linear(x), repeats, weight.device))
     return timings
 
 
 @lru_cache(maxsize=None)
-def _threshold_for_shape(rows: int, cols: int, dtype: torch.dtype, backend: str, device: str) -> int | None:
-    """Measured once per shape: every layer of that shape shares the GEMM and so the threshold."""
+def _threshold_for_shape(rows: int, cols: int, dtype: torch.dtype, backend: str, device: str, graphs: bool) -> int | None:
+    """Measured once per shape (eagerly, or replayed from CUDA graphs): every layer of that shape shares the GEMM and so
+    the threshold."""
     weight = torch.randn(rows, cols, device=device, dtype=dtype)
     weight.view(rows, cols // 4, 4)[..., 2:] = 0
-    return threshold_from_timings(measure_timings(weight, Sparse24Weight.pack(weight, backend).linear))
+    return threshold_from_timings(measure_timings(weight, Sparse24Weight.pack(weight, backend).linear, graphs=graphs))
 
 
 @torch.no_grad()
@@ -332,10 +359,11 @@ def _take_over(weight: torch.Tensor, backend: str, threshold_for_shape, executio
     reason = probe_reason(weight24, weight, execution.cuda_graphs)
     if reason is not None:
         return None, reason
-    threshold = threshold_for_shape(*weight.shape, weight.dtype, backend, str(weight.device))
-    if threshold is None:
-        return None, "never faster than dense at the timed token counts"
-    return weight24.with_threshold(weight, threshold), None
+    eager = threshold_for_shape(*weight.shape, weight.dtype, backend, str(weight.device), False)
+    graph = threshold_for_shape(*weight.shape, weight.dtype, backend, str(weight.device), True) if execution.cuda_graphs else eager
+    if eager is None and graph is None:
+        return None, "never faster than dense at the timed token counts" + (", eagerly or in CUDA graphs" if execution.cuda_graphs else "")
+    return weight24.with_thresholds(weight, eager, graph), None
 
 
 def plan_layer(weight: torch.Tensor, threshold_for_shape=_threshold_for_shape, backends=GPU_BACKENDS,
@@ -343,8 +371,8 @@ def plan_layer(weight: torch.Tensor, threshold_for_shape=_threshold_for_shape, b
     """Take one layer's weight over, or say why it stays dense. Returns (the sparse weight or None, a record).
 
     Never raises for a backend's sake: anything a backend throws keeps the layer dense with the error as the reason.
-    threshold_for_shape(rows, cols, dtype, backend, device) -> int | None: measured on the device by default;
-    tests pass a fake timing table. backends: names in BACKENDS, in order of preference.
+    threshold_for_shape(rows, cols, dtype, backend, device, graphs) -> int | None: measured on the device by default,
+    eagerly and (where the server captures CUDA graphs) replayed from graphs; tests pass a fake timing table. backends: names in BACKENDS, in order of preference.
     """
     record = {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."), "2:4": False, "path": "dense"}
     reason = not_2_of_4_reason(weight)
@@ -365,10 +393,23 @@ def plan_layer(weight: torch.Tensor, threshold_for_shape=_threshold_for_shape, b
             except Exception as e:  # noqa: BLE001 - whatever a kernel raises, the layer stays dense and the load goes on
                 weight24, reason = None, f"failed: {type(e).__name__}: {e}"
             if weight24 is not None:
-                return weight24, record | {"path": "sparse", "backend": backend, "threshold_tokens": weight24.threshold,
-                                           "extra_bytes": weight24.extra_bytes, "execution": str(execution)}
+                graph = {"graph_threshold_tokens": _tokens(weight24.graph_threshold)} if execution.cuda_graphs else {}
+                return weight24, record | {"path": "sparse", "backend": backend, "threshold_tokens": _tokens(weight24.threshold),
+                                           **graph, "extra_bytes": weight24.extra_bytes, "execution": str(execution)}
         reasons.append(f"{backend}: {reason}")
     return None, record | {"reason": "; ".join(reasons)}
+
+
+def _tokens(threshold: int) -> int | None:
+    return None if threshold == NEVER else threshold
+
+
+def thresholds_text(record: dict) -> str:
+    """Where a sparse layer's record says it goes sparse, for the server log."""
+    def text(tokens: int | None) -> str:
+        return "never" if tokens is None else f"from {tokens} tokens"
+    eager, graph = record["threshold_tokens"], record.get("graph_threshold_tokens", record["threshold_tokens"])
+    return f"{text(eager)} per call" if graph == eager else f"{text(eager)} per eager call, {text(graph)} in CUDA graphs"
 
 
 def summarize_plan(records: list[dict]) -> dict:

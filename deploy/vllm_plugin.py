@@ -31,7 +31,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from deploy.sparse24 import PLAN_REPORT_ENV, PLUGIN_NAME, Execution, plan_layer
+from deploy.sparse24 import PLAN_REPORT_ENV, PLUGIN_NAME, Execution, plan_layer, thresholds_text
 
 log = init_logger(f"vllm.plugins.{PLUGIN_NAME}")
 
@@ -103,8 +103,8 @@ class Wanda24LinearMethod(UnquantizedLinearMethod):
 def _report(prefix: str, record: dict) -> None:
     shape = "x".join(map(str, record["shape"]))
     if record["path"] == "sparse":
-        log.info("%s %s %s: 2:4 kernels (%s) from %d tokens per call, dense below, %s; extra memory %+.1f MiB", PLUGIN_NAME,
-                 prefix, shape, record["backend"], record["threshold_tokens"], record["execution"], record["extra_bytes"] / 2**20)
+        log.info("%s %s %s: 2:4 kernels (%s) %s, dense otherwise, %s; extra memory %+.1f MiB", PLUGIN_NAME,
+                 prefix, shape, record["backend"], thresholds_text(record), record["execution"], record["extra_bytes"] / 2**20)
     else:
         log.info("%s %s %s: dense, %s", PLUGIN_NAME, prefix, shape, record["reason"])
     path = os.environ.get(PLAN_REPORT_ENV)

@@ -18,7 +18,7 @@ import torch
 from deploy import sparse24
 from deploy.sparse24 import (
     BACKENDS, Backend, Execution, Sparse24Weight, describe_plan, not_2_of_4_reason, plan_layer, probe_reason, runtime_unavailable_reason,
-    summarize_plan, threshold_from_timings, unsupported_reason,
+    summarize_plan, threshold_from_timings, thresholds_text, unsupported_reason,
 )
 from wanda_serve.structure import Structure, prune_mask
 
@@ -120,6 +120,34 @@ def test_plan_takes_a_layer_over_when_the_probe_passes_and_sparse_wins():
     assert always.dense is None and record["extra_bytes"] == compressed - 64 * 128 * 2
 
 
+def test_where_the_server_captures_graphs_a_layer_that_wins_only_in_graphs_goes_sparse_only_there(monkeypatch):
+    monkeypatch.setattr(sparse24, "run_in_cuda_graph", lambda fn: fn())  # the probe's replay, without a GPU
+    graphs_only = lambda rows, cols, dtype, backend, device, graphs: 256 if graphs else None  # noqa: E731 - eager never wins
+    weight = pruned_2_of_4(64, 128)
+    sparse, record = plan_layer(weight, graphs_only, ("standin",), Execution(cuda_graphs=True))
+    assert (record["threshold_tokens"], record["graph_threshold_tokens"]) == (None, 256)
+    assert (sparse.threshold, sparse.graph_threshold) == (sparse24.NEVER, 256) and sparse.dense is weight
+    assert thresholds_text(record) == "never per eager call, from 256 tokens in CUDA graphs"
+    kept, record = plan_layer(weight, lambda *args: None, ("standin",), Execution(cuda_graphs=True))
+    assert kept is None and record["reason"] == "standin: never faster than dense at the timed token counts, eagerly or in CUDA graphs"
+    # without graphs the graph timing is neither taken nor reported
+    kept, record = plan_layer(weight, graphs_only, ("standin",), Execution(compiled=True))
+    assert kept is None and "graph_threshold_tokens" not in record
+
+
+def test_the_op_takes_the_graph_threshold_only_while_a_graph_is_captured(monkeypatch):
+    monkeypatch.setitem(BACKENDS, "marked", standin_with(mm=lambda *args: STANDIN.mm(*args) + 1))  # tells the paths apart
+    weight = pruned_2_of_4(64, 128)
+    sparse = Sparse24Weight.pack(weight, "marked").with_thresholds(weight, None, 16)
+    x = torch.randn(32, 128, dtype=torch.bfloat16)
+    dense = torch.nn.functional.linear(x, weight)
+    assert torch.equal(sparse.linear(x), dense)  # eagerly: never sparse
+    monkeypatch.setattr(sparse24, "_capturing", lambda x: True)
+    assert torch.equal(sparse.linear(x), dense + 1)  # captured at 32 tokens: sparse
+    assert torch.equal(sparse.linear(x[:8]), dense[:8])  # captured below 16 tokens: dense
+    assert thresholds_text({"threshold_tokens": 128}) == "from 128 tokens per call"
+
+
 def test_plan_keeps_layers_dense_where_sparse_never_wins_or_cannot_fit():
     kept, record = plan_layer(pruned_2_of_4(64, 128), lambda *args: None, ("standin",))
     assert kept is None and record["reason"] == "standin: never faster than dense at the timed token counts"
@@ -192,8 +220,8 @@ def test_describe_plan_says_how_the_sparse_layers_run():
     # Capturing needs a GPU: the record says what a GPU server's plan would
     graphs = {**compiled, "execution": str(Execution(compiled=True, cuda_graphs=True))}
     assert ("; they run torch.compile + CUDA graphs (dense or sparse is chosen per call inside the op wanda24::linear, which "
-            "torch.compile does not trace into; each captured batch size records its own path; the replay from a CUDA graph "
-            "was checked against dense at load); ") in describe_plan(summarize_plan([graphs]))
+            "torch.compile does not trace into; each captured batch size records its own path, by the threshold timed from "
+            "CUDA-graph replays; the replay from a CUDA graph was checked against dense at load); ") in describe_plan(summarize_plan([graphs]))
     eager = {**compiled, "execution": str(Execution())}
     assert "; they run eager; not yet run inside vLLM on a GPU" in describe_plan(summarize_plan([eager]))
 
@@ -237,4 +265,4 @@ def test_the_op_returns_the_strides_its_fake_promises_from_a_column_major_kernel
     monkeypatch.setitem(BACKENDS, "column_major", column_major)
     weight24 = Sparse24Weight.pack(pruned_2_of_4(64, 128), "column_major")
     x = torch.randn(8, 128, dtype=torch.bfloat16)
-    torch.library.opcheck(sparse24.sparse24_linear, (x, None, weight24.packed, weight24.meta, None, "column_major", 64, 1))
+    torch.library.opcheck(sparse24.sparse24_linear, (x, None, weight24.packed, weight24.meta, None, "column_major", 64, 1, 1))
