@@ -95,7 +95,11 @@ def _semi_structured(cls) -> tuple[Callable, Callable]:
 
     def mm(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor | None, out_features: int) -> torch.Tensor:
         # Rebuilt from the packed tensors on each call: a custom op takes plain tensors, and the wrapper is only metadata.
-        return F.linear(x, cls(torch.Size((out_features, x.shape[1])), packed, meta, None, None, None))
+        # fuse_transpose_cusparselt: torch 2.11's cuSPARSELt path then has the kernel write the product in the row-major
+        # layout F.linear returns, instead of transposed in memory (read in its source, not yet run on a GPU); torch
+        # 2.13 does that by itself and ignores the flag, CUTLASS never reads it.
+        weight = cls(torch.Size((out_features, x.shape[1])), packed, meta, None, None, None, fuse_transpose_cusparselt=True)
+        return F.linear(x, weight)
 
     return pack, mm
 
@@ -254,10 +258,10 @@ def sparse24_linear(x: torch.Tensor, dense: torch.Tensor | None, packed: torch.T
     while a CUDA graph is being captured), else on `backend`."""
     if dense is not None and x.shape[0] < (graph_threshold if _capturing(x) else threshold):
         return F.linear(x, dense, bias)
-    # Under torch 2.11 cuSPARSELt's product comes back transposed in memory; the op's registered (fake) output is
-    # contiguous, and torch.compile's generated code asserts the strides it was promised. The copy costs a transpose
-    # (about 0.7 ms at 8192 x 14336 on an H200, docs/gpu_capture_check.log), which load-time timing includes; torch 2.13's
-    # semi-structured code has the kernel write the transposed result itself (fuse_transpose), and then it is free.
+    # The op's registered (fake) output is contiguous, and torch.compile's generated code asserts the strides it was
+    # promised. Under torch 2.11 cuSPARSELt's product came back transposed in memory (an H200, docs/gpu_sparse.md), and
+    # this copy then costs a transpose: about 0.7 ms at 8192 x 14336 (docs/gpu_capture_check.log), which load-time
+    # timing includes. Where the kernel writes row-major itself (see fuse_transpose_cusparselt above) it is free.
     out = BACKENDS[backend].mm(x, packed, meta, out_features).contiguous()
     return out if bias is None else out + bias  # bias outside the kernels: the probe checks exactly what runs
 
