@@ -25,7 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -363,8 +363,9 @@ def _take_over(weight: torch.Tensor, backend: str, threshold_for_shape, executio
     reason = probe_reason(weight24, weight, execution.cuda_graphs)
     if reason is not None:
         return None, reason
-    eager = threshold_for_shape(*weight.shape, weight.dtype, backend, str(weight.device), False)
-    graph = threshold_for_shape(*weight.shape, weight.dtype, backend, str(weight.device), True) if execution.cuda_graphs else eager
+    timed = partial(threshold_for_shape, *weight.shape, weight.dtype, backend, str(weight.device))
+    eager = timed(False)
+    graph = timed(True) if execution.cuda_graphs else eager  # graphs: the threshold for calls replayed from a graph
     if eager is None and graph is None:
         return None, "never faster than dense at the timed token counts" + (", eagerly or in CUDA graphs" if execution.cuda_graphs else "")
     return weight24.with_thresholds(weight, eager, graph), None
@@ -376,7 +377,8 @@ def plan_layer(weight: torch.Tensor, threshold_for_shape=_threshold_for_shape, b
 
     Never raises for a backend's sake: anything a backend throws keeps the layer dense with the error as the reason.
     threshold_for_shape(rows, cols, dtype, backend, device, graphs) -> int | None: measured on the device by default,
-    eagerly and (where the server captures CUDA graphs) replayed from graphs; tests pass a fake timing table. backends: names in BACKENDS, in order of preference.
+    eagerly and (where the server captures CUDA graphs) replayed from graphs; tests pass a fake timing table.
+    backends: names in BACKENDS, in order of preference.
     """
     record = {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."), "2:4": False, "path": "dense"}
     reason = not_2_of_4_reason(weight)

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from wanda_serve.cli import cli
 
 VOCAB = 320  # model vocabulary; the tokenizer below has 300 tokens (256 bytes, 3 specials, merges)
 TEXT = " ".join(
@@ -82,10 +85,6 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
 @pytest.fixture
 def pruned(tiny_model_dir, tmp_path):
     """tiny_model_dir pruned by the CLI with its defaults (Wanda + permutation, 2:4)."""
-    from click.testing import CliRunner
-
-    from wanda_serve.cli import cli
-
     out = tmp_path / "pruned"
     text = tmp_path / "text.txt"
     result = CliRunner().invoke(cli, ["prune", str(tiny_model_dir), "--out", str(out), "--calib", str(text), "--nsamples", "4",

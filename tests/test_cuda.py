@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from deploy.sparse24 import Execution, Sparse24Weight, plan_layer, relative_error, run_in_cuda_graph, tolerance

@@ -261,8 +261,7 @@ def test_the_op_returns_the_strides_its_fake_promises_from_a_column_major_kernel
     """cuSPARSELt returns its product transposed in memory. torch.compile's generated code asserts the strides the op's
     fake promised, so on an H200 a compiled prefill through the op failed (docs/gpu_sparse.md) until it returned a
     contiguous result. opcheck compares the real output with the fake one, strides included."""
-    column_major = dataclasses.replace(STANDIN, mm=lambda *args: STANDIN.mm(*args).t().contiguous().t())
-    monkeypatch.setitem(BACKENDS, "column_major", column_major)
+    monkeypatch.setitem(BACKENDS, "column_major", standin_with(mm=lambda *args: STANDIN.mm(*args).t().contiguous().t()))
     weight24 = Sparse24Weight.pack(pruned_2_of_4(64, 128), "column_major")
     x = torch.randn(8, 128, dtype=torch.bfloat16)
     torch.library.opcheck(sparse24.sparse24_linear, (x, None, weight24.packed, weight24.meta, None, "column_major", 64, 1, 1))
