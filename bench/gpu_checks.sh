@@ -9,6 +9,8 @@
 #
 # Each step runs whatever the one before it did; the exit status is the first failure's.
 set -u -o pipefail
+# Checked before anything is written: on a machine without a GPU the recorded logs and pages stay as they are.
+python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "Error: bench/gpu_checks.sh needs a CUDA GPU visible to torch")' || exit 1
 out=${1:-docs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
