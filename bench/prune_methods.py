@@ -11,10 +11,13 @@ Markdown table and the raw JSON.
     python bench/prune_methods.py --out docs/prune_benchmark.md
 
 Every recipe spells out every option that decides its numbers, `--permute` or `--no-permute`
-included, so a change of wanda-serve's defaults cannot change what a row means. Each result is
-stored in --work with those options, the code version and the machine; `--resume` reuses one only
-if all of them are the same now, and otherwise stops with one line saying what differs
-(`--recompute-stale` measures such recipes again instead).
+included, so a change of wanda-serve's defaults cannot change what a row means. Each row of the
+JSON records those options, the code version and the machine. The page and its JSON are rewritten
+after every recipe measured, so a run cut short leaves a page that says which recipes it lacks;
+`--resume` reuses a row of the JSON only if all of the above are the same now, and otherwise stops
+with one line saying what differs (`--recompute-stale` measures such recipes again instead). The
+whole table takes longer than one working session on 2 cores: its JSON, committed, is what lets
+the next session on another machine of the same kind go on where this one stopped.
 """
 
 from __future__ import annotations
@@ -204,20 +207,24 @@ def write_page(out: Path, page, render) -> None:
 
 
 def stored_result(path: Path, label: str, expected: dict, recompute_stale: bool) -> dict | None:
-    """The result stored at `path` if it was measured as `expected` says; None if it must be measured.
+    """The result stored at `path` if it was measured as `expected` says; None if it must be measured."""
+    return reusable(json.loads(path.read_text()) if path.is_file() else None, f"{label} ({path})", expected, recompute_stale)
+
+
+def reusable(stored: dict | None, label: str, expected: dict, recompute_stale: bool) -> dict | None:
+    """`stored` if it was measured as `expected` says; None if it must be measured (None: nothing stored).
 
     A result measured otherwise stops the benchmark with one line, unless `recompute_stale`.
     """
-    if not path.is_file():
+    if stored is None:
         return None
-    stored = json.loads(path.read_text())
     differ = differences(stored, expected)
     if not differ:
         return stored
     if recompute_stale:
         print(f"measuring {label} again: {'; '.join(differ)}", flush=True)
         return None
-    sys.exit(f"error: --resume: the stored result of {label} ({path}) was measured otherwise: {'; '.join(differ)}. "
+    sys.exit(f"error: --resume: the stored result of {label} was measured otherwise: {'; '.join(differ)}. "
              "Use --recompute-stale to measure it again, or run without --resume.")
 
 
@@ -256,11 +263,11 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=1024)
     parser.add_argument("--eval-windows", type=int, default=None, help="default: every window of the held-out region")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--work", type=Path, default=Path("runs/bench-prune"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-prune"), help="pruned checkpoints and evaluation outputs")
     parser.add_argument("--out", type=Path, default=Path("docs/prune_benchmark.md"))
     parser.add_argument("--keep", action="store_true", help="keep the pruned checkpoints")
     parser.add_argument("--resume", action="store_true",
-                        help="reuse results stored in --work that were measured with the same options, code version and machine")
+                        help="reuse the rows of OUT's JSON that were measured with the same options, code version and machine")
     parser.add_argument("--recompute-stale", action="store_true",
                         help="with --resume: measure again the recipes whose stored result was measured otherwise, instead of stopping")
     args = parser.parse_args()
@@ -270,34 +277,46 @@ def main() -> None:
     settings = Settings(model=args.model, nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
                         eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows)
     args.work.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    page_json = args.out.with_suffix(".json")
+    stored = {row["name"]: row for row in json.loads(page_json.read_text())} if args.resume and page_json.is_file() else {}
+    command = "python bench/prune_methods.py " + shlex.join(sys.argv[1:])
     now = provenance()
     results = {}
     for recipe in (None, *measurement_order()):  # None: the dense model
         name = recipe.name if recipe else "dense"
-        path, expected = args.work / f"{name}.json", {"options": settings.recorded_options(recipe), "provenance": now}
-        result = stored_result(path, name, expected, args.recompute_stale) if args.resume else None
-        if result is None:
-            result = {"name": name, "recipe": asdict(recipe) if recipe else None, **expected,
-                      **measure(recipe, settings, args.work, args.keep)}
-            path.write_text(json.dumps(result, indent=2) + "\n")
-        results[name] = result
-    rows = [results["dense"], *(results[recipe.name] for recipe in RECIPES)]
-
-    command = "python bench/prune_methods.py " + shlex.join(sys.argv[1:])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    args.out.write_text(render(rows, command, settings, now, time.time() - started))
+        expected = {"options": settings.recorded_options(recipe), "provenance": now}
+        reused = reusable(stored.get(name), f"{name} (in {page_json})", expected, args.recompute_stale) if args.resume else None
+        started = time.time()
+        results[name] = reused or {"name": name, "recipe": asdict(recipe) if recipe else None, **expected,
+                                   **measure(recipe, settings, args.work, args.keep), "wall_seconds": time.time() - started}
+        if not reused:
+            write_table(args.out, [results[name] for name in TABLE_ORDER if name in results], command, settings, now)
+    write_table(args.out, [results[name] for name in TABLE_ORDER], command, settings, now)
     print(args.out.read_text())
 
 
-def render(rows: list[dict], command: str, settings: Settings, now: dict, elapsed: float) -> str:
+TABLE_ORDER = ["dense", *(recipe.name for recipe in RECIPES)]
+
+
+def write_table(out: Path, rows: list[dict], command: str, settings: Settings, now: dict) -> None:
+    """The page and its JSON from the rows measured so far (in table order, dense first)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    out.write_text(render(rows, command, settings, now))
+
+
+def render(rows: list[dict], command: str, settings: Settings, now: dict) -> str:
     dense, dense_news = rows[0]["eval"]["perplexity"], rows[0]["eval_out_of_domain"]["perplexity"]
+    missing = [name for name in TABLE_ORDER if name not in {row["name"] for row in rows}]
+    measuring = sum(row.get("wall_seconds", 0) for row in rows) / 60
     lines = [
         "# Pruning benchmark",
         "",
-        f"Command: `{command}` ({elapsed / 60:.0f} min for the recipes this invocation measured)",
+        f"Command: `{command}`; {measuring:.0f} min of measuring for the rows below, over one or more invocations "
+        "(`--resume` goes on from the rows this page's JSON holds).",
         "",
+        *([f"**Incomplete: {len(rows) - 1} of {len(TABLE_ORDER) - 1} recipes measured.** Not yet measured: "
+           + ", ".join(missing) + ". `--resume` measures them.", ""] if missing else []),
         f"Machine: {now['cpu']}, {os.cpu_count()} cores, ATen kernels {now['cpu_capability']}, device `{settings.device}`; "
         + ", ".join(f"{k} {v}" for k, v in rows[0]["eval"]["versions"].items())
         + f". Code version {now['code_version']} (a hash of wanda_serve/{{{','.join(NUMERIC_SOURCES)}}}); every row was measured "

@@ -129,7 +129,7 @@ def test_resume_refuses_a_result_of_other_code_or_without_provenance(tmp_path):
 def test_recompute_stale_measures_again_instead_of_stopping(tmp_path, capsys):
     path = stored(tmp_path, RECIPE, Settings(), PROVENANCE | {"cpu_capability": "AVX2"})
     assert stored_result(path, RECIPE.name, expected(Settings()), recompute_stale=True) is None
-    assert "measuring wanda-2of4-permute again: cpu_capability: stored AVX2, now AVX512" in capsys.readouterr().out
+    assert f"measuring wanda-2of4-permute ({path}) again: cpu_capability: stored AVX2, now AVX512" in capsys.readouterr().out
 
 
 def test_code_version_follows_the_numeric_sources_only(tmp_path):
@@ -150,16 +150,54 @@ def test_code_version_follows_the_numeric_sources_only(tmp_path):
 def test_main_stops_before_measuring_when_a_stored_result_differs(tmp_path, monkeypatch):
     settings = Settings()
     now = prune_methods.provenance()
-    stored_dense = tmp_path / "dense.json"
-    stored_dense.write_text(json.dumps({"name": "dense", "options": settings.recorded_options(None), "provenance": now, "eval": {}}))
     first = prune_methods.measurement_order()[0]
-    stored(tmp_path, first, Settings(seqlen=256), now)
+    dense = {"name": "dense", "options": settings.recorded_options(None), "provenance": now, "eval": {}}
+    stale = json.loads(stored(tmp_path, first, Settings(seqlen=256), now).read_text())
+    (tmp_path / "out.json").write_text(json.dumps([dense, stale]))
     measured = []
     monkeypatch.setattr(prune_methods, "measure", lambda recipe, *args: measured.append(recipe))
     monkeypatch.setattr(sys, "argv", ["prune_methods.py", "--resume", "--work", str(tmp_path), "--out", str(tmp_path / "out.md")])
-    with pytest.raises(SystemExit, match=f"stored result of {first.name} .*prune --seqlen: stored 256, now 512"):
+    with pytest.raises(SystemExit, match=f"stored result of {first.name} \\(in .*out.json\\) .*prune --seqlen: stored 256, now 512"):
         prune_methods.main()
     assert measured == []  # the dense result matched and was reused
+
+
+def fake_measure(recipe, settings, work, keep):
+    """measure() without pruning: perplexity 20 for the dense model, 100 for every recipe."""
+    perplexity = 20.0 if recipe is None else 100.0
+    evaluation = {"perplexity": {"perplexity": perplexity, "windows": 2, "seqlen": 8, "data": "wiki"}, "model": "tiny",
+                  "versions": {"torch": "x"}, "sparsity": {"overall_sparsity": 0.5, "all_nm_valid": {"2:4": True}}}
+    report = {"mask_seconds": 1.0, "forward_seconds": 2.0, "total_seconds": 3.0, "memory": {"peak_rss_mib": 10}}
+    return {"eval": evaluation, "eval_out_of_domain": evaluation, **({} if recipe is None else {"report": report})}
+
+
+def test_a_run_cut_short_leaves_a_page_that_names_what_it_lacks_and_resume_completes_it(tmp_path, monkeypatch):
+    out = tmp_path / "out.md"
+    monkeypatch.setattr(sys, "argv", ["prune_methods.py", "--resume", "--work", str(tmp_path), "--out", str(out)])
+    calls = []
+
+    def interrupted(recipe, *args):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(recipe)
+        return fake_measure(recipe, *args)
+
+    monkeypatch.setattr(prune_methods, "measure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prune_methods.main()
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [row["name"] for row in rows] == [name for name in prune_methods.TABLE_ORDER if name in {"dense", calls[1].name, calls[2].name}]
+    page = out.read_text()
+    assert f"**Incomplete: 2 of {len(RECIPES)} recipes measured.**" in page
+    missing = page.split("Not yet measured: ")[1].split(". `--resume`")[0].split(", ")
+    assert missing == [recipe.name for recipe in RECIPES if recipe not in calls]
+
+    remeasured = []
+    monkeypatch.setattr(prune_methods, "measure", lambda recipe, *args: remeasured.append(recipe) or fake_measure(recipe, *args))
+    prune_methods.main()
+    assert set(remeasured) == set(RECIPES) - {calls[1], calls[2]}  # what the first run measured is reused
+    assert len(json.loads(out.with_suffix(".json").read_text())) == len(RECIPES) + 1
+    assert "Incomplete" not in out.read_text()
 
 
 def test_mask_difference_counts_decoder_weights_pruned_in_one_model_and_kept_in_the_other(tmp_path):

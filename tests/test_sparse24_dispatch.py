@@ -37,7 +37,7 @@ def layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, Sparse24Linear]:
     weight = torch.randn(64, 128, generator=generator)
     weight = weight.masked_fill(prune_mask(weight.abs(), Structure(n=2, m=4)), 0).to(torch.bfloat16)
     bias = torch.randn(64, generator=generator).to(torch.bfloat16)
-    return weight, bias, Sparse24Linear(Sparse24Weight.pack(weight, "spy").with_threshold(weight, THRESHOLD), bias)
+    return weight, bias, Sparse24Linear(Sparse24Weight.pack(weight, "spy").with_thresholds(weight, THRESHOLD, THRESHOLD), bias)
 
 
 def assert_same(out: torch.Tensor, expected: torch.Tensor) -> None:
