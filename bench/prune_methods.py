@@ -278,7 +278,8 @@ def main() -> None:
                         eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows)
     args.work.mkdir(parents=True, exist_ok=True)
     page_json = args.out.with_suffix(".json")
-    stored = {row["name"]: row for row in json.loads(page_json.read_text())} if args.resume and page_json.is_file() else {}
+    # rows of an older page name no recipe: none is reused
+    stored = {row.get("name"): row for row in json.loads(page_json.read_text())} if args.resume and page_json.is_file() else {}
     command = "python bench/prune_methods.py " + shlex.join(sys.argv[1:])
     now = provenance()
     results = {}
