@@ -10,12 +10,14 @@ news region (out of domain), wall time and tokens/s. Variants at one budget: the
     python bench/recover.py --out docs/recover_benchmark.md
 
 The pruned model and the teacher are measured once per recipe, by its first run (the others pass
---no-reference). Each result is stored in --work with every option that decides it, the SHA-256 of
-the pruned weights it started from, and the provenance of the code that trains and evaluates (as
-bench/prune_methods.py records it); --resume reuses only results measured the same way. The pruning
-code is not part of that provenance: the pruned weights' hash stands for it, so all budgets of a
-recipe start from the same bytes. The pruned model is pruned again when its options or the pruning
-code changed; the results stored from it stay valid if that gives the same bytes.
+--no-reference). Each result is stored in --records with every option that decides it, the SHA-256
+of the pruned weights it started from, and the provenance of the code that trains and evaluates (as
+bench/prune_methods.py records it); --resume reuses only results measured the same way. The records
+are committed: the whole run takes longer than one working session, and they let the next session go
+on where this one stopped. The pruning code is not part of that provenance: the pruned weights' hash
+stands for it, so all budgets of a recipe start from the same bytes. The pruned model (in --work) is
+pruned again when it is gone, or its options or the pruning code changed; the results stored from it
+stay valid if that gives the same bytes.
 """
 
 from __future__ import annotations
@@ -184,12 +186,14 @@ def main() -> None:
     parser.add_argument("--variants", default="squarehead,bf16", help="besides base, each at --variant-budget")
     parser.add_argument("--variant-budget", type=int, default=25000)
     parser.add_argument("--eval-windows", type=int, default=None, help="default: every window of each held-out region")
-    parser.add_argument("--work", type=Path, default=Path("runs/bench-recover"))
-    parser.add_argument("--resume", action="store_true", help="reuse results stored in --work, if measured the same way")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-recover"), help="pruned and recovered models")
+    parser.add_argument("--records", type=Path, default=Path("docs/recover_benchmark"), help="each run's stored result")
+    parser.add_argument("--resume", action="store_true", help="reuse results stored in --records, if measured the same way")
     parser.add_argument("--recompute-stale", action="store_true")
     args = parser.parse_args()
     started = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
+    args.records.mkdir(parents=True, exist_ok=True)
     budgets = [int(b) for b in args.budgets.split(",")]
     variants = [v for v in args.variants.split(",") if v]
     rows = []
@@ -201,7 +205,7 @@ def main() -> None:
         for run in runs:
             expected = {"options": {"prune": prune_options(RECIPES[run.recipe]), "recover": recover_options(run, args.eval_windows)},
                         "provenance": provenance(RECOVER_SOURCES) | {"pruned_sha256": pruned_sha256}}
-            path = args.work / f"{run.name}.json"
+            path = args.records / f"{run.name}.json"
             stored = stored_result(path, run.name, expected, args.recompute_stale) if args.resume else None
             if stored is None:
                 stored = expected | {"report": measure(run, pruned, args.work, args.eval_windows)}

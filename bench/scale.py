@@ -18,13 +18,15 @@ is the command's own peak resident memory (what the goals are about), RUSAGE_CHI
 peak of the processes it started (the vLLM check's engine), reported apart. Seconds are the whole
 process's wall time.
 
-Each step's result is stored in --work with every option that decides it, the provenance of the code
-that computes it (bench/prune_methods.py's provenance over that step's source files, plus vLLM's or
-onnxruntime's version where they compute) and the SHA-256 of the weights it reads; --resume reuses
+Each step's result is stored in --records with every option that decides it, the provenance of the
+code that computes it (bench/prune_methods.py's provenance over that step's source files, plus vLLM's
+or onnxruntime's version where they compute) and the SHA-256 of the weights it reads; --resume reuses
 only results measured the same way and otherwise stops with one line saying what differs
-(--recompute-stale measures them again). Pruned models and exports are removed once the steps that
-read them are done (--keep keeps them); a resumed run makes one again only if a step that reads it
-must be measured, and its weights' hash then decides whether the stored results of that step stand.
+(--recompute-stale measures them again). The records are committed: the whole run takes longer than
+one working session, and they let the next session, on a machine of the same kind, go on where this
+one stopped. Pruned models and exports (in --work) are removed once the steps that read them are
+done (--keep keeps them); a resumed run makes one again only if a step that reads it must be
+measured, and its weights' hash then decides whether the stored results of that step stand.
 """
 
 from __future__ import annotations
@@ -137,11 +139,12 @@ class Artifact:
 
 
 class Steps:
-    """One model's steps, each stored as WORK/NAME.json."""
+    """One model's steps, each stored as RECORDS/NAME.json; what they make (models, exports) lies in WORK."""
 
-    def __init__(self, work: Path, resume: bool, recompute_stale: bool, keep: bool):
-        self.work, self.resume, self.recompute_stale, self.keep = work, resume, recompute_stale, keep
+    def __init__(self, work: Path, records: Path, resume: bool, recompute_stale: bool, keep: bool):
+        self.work, self.records, self.resume, self.recompute_stale, self.keep = work, records, resume, recompute_stale, keep
         self.work.mkdir(parents=True, exist_ok=True)
+        self.records.mkdir(parents=True, exist_ok=True)
         self.hashes: dict[Path, str | None] = {}  # directory -> SHA-256 of its weights, as found by this process
 
     def sha256(self, directory: Path) -> str | None:
@@ -157,7 +160,7 @@ class Steps:
     def run(self, name: str, options: dict[str, dict], sources: tuple[str, ...], measure: Callable[[], dict],
             inputs: tuple[Artifact, ...] = (), extra: dict | None = None, force: bool = False) -> dict:
         """The step's stored result when --resume finds it measured the same way; else `measure()`, stored."""
-        path = self.work / f"{name}.json"
+        path = self.records / f"{name}.json"
 
         def expected() -> dict:
             reads = {f"weights of {artifact.name}": artifact.sha256[:16] for artifact in inputs}
@@ -236,9 +239,9 @@ class ModelResults:
     serve: dict  # the bench step's result
 
 
-def measure_model(name: str, config: Config, work: Path, resume: bool, recompute_stale: bool, keep: bool) -> ModelResults:
+def measure_model(name: str, config: Config, work: Path, records: Path, resume: bool, recompute_stale: bool, keep: bool) -> ModelResults:
     spec = None if name == EMBEDDED_MODEL_NAME else name  # the embedded model: MODEL omitted
-    steps = Steps(work / Path(name).name, resume, recompute_stale, keep)
+    steps = Steps(work / Path(name).name, records / Path(name).name, resume, recompute_stale, keep)
     location = model_location(spec)
     dense = steps.source("dense", location, (spec,) if spec else ())
     settings = Settings(model=spec, nsamples=config.nsamples, seqlen=config.seqlen, eval_data="wiki", out_of_domain="code",
@@ -408,7 +411,8 @@ def main() -> None:
     parser.add_argument("--models", default=f"{EMBEDDED_MODEL_NAME},{LARGE_MODEL_NAME}",
                         help="comma-separated; the first and the last are compared for growth (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("docs/scale.md"))
-    parser.add_argument("--work", type=Path, default=Path("runs/bench-scale"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-scale"), help="pruned models and exports")
+    parser.add_argument("--records", type=Path, default=Path("docs/scale"), help="each step's stored result")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-seqlen", type=int, default=1024)
@@ -417,7 +421,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--num-prompts", type=int, default=8, help="requests per concurrency level and round")
     parser.add_argument("--keep", action="store_true", help="keep the pruned models and exports in --work")
-    parser.add_argument("--resume", action="store_true", help="reuse results stored in --work, if measured the same way")
+    parser.add_argument("--resume", action="store_true", help="reuse results stored in --records, if measured the same way")
     parser.add_argument("--recompute-stale", action="store_true",
                         help="with --resume: measure again the steps whose stored result was measured otherwise, instead of stopping")
     args = parser.parse_args()
@@ -436,7 +440,7 @@ def main() -> None:
              "--output-len": "32", "--prompts": "text", "--data": "wiki", "--seed": "0", "--serve-dtype": "auto",
              "--cpu-kv-cache-gib": "2", "--startup-timeout": "1800"}
     config = Config(args.nsamples, args.seqlen, args.eval_seqlen, args.eval_windows or None, serve, versions)
-    results = [measure_model(name, config, args.work, args.resume, args.recompute_stale, args.keep) for name in models]
+    results = [measure_model(name, config, args.work, args.records, args.resume, args.recompute_stale, args.keep) for name in models]
 
     vllm_env = os.environ.get(VLLM_PYTHON_ENV)
     command = shlex.join([*([f"{VLLM_PYTHON_ENV}={vllm_env}"] if vllm_env else []), "python", "bench/scale.py", *sys.argv[1:]])

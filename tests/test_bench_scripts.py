@@ -303,7 +303,7 @@ def test_scale_page_renders_every_section_goal_and_the_command():
 
 
 def test_scale_steps_reuse_only_results_measured_with_the_same_inputs(tmp_path):
-    steps = scale.Steps(tmp_path, resume=True, recompute_stale=False, keep=False)
+    steps = scale.Steps(tmp_path, tmp_path / "records", resume=True, recompute_stale=False, keep=False)
     model = tmp_path / "model"
     model.mkdir()
     save_file({"w": torch.ones(2)}, model / "model.safetensors")
@@ -316,7 +316,7 @@ def test_scale_steps_reuse_only_results_measured_with_the_same_inputs(tmp_path):
 
     options = {"eval": {"--data": "code"}}
     first = steps.run("dense.eval-code", options, scale.EVAL_SOURCES, measure, inputs=(source,))
-    again = scale.Steps(tmp_path, resume=True, recompute_stale=False, keep=False).run(
+    again = scale.Steps(tmp_path, tmp_path / "records", resume=True, recompute_stale=False, keep=False).run(
         "dense.eval-code", options, scale.EVAL_SOURCES, measure, inputs=(source,))
     assert measured == [1] and again == first and first["provenance"]["weights of dense"] == source.sha256[:16]
     other = scale.Artifact("dense", model, (), "f" * 64, 0)
@@ -325,7 +325,7 @@ def test_scale_steps_reuse_only_results_measured_with_the_same_inputs(tmp_path):
 
 
 def test_scale_steps_make_a_removed_input_again_before_measuring_what_reads_it(tmp_path):
-    steps = scale.Steps(tmp_path, resume=True, recompute_stale=False, keep=False)
+    steps = scale.Steps(tmp_path, tmp_path / "records", resume=True, recompute_stale=False, keep=False)
     out = tmp_path / "pruned"
     made = []
 
