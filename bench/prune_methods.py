@@ -161,14 +161,27 @@ def weights_sha256(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def cpu_name() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return {}
+    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+
+
+def cpu_name() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or "unknown CPU"
+
+
+def cpu_id() -> str:
+    """What tells apart CPUs that share a model name. Two 2-core cloud machines, both "Intel(R) Xeon(R) Processor"
+    with AVX512 kernels, prune the same recipe to different perplexities (SparseGPT 2:4: 77.81 and 79.47): MKL
+    chooses its blocking, and so its rounding, by the CPU's model, cache and features."""
+    info = _cpuinfo()
+    flags = hashlib.sha256(" ".join(sorted(info.get("flags", "").split())).encode()).hexdigest()[:8]
+    return (f"family {info.get('cpu family', '?')} model {info.get('model', '?')} stepping {info.get('stepping', '?')}, "
+            f"cache {info.get('cache size', '?')}, flags {flags}")
 
 
 def provenance(sources: tuple[str, ...] = NUMERIC_SOURCES) -> dict:
@@ -177,6 +190,7 @@ def provenance(sources: tuple[str, ...] = NUMERIC_SOURCES) -> dict:
         "code_version": code_version(sources=sources),
         **{name: metadata.version(name) for name in NUMERIC_PACKAGES},
         "cpu": cpu_name(),
+        "cpu_id": cpu_id(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
@@ -318,7 +332,7 @@ def render(rows: list[dict], command: str, settings: Settings, now: dict) -> str
         "",
         *([f"**Incomplete: {len(rows) - 1} of {len(TABLE_ORDER) - 1} recipes measured.** Not yet measured: "
            + ", ".join(missing) + ". `--resume` measures them.", ""] if missing else []),
-        f"Machine: {now['cpu']}, {os.cpu_count()} cores, ATen kernels {now['cpu_capability']}, device `{settings.device}`; "
+        f"Machine: {now['cpu']} ({now['cpu_id']}), {os.cpu_count()} cores, ATen kernels {now['cpu_capability']}, device `{settings.device}`; "
         + ", ".join(f"{k} {v}" for k, v in rows[0]["eval"]["versions"].items())
         + f". Code version {now['code_version']} (a hash of wanda_serve/{{{','.join(NUMERIC_SOURCES)}}}); every row was measured "
         "with it on this machine. Results of the same recipe move between CPUs: [determinism.md](determinism.md).",

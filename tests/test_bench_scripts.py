@@ -132,6 +132,18 @@ def test_recompute_stale_measures_again_instead_of_stopping(tmp_path, capsys):
     assert f"measuring wanda-2of4-permute ({path}) again: cpu_capability: stored AVX2, now AVX512" in capsys.readouterr().out
 
 
+def test_two_cpus_with_one_model_name_have_different_ids(monkeypatch):
+    first = {"model name": "Intel(R) Xeon(R) Processor", "cpu family": "6", "model": "167", "stepping": "1",
+             "cache size": "491520 KB", "flags": "fpu avx512f amx_bf16"}
+    monkeypatch.setattr(prune_methods, "_cpuinfo", lambda: first)
+    ids = {prune_methods.cpu_id()}
+    for change in ({"model": "143"}, {"cache size": "16384 KB"}, {"flags": "fpu avx512f"}):
+        monkeypatch.setattr(prune_methods, "_cpuinfo", lambda: first | change)
+        ids.add(prune_methods.cpu_id())
+        assert prune_methods.cpu_name() == "Intel(R) Xeon(R) Processor"
+    assert len(ids) == 4
+
+
 def test_code_version_follows_the_numeric_sources_only(tmp_path):
     copy = tmp_path / "wanda_serve"
     shutil.copytree(PACKAGE_DIR, copy)
