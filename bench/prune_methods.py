@@ -296,15 +296,16 @@ def main() -> None:
     stored = {row.get("name"): row for row in json.loads(page_json.read_text())} if args.resume and page_json.is_file() else {}
     command = "python bench/prune_methods.py " + shlex.join(sys.argv[1:])
     now = provenance()
-    results = {}
-    for recipe in (None, *measurement_order()):  # None: the dense model
-        name = recipe.name if recipe else "dense"
-        expected = {"options": settings.recorded_options(recipe), "provenance": now}
-        reused = reusable(stored.get(name), f"{name} (in {page_json})", expected, args.recompute_stale) if args.resume else None
-        started = time.time()
-        results[name] = reused or {"name": name, "recipe": asdict(recipe) if recipe else None, **expected,
-                                   **measure(recipe, settings, args.work, args.keep), "wall_seconds": time.time() - started}
-        if not reused:
+    recipes = {(recipe.name if recipe else "dense"): recipe for recipe in (None, *measurement_order())}  # None: the dense model
+    expected = {name: {"options": settings.recorded_options(recipe), "provenance": now} for name, recipe in recipes.items()}
+    # Every stored row is judged before anything is measured, and every reusable one stays on each page written.
+    results = {name: row for name in recipes
+               if args.resume and (row := reusable(stored.get(name), f"{name} (in {page_json})", expected[name], args.recompute_stale))}
+    for name, recipe in recipes.items():
+        if name not in results:
+            started = time.time()
+            results[name] = {"name": name, "recipe": asdict(recipe) if recipe else None, **expected[name],
+                             **measure(recipe, settings, args.work, args.keep), "wall_seconds": time.time() - started}
             write_table(args.out, [results[name] for name in TABLE_ORDER if name in results], command, settings, now)
     write_table(args.out, [results[name] for name in TABLE_ORDER], command, settings, now)
     print(args.out.read_text())

@@ -204,10 +204,24 @@ def test_a_run_cut_short_leaves_a_page_that_names_what_it_lacks_and_resume_compl
     missing = page.split("Not yet measured: ")[1].split(". `--resume`")[0].split(", ")
     assert missing == [recipe.name for recipe in RECIPES if recipe not in calls]
 
+    first, second = calls[1], calls[2]
+
+    # the first is now stale: measured again, and cut short after it, the page keeps the second, still valid
+    rows = json.loads(out.with_suffix(".json").read_text())
+    stale = next(row for row in rows if row["name"] == first.name)
+    stale["provenance"] = stale["provenance"] | {"code_version": "0000000000000000"}
+    out.with_suffix(".json").write_text(json.dumps(rows))
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--recompute-stale"])
+    calls[:] = [None, None]  # one call allowed before the cut
+    with pytest.raises(KeyboardInterrupt):
+        prune_methods.main()
+    assert calls[2] == first
+    assert {first.name, second.name} < {row["name"] for row in json.loads(out.with_suffix(".json").read_text())}
+
     remeasured = []
     monkeypatch.setattr(prune_methods, "measure", lambda recipe, *args: remeasured.append(recipe) or fake_measure(recipe, *args))
     prune_methods.main()
-    assert set(remeasured) == set(RECIPES) - {calls[1], calls[2]}  # what the first run measured is reused
+    assert set(remeasured) == set(RECIPES) - {first, second}  # what earlier runs measured is reused
     assert len(json.loads(out.with_suffix(".json").read_text())) == len(RECIPES) + 1
     assert "Incomplete" not in out.read_text()
 
