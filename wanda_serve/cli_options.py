@@ -292,10 +292,10 @@ class Recipe:
 
 
 RECIPES = {
-    # The default: a mask in seconds (SmolLM2 2:4: perplexity 137 against dense 20).
+    # The default: a mask in seconds (SmolLM2 2:4: perplexity about 140 against dense 20).
     "fast": Recipe("wanda"),
-    # The lowest 2:4 perplexity of the table within 3x sparsegpt's total time (SmolLM2: 53.5 against sparsegpt's
-    # 79.5, at 2.4x its time; alps with refinement reached 48.0 at 3.3x).
+    # The lowest 2:4 perplexity of the table within 3x sparsegpt's total time (SmolLM2: 53.6 against sparsegpt's
+    # 77.8, at 2.5x its time; alps with refinement reached 47.2 at 3.2x).
     "best": Recipe("sparsegpt", permute=False, refine=10),
 }
 # The option that sets each field of a Recipe: a recipe named on the command line may not be given them too.
