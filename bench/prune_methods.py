@@ -95,6 +95,9 @@ ROUNDING_SPREAD = 0.05
 OWL_OPTIONS = {"--owl-spread": "0.08", "--owl-outlier-factor": "5"}
 
 
+TABLE_ORDER = ["dense", *(recipe.name for recipe in RECIPES)]  # the page's rows
+
+
 def measurement_order() -> list[Recipe]:
     """RECIPES with the goal's rows first (the default, SparseGPT, the best, the refined ones), so that a run cut
     short (it resumes) has answered the goal before the rest of the table."""
@@ -306,16 +309,14 @@ def main() -> None:
             started = time.time()
             results[name] = {"name": name, "recipe": asdict(recipe) if recipe else None, **expected[name],
                              **measure(recipe, settings, args.work, args.keep), "wall_seconds": time.time() - started}
-            write_table(args.out, [results[name] for name in TABLE_ORDER if name in results], command, settings, now)
-    write_table(args.out, [results[name] for name in TABLE_ORDER], command, settings, now)
+            write_table(args.out, results, command, settings, now)
+    write_table(args.out, results, command, settings, now)  # rendered anew even when every row was reused
     print(args.out.read_text())
 
 
-TABLE_ORDER = ["dense", *(recipe.name for recipe in RECIPES)]
-
-
-def write_table(out: Path, rows: list[dict], command: str, settings: Settings, now: dict) -> None:
-    """The page and its JSON from the rows measured so far (in table order, dense first)."""
+def write_table(out: Path, results: dict[str, dict], command: str, settings: Settings, now: dict) -> None:
+    """The page and its JSON from the rows measured so far, by name, in table order (dense first)."""
+    rows = [results[name] for name in TABLE_ORDER if name in results]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     out.write_text(render(rows, command, settings, now))
