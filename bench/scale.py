@@ -233,7 +233,7 @@ class Config:
 @dataclass
 class ModelResults:
     shape: ModelShape
-    evals: dict[str, dict[str, dict]]  # "dense" or recipe -> data -> eval step result
+    evals: dict[str, dict[str, dict]]  # "dense", a recipe, "vllm-dense" or "vllm-pruned" -> data -> eval step result
     prune: dict[str, dict]  # recipe -> prune step result
     exports: dict[str, tuple[dict, int]]  # "vllm-dense", "vllm-pruned", "onnx-pruned" -> (step result, source bytes)
     serve: dict  # the bench step's result
@@ -277,6 +277,7 @@ def measure_model(name: str, config: Config, work: Path, records: Path, resume: 
         vllm_dirs[label], record = steps.produce(f"vllm-{label}", out, {"export vllm": options}, VLLM_EXPORT_SOURCES, command,
                                                  MANIFEST_NAME, (source,), {"vllm": config.versions["vllm"]})
         exports[f"vllm-{label}"] = (record, source.weights_bytes)
+        evals[f"vllm-{label}"] = evaluate(vllm_dirs[label])
     onnx_options = {"--dtype": "float32", "--quantize": "int4"}
     onnx_out = steps.work / "onnx-pruned"
     onnx_command = ["export", "onnx", *pruned[EXPORTED].cli_args, *argv(onnx_options), "--out", str(onnx_out), "--overwrite"]
@@ -329,7 +330,9 @@ def missing_model(name: str) -> str | None:
 
 
 def recipe_label(recipe: Recipe) -> str:
-    return recipe.method + (" + permutation" if "--permute" in recipe.flags else "")
+    refine_steps = [flag.removeprefix("--refine=") for flag in recipe.flags if flag.startswith("--refine=")]
+    return (recipe.method + (" + permutation" if "--permute" in recipe.flags else "")
+            + "".join(f" + {steps} refine steps" for steps in refine_steps))
 
 
 def perplexity(result: dict) -> float:
@@ -349,18 +352,21 @@ def model_rows(results: ModelResults, config: Config) -> tuple[list[PruneRow], l
             usage["seconds"], prune_goal(shape, dtype, statistic_bytes(recipe.method, shape.block_inputs), config.nsamples,
                                          config.seqlen, usage["peak_rss_mib"] * MiB)))
     fp32, bf16 = results.prune["wanda"]["report"], results.prune["wanda-bf16"]["report"]
-    dtype_rows = [DtypeRow(name, fp32["forward_seconds"], bf16["forward_seconds"], perplexity(evals["wanda"]["wiki"]),
-                           perplexity(evals["wanda-bf16"]["wiki"]), perplexity(evals["wanda"]["code"]),
-                           perplexity(evals["wanda-bf16"]["code"]))]
+    dtype_rows = [DtypeRow(name, fp32["forward_seconds"], bf16["forward_seconds"], **{
+        f"{data}_{column}": perplexity(evals[key][data]) for data in EVAL_DATA
+        for key, column in (("wanda", "fp32"), ("wanda-bf16", "bf16"), ("vllm-pruned", "fp32_rounded"))})]
     export_rows = []
     for key, (result, source_bytes) in results.exports.items():
         kind, label = key.split("-", 1)
         manifest, usage = result["report"], result["usage"]
         options = result["options"][f"export {kind}"]
         check = export_checks(kind, manifest)
+        source = "dense" if label == "dense" else EXPORTED
+        export_perplexity = {data: (perplexity(evals[source][data]), perplexity(evals[key][data])) for data in EVAL_DATA} \
+            if key in evals else {}
         export_rows.append(ExportRow(name, kind, "dense" if label == "dense" else f"{recipe_label(RECIPES[EXPORTED][0])} 2:4",
                                      shlex.join(argv(options)), usage["seconds"], usage["subprocess_peak_rss_mib"], check.text, check.passed,
-                                     export_goal(kind, source_bytes, usage["peak_rss_mib"] * MiB)))
+                                     export_goal(kind, source_bytes, usage["peak_rss_mib"] * MiB), export_perplexity))
     bench = results.serve["report"]
     serve_rows = []
     for index, concurrency in enumerate(bench["concurrency"]):

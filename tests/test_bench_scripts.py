@@ -280,9 +280,13 @@ def synthetic_page() -> Page:
 
     prune_rows = tuple(prune(shape, recipe, dtype, factor) for shape, factor in ((SMALL, 1), (LARGE, 12))
                        for recipe, dtype in (("wanda + permutation", "float32"), ("sparsegpt", "float32"), ("wanda + permutation", "bfloat16")))
-    dtype_rows = (DtypeRow("small", 30.0, 20.0, 60.0, 60.3, 9.0, 9.5), DtypeRow("large", 360.0, 150.0, 40.0, 40.1, 4.0, 4.02))
+    dtype_rows = (DtypeRow("small", 30.0, 20.0, wiki_fp32=60.0, wiki_bf16=60.3, wiki_fp32_rounded=66.0, code_fp32=9.0, code_bf16=9.5,
+                           code_fp32_rounded=9.0),
+                  DtypeRow("large", 360.0, 150.0, wiki_fp32=40.0, wiki_bf16=40.1, wiki_fp32_rounded=40.0, code_fp32=4.0, code_bf16=4.02,
+                           code_fp32_rounded=4.0))
     exports = tuple(ExportRow(shape.name, "vllm", "dense", "--dtype bfloat16", 10.0 * factor, 900.0, "vLLM greedy passed", True,
-                              scale_page.export_goal("vllm", shape.checkpoint_bytes, 0.5 * GB * factor)) for shape, factor in ((SMALL, 1), (LARGE, 11)))
+                              scale_page.export_goal("vllm", shape.checkpoint_bytes, 0.5 * GB * factor),
+                              {"wiki": (20.0, 20.5), "code": (5.0, 5.0)}) for shape, factor in ((SMALL, 1), (LARGE, 11)))
     serve = tuple(ServeRow(shape.name, 1, label, 100.0 / factor, 50.0 * factor, 10.0 * factor, 400.0 * factor, 8, 0,
                            None if label == "dense" else 0.99) for shape, factor in ((SMALL, 1), (LARGE, 8)) for label in ("dense", "pruned"))
     models = (SMALL, LARGE)
@@ -315,9 +319,11 @@ def test_scale_page_renders_every_section_goal_and_the_command():
         assert f"\n{heading}" in text
     assert "| small | wanda + permutation | float32 | 20.00 → 60.00 | 3.00 | 5.00 → 9.00 | 1.80 | 3.0 | 30.0 | 50.0 | 60 |" in text
     assert "| large | 30.0 | 20.0 | 1.50× | **missed**: 1.33× short |" not in text  # the small model's numbers, in its own row
-    assert "| small | 30.0 | 20.0 | 1.50× | **missed**: 1.33× short | 60.00 → 60.30 | +0.5% | met | 9.00 → 9.50 | +5.6% | " \
-           "**missed by 4.6 points** |" in text
-    assert "| large | 360.0 | 150.0 | 2.40× | met | 40.00 → 40.10 | +0.2% | met | 4.00 → 4.02 | +0.5% | met |" in text
+    assert "| small | 30.0 | 20.0 | 1.50× | **missed**: 1.33× short | 60.00 → 60.30 | +0.5% | met | 66.00 (+10.0%) | " \
+           "9.00 → 9.50 | +5.6% | **missed by 4.6 points** | 9.00 (+0.0%) |" in text
+    assert "| large | 360.0 | 150.0 | 2.40× | met | 40.00 → 40.10 | +0.2% | met | 40.00 (+0.0%) | 4.00 → 4.02 | +0.5% | met | " \
+           "4.00 (+0.0%) |" in text
+    assert "| vLLM greedy passed | yes | wiki 20.00 → 20.50, code 5.00 → 5.00 |" in text
     large_prune = scale_page.prune_goal(LARGE, "float32", ("InputNorms", 1000), 64, 512, 24.0 * GB)
     assert f"missed by {(24.0 * GB - large_prune.limit) / GB:.2f} GB" in text  # the large model's prune goal, by how much
     assert "- large, vllm of dense: 4.00 (1 × the source checkpoint (4.00 GB)) + 0.80 (allowance) = 4.80 GB; measured 5.50 GB, " \
