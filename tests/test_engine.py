@@ -1,7 +1,8 @@
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from conftest import ARCHITECTURES, VOCAB, tiny_model
+from conftest import ARCHITECTURES, CONFIGS, VOCAB, tiny_model
 from wanda_serve.engine import (Owl, PruneOptions, Refine, block_linears, block_stages, capture_block_inputs, find_decoder_blocks, find_linears,
                                 prune_model)
 from wanda_serve.errors import WandaServeError
@@ -171,6 +172,21 @@ def test_permuted_pruning_is_n_m_valid_and_keeps_more_than_unpermuted():
     assert audit_linears(block_linears(permuted))["all_nm_valid"]["2:4"]
     with pytest.raises(WandaServeError, match="not N:M"):
         prune_model(tiny_model("llama"), batches(), get_method("wanda"), Structure(ratio=0.5), options=PruneOptions(permute=True), progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_permuted_like_a_float32_one_and_stays_in_its_dtype(dtype):
+    # In bfloat16 rounding alone moves a permuted block's outputs past the exactness tolerance, so the folds are
+    # checked in float32: before that, a bfloat16 prune silently kept no permutation at all. This model is the
+    # tiny one widened until that happened (the 64-wide one rounds the same either way).
+    config = CONFIGS["llama"]()
+    config.hidden_size, config.intermediate_size = 256, 512
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval().to(dtype)
+    record = prune_model(model, batches(), get_method("wanda"), Structure(n=2, m=4), options=PruneOptions(permute=True), progress=False)
+    assert set(record.permutations) == {"0.mlp.down_proj", "1.mlp.down_proj"}
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert audit_linears(block_linears(model))["all_nm_valid"]["2:4"]
 
 
 class TwoLayers(torch.nn.Module):

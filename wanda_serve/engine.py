@@ -81,6 +81,11 @@ class BlockCall:
         pick = lambda t: t.index_select(0, index.to(t.device)) if t.dim() >= 2 and t.shape[0] == batch else t  # noqa: E731
         return BlockCall(pick(self.hidden), _map_tensors(self.args, pick), _map_tensors(self.kwargs, pick))
 
+    def with_float32_args(self) -> BlockCall:
+        """This call with its other inputs (rotary embeddings, masks) in float32, for a block run in float32; the
+        hidden states, passed to `run` separately, stay as they are."""
+        return BlockCall(self.hidden, _as_float32(self.args), _as_float32(self.kwargs))
+
 
 class _BlockInputsCaptured(Exception):
     pass
@@ -94,6 +99,22 @@ def _map_tensors(value, fn):
     if isinstance(value, dict):
         return {k: _map_tensors(v, fn) for k, v in value.items()}
     return value
+
+
+def _as_float32(value):
+    return _map_tensors(value, lambda tensor: tensor.float() if tensor.is_floating_point() else tensor)
+
+
+@contextmanager
+def _in_float32(block: nn.Module):
+    """The block's parameters in float32 while inside, then back in their dtype (bfloat16 and float16 go to
+    float32 and back exactly)."""
+    dtype = next(block.parameters()).dtype
+    block.float()
+    try:
+        yield
+    finally:
+        block.to(dtype)
 
 
 def _to_device(value, device: torch.device):
@@ -283,11 +304,13 @@ class Refine:
 
     def __call__(self, block: nn.Module, linears: dict[str, nn.Linear], calls: list[BlockCall],
                  hidden: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
-        dtype = next(block.parameters()).dtype
-        block.float()
-        as_float = lambda value: _map_tensors(value, lambda t: t.float() if t.is_floating_point() else t)  # noqa: E731
-        calls = [BlockCall(call.hidden, as_float(call.args), as_float(call.kwargs)) for call in calls]
-        hidden, targets = as_float(hidden), as_float(targets)
+        calls = [call.with_float32_args() for call in calls]
+        hidden, targets = _as_float32(hidden), _as_float32(targets)
+        with _in_float32(block):
+            self._fit(block, linears, calls, hidden, targets)
+
+    def _fit(self, block: nn.Module, linears: dict[str, nn.Linear], calls: list[BlockCall], hidden: list[torch.Tensor],
+             targets: list[torch.Tensor]) -> None:
         zeros = KeptZeros([linear.weight for linear in linears.values()])
         trainable = {id(linear.weight) for linear in linears.values()}
         requires_grad = {p: p.requires_grad for p in block.parameters()}
@@ -316,7 +339,6 @@ class Refine:
             zeros.detach()
             for p, flag in requires_grad.items():
                 p.requires_grad_(flag)
-            block.to(dtype)
 
 
 def output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
@@ -350,9 +372,18 @@ class BlockLayout:
     folds: list[Fold]
 
     @classmethod
-    def of(cls, block: nn.Module, linears: dict[str, nn.Linear], run_first_call, block_order: bool, permute: bool) -> BlockLayout:
-        stages = block_stages(linears, run_first_call) if block_order and run_first_call else [list(linears)]
-        return cls(stages, exact_folds(block, linears, run_first_call) if permute else [])
+    def of(cls, block: nn.Module, linears: dict[str, nn.Linear], first_call: BlockCall | None, block_order: bool,
+           permute: bool) -> BlockLayout:
+        """Found by running the block on its first calibration call, in float32 whatever the model's dtype: in
+        bfloat16 rounding alone moves a permuted block's outputs past exact_folds' tolerance, and every fold
+        would be refused."""
+        if first_call is None or not (block_order or permute):
+            return cls([list(linears)], [])
+        call, hidden = first_call.with_float32_args(), first_call.hidden.float()
+        run_first_call = lambda: call.run(block, hidden)  # noqa: E731
+        with _in_float32(block):
+            stages = block_stages(linears, run_first_call) if block_order else [list(linears)]
+            return cls(stages, exact_folds(block, linears, run_first_call) if permute else [])
 
     def folds_into(self, stage: list[str]) -> list[Fold]:
         return [fold for fold in self.folds if fold.consumer in stage]
@@ -401,8 +432,7 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: Method, s
         linears = find_linears(block)
         if layout is None:
             with record.timing("mask", device):
-                layout = BlockLayout.of(block, linears, (lambda: calls[0].run(block, hidden[0])) if calls else None,
-                                        block_order, permute)
+                layout = BlockLayout.of(block, linears, calls[0] if calls else None, block_order, permute)
             record.stages = layout.stages if block_order else None
         if refine is not None:
             with record.timing("forward", device):
