@@ -8,7 +8,8 @@ one thing each: the same run again; one thread; another --batch-size (the same s
 otherwise); ATen's kernels for a CPU with narrower vectors (ATEN_CPU_CAPABILITY, what another CPU
 computes in norms, activations and attention); MKL's portable GEMM code path (MKL_CBWR, standing in
 for the GEMM kernels MKL picks on another CPU); both portable paths together; and, as the yardstick of
-a real change, another calibration seed.
+a real change, another calibration seed; and the same two seeds pruned in bfloat16, to tell whether
+bfloat16 pruning is worse than float32 or only another draw from the same spread.
 
     python bench/determinism.py --out docs/determinism.md
 """
@@ -60,6 +61,10 @@ def variants() -> list[Variant]:
         Variant("both portable", "MKL_CBWR=COMPATIBLE and ATEN_CPU_CAPABILITY=default",
                 {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default"}),
         Variant("seed 1", "--seed 1: other calibration windows (a real change, for scale)", options={"--seed": "1"}),
+        Variant("bfloat16", "--dtype bfloat16: weights and forward passes in bfloat16, statistics still float64",
+                options={"--dtype": "bfloat16"}),
+        Variant("bfloat16 seed 1", "--dtype bfloat16 --seed 1: the same, on the seed 1 windows",
+                options={"--dtype": "bfloat16", "--seed": "1"}),
     ]
 
 
@@ -157,8 +162,9 @@ def render(result: dict) -> str:
     ppl = reference["perplexity"]
     identical = [row["name"] for row in rows[1:] if row["sha256"] == reference["sha256"]]
     same_ratios = [row["name"] for row in rows[1:] if ratio_difference(row, reference) < 1e-12]
-    rounding = [row for row in rows if row["sha256"] != reference["sha256"] and "--seed" not in row["options"]]
-    seed = next(row for row in rows if "--seed" in row["options"])
+    rounding = [row for row in rows if row["sha256"] != reference["sha256"] and not {"--seed", "--dtype"} & set(row["options"])]
+    seed = next(row for row in rows if "--seed" in row["options"] and "--dtype" not in row["options"])
+    bf16 = [row for row in rows if "--dtype" in row["options"]]
     spread = [row["perplexity"]["perplexity"] for row in [reference, *rounding]]
     shares = [row["masks_differ"]["share"] for row in rounding]
     portable = next(row for row in rows if row["name"] == "both portable")
@@ -177,8 +183,7 @@ def render(result: dict) -> str:
         f"changes one thing and runs in its own process. Perplexity: the first {ppl['windows']} windows of {ppl['seqlen']} tokens "
         f"of {ppl['data']}, measured once per distinct sha256 (other pages use every window; compare relative changes). Masks differ: share of the decoder blocks' linear weights pruned "
         "in one model and kept in the other, and the first block where that happens. Ratios: the largest relative "
-        "difference of the permutation's 30 kept-score ratios from the reference's. Forward s: the prune's forward passes "
-        "(this 2-core machine was shared with other jobs, so timings are indicative).",
+        "difference of the permutation's 30 kept-score ratios from the reference's. Forward s: the prune's forward passes.",
         "",
         "| variant | what changes | weights sha256 | masks differ | from block | ratios | perplexity | vs reference | forward s |",
         "|---|---|---|---:|---:|---|---:|---:|---:|",
@@ -216,6 +221,7 @@ def render(result: dict) -> str:
         "and 150.41 reported from another 2-core Xeon for the same commit (issue 11), 7.9% apart, are two such draws. Differences "
         "between recipes smaller than this spread (e.g. wanda vs ria with permutation in prune_benchmark.md) are not "
         "established by one run on one machine.",
+        *([bf16_finding(bf16, [reference, *rounding, seed])] if bf16 else []),  # earlier pages measured no bfloat16
         "",
         "## What wanda-serve does about it",
         "",
@@ -240,10 +246,26 @@ def render(result: dict) -> str:
         "agreement "
         "across machines with them is not verified (one machine), so wanda-serve does not set them. GPUs have their own "
         "kernels and will not match CPU results.",
-        "- docs/prune_benchmark.md was measured before these changes, and its JSON records no options or code version, "
-        "so `bench/prune_methods.py --resume` cannot reuse its results; each of its rows is one draw from such a spread.",
+        "- docs/prune_benchmark.md measures each recipe once, on one machine: each of its rows is one draw from such a spread.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def bf16_finding(bf16: list[dict], fp32: list[dict]) -> str:
+    """Whether the bfloat16 prunes all lie on one side of the float32 draws (the seeds and the rounding-only variants)."""
+    values = [row["perplexity"]["perplexity"] for row in bf16]
+    low, high = min(row["perplexity"]["perplexity"] for row in fp32), max(row["perplexity"]["perplexity"] for row in fp32)
+    measured = ", ".join(f"{row['name']} {value:.2f}" for row, value in zip(bf16, values))
+    masks = ", ".join(f"{row['masks_differ']['share']:.0%}" for row in bf16)
+    if all(value > high for value in values):
+        verdict = "Every bfloat16 prune lies above the float32 draws: here bfloat16 pruning is worse by more than rounding noise."
+    elif all(value < low for value in values):
+        verdict = "Every bfloat16 prune lies below the float32 draws: here bfloat16 pruning is better by more than rounding noise."
+    else:
+        verdict = ("Not every bfloat16 prune lies outside the float32 draws: this measurement does not tell bfloat16 pruning "
+                   "apart from rounding noise.")
+    return (f"- **bfloat16**: {measured}, against {low:.2f}–{high:.2f} for the float32 draws above (both seeds and the "
+            f"rounding-only variants); their masks differ from the reference's in {masks} of the weights. {verdict}")
 
 
 if __name__ == "__main__":

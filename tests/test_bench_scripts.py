@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 import prune_methods  # noqa: E402
-from determinism import mask_difference  # noqa: E402
+from determinism import bf16_finding, mask_difference  # noqa: E402
 from prune_methods import NUMERIC_SOURCES, PACKAGE_DIR, RECIPES, Recipe, Settings, code_version, stored_result  # noqa: E402
 
 
@@ -611,3 +611,17 @@ def test_recover_prunes_again_when_the_options_or_the_pruning_code_changed(tmp_p
     monkeypatch.setitem(recover.PRUNE_SHARED, "--seed", "1")
     recover.pruned_model(recover.DEFAULT, tmp_path)
     assert len(pruned_runs) == 3 and pruned_runs[-1][pruned_runs[-1].index("--seed") + 1] == "1"
+
+
+def test_determinism_calls_bf16_worse_or_better_only_when_every_bf16_prune_lies_beyond_the_float32_draws():
+    def row(name, value, share=0.3):
+        return {"name": name, "perplexity": {"perplexity": value}, "masks_differ": {"share": share}}
+
+    fp32 = [row("reference", 160.0, 0.0), row("ATen avx2", 168.0), row("seed 1", 164.0)]
+    worse = bf16_finding([row("bfloat16", 180.0), row("bfloat16 seed 1", 175.0)], fp32)
+    assert "bfloat16 180.00, bfloat16 seed 1 175.00, against 160.00–168.00" in worse
+    assert "lies above the float32 draws: here bfloat16 pruning is worse" in worse
+    assert "lies below the float32 draws" in bf16_finding([row("bfloat16", 150.0), row("bfloat16 seed 1", 155.0)], fp32)
+    among = bf16_finding([row("bfloat16", 180.0), row("bfloat16 seed 1", 166.0)], fp32)
+    assert "does not tell bfloat16 pruning apart from rounding noise" in among
+
