@@ -40,9 +40,8 @@ def main() -> None:
     started = time.time()
     loaded = load_model(None)
     corpus = load_corpus("wiki")
-    fit_calls = capture_block_inputs(loaded.model, calibration_batches(corpus, loaded.tokenizer, 64, 512, 0, 8), CPU)
-    held_calls = capture_block_inputs(loaded.model, calibration_batches(corpus, loaded.tokenizer, 16, 512, 1, 8), CPU)
-    fit_hidden, held_hidden = [c.hidden for c in fit_calls], [c.hidden for c in held_calls]
+    fit_calls, fit_hidden = capture_block_inputs(loaded.model, calibration_batches(corpus, loaded.tokenizer, 64, 512, 0, 8), CPU)
+    held_calls, held_hidden = capture_block_inputs(loaded.model, calibration_batches(corpus, loaded.tokenizer, 16, 512, 1, 8), CPU)
     blocks, method, structure = find_decoder_blocks(loaded.model), get_method("wanda"), Structure(n=2, m=4)
     chosen = [int(b) for b in args.blocks.split(",")]
     settings = [(float(lr), int(batch)) for batch in args.batches.split(",") for lr in args.lrs.split(",")]

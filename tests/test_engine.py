@@ -130,11 +130,11 @@ def test_only_exact_folds_are_found_and_a_folded_permutation_keeps_the_logits(ar
     model = tiny_model(arch)
     ids = batches()[0]
     before = model(ids).logits
-    call = capture_block_inputs(model, [ids], torch.device("cpu"))[0]
+    (call,), (hidden,) = capture_block_inputs(model, [ids], torch.device("cpu"))
     generator = torch.Generator().manual_seed(1)
     for block in find_decoder_blocks(model):
         linears = find_linears(block)
-        assert exact_folds(block, linears, lambda: call.run(block, call.hidden)) == [fold]
+        assert exact_folds(block, linears, lambda: call.run(block, hidden)) == [fold]
         fold.apply(linears, torch.randperm(linears[fold.consumer].in_features, generator=generator))
     assert torch.allclose(model(ids).logits, before, atol=1e-5)
 
@@ -217,9 +217,9 @@ def test_block_stages_follow_the_forward_pass():
                            ("opt", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"],
                                     ["fc1"], ["fc2"]])]:
         model = tiny_model(arch)
-        calls = capture_block_inputs(model, batches()[:1], torch.device("cpu"))
+        calls, hidden = capture_block_inputs(model, batches()[:1], torch.device("cpu"))
         block = find_decoder_blocks(model)[0]
-        stages = block_stages(find_linears(block), lambda: calls[0].run(block, calls[0].hidden))
+        stages = block_stages(find_linears(block), lambda: calls[0].run(block, hidden[0]))
         assert [sorted(stage) for stage in stages] == [sorted(stage) for stage in expected], arch
 
 
@@ -235,19 +235,19 @@ def test_block_order_computes_o_proj_statistic_through_the_pruned_attention():
 
     # By hand: prune q/k/v of the first block, rerun it, and take o_proj's Wanda mask from the inputs it now sees.
     model = tiny_model("llama")
-    calls = capture_block_inputs(model, batches(), torch.device("cpu"))
+    calls, hidden = capture_block_inputs(model, batches(), torch.device("cpu"))
     block = find_decoder_blocks(model)[0]
     linears = find_linears(block)
     norms = {name: InputNorms(linears[name].in_features, torch.device("cpu")) for name in linears}
     hooks = [linears[n].register_forward_hook(lambda m, i, o, n=n: norms[n].add_batch(i[0])) for n in linears]
     with torch.no_grad():
-        for call in calls:
-            call.run(block, call.hidden)
+        for call, h in zip(calls, hidden):
+            call.run(block, h)
         for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             linears[name].weight.data = method.prune(linears[name].weight.data, norms[name], structure)
         norms["self_attn.o_proj"] = InputNorms(linears["self_attn.o_proj"].in_features, torch.device("cpu"))
-        for call in calls:
-            call.run(block, call.hidden)
+        for call, h in zip(calls, hidden):
+            call.run(block, h)
     for hook in hooks:
         hook.remove()
     expected = method.prune(linears["self_attn.o_proj"].weight.data, norms["self_attn.o_proj"], structure)
@@ -270,6 +270,9 @@ def test_refinement_lowers_each_blocks_output_error_and_keeps_every_zero(method)
         zeros = find_linears(find_decoder_blocks(plain)[0])[name].weight == 0
         assert (linear.weight[zeros] == 0).all(), name
         assert not torch.equal(linear.weight, find_linears(find_decoder_blocks(plain)[0])[name].weight), name
+    # Nothing of the training stays with the model: a block's gradients held to the end grow memory by a block per block.
+    assert all(p.grad is None for p in refined.parameters())
+    assert [p.requires_grad for p in refined.parameters()] == [p.requires_grad for p in plain.parameters()]
 
 
 def test_refinement_steps_on_batch_samples_however_the_calibration_was_grouped():
@@ -279,8 +282,7 @@ def test_refinement_steps_on_batch_samples_however_the_calibration_was_grouped()
     for name, calibration in grouped.items():
         model = tiny_model("opt")  # OPT's position ids carry the batch dimension, so they must be cut with the samples
         block = find_decoder_blocks(model)[0]
-        calls = capture_block_inputs(model, calibration, torch.device("cpu"))
-        hidden = [call.hidden for call in calls]
+        calls, hidden = capture_block_inputs(model, calibration, torch.device("cpu"))
         with torch.no_grad():
             targets = [call.run(block, h) for call, h in zip(calls, hidden)]
         linears = find_linears(block)

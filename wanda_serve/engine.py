@@ -64,9 +64,10 @@ def check_structure_fits(model: nn.Module, structure: Structure) -> None:
 
 @dataclass
 class BlockCall:
-    """One recorded call of a decoder block: the hidden states and everything else it was passed."""
+    """One recorded call of a decoder block: everything it was passed besides the hidden states, which are the
+    previous block's outputs and so change block by block (capture_block_inputs returns the first block's apart)."""
 
-    hidden: torch.Tensor
+    batch: int  # samples in the call
     args: tuple
     kwargs: dict
 
@@ -77,14 +78,13 @@ class BlockCall:
     def rows(self, rows: list[int]) -> BlockCall:
         """This call for some of its samples: every tensor whose leading dimension is the batch (hidden states,
         OPT's position ids, a padded attention mask) keeps those rows; batch-1 tensors broadcast and stay."""
-        batch, index = self.hidden.shape[0], torch.tensor(rows)
-        pick = lambda t: t.index_select(0, index.to(t.device)) if t.dim() >= 2 and t.shape[0] == batch else t  # noqa: E731
-        return BlockCall(pick(self.hidden), _map_tensors(self.args, pick), _map_tensors(self.kwargs, pick))
+        index = torch.tensor(rows)
+        pick = lambda t: t.index_select(0, index.to(t.device)) if t.dim() >= 2 and t.shape[0] == self.batch else t  # noqa: E731
+        return BlockCall(len(rows), _map_tensors(self.args, pick), _map_tensors(self.kwargs, pick))
 
-    def with_float32_args(self) -> BlockCall:
-        """This call with its other inputs (rotary embeddings, masks) in float32, for a block run in float32; the
-        hidden states, passed to `run` separately, stay as they are."""
-        return BlockCall(self.hidden, _as_float32(self.args), _as_float32(self.kwargs))
+    def in_float32(self) -> BlockCall:
+        """This call with its inputs (rotary embeddings, masks) in float32, for a block run in float32."""
+        return BlockCall(self.batch, _as_float32(self.args), _as_float32(self.kwargs))
 
 
 class _BlockInputsCaptured(Exception):
@@ -122,10 +122,11 @@ def _to_device(value, device: torch.device):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], device: torch.device) -> list[BlockCall]:
-    """Run the model up to its first decoder block for each batch of token ids and record that call."""
+def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor],
+                         device: torch.device) -> tuple[list[BlockCall], list[torch.Tensor]]:
+    """Run the model up to its first decoder block for each batch of token ids: each call, and its hidden states."""
     first_block = find_decoder_blocks(model)[0]
-    calls = []
+    calls, hidden_states = [], []
 
     def record(module, args, kwargs):
         if args:
@@ -133,7 +134,8 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], device: 
         else:
             kwargs = dict(kwargs)
             hidden, rest = kwargs.pop("hidden_states"), ()
-        calls.append(BlockCall(hidden.to(device), _to_device(rest, device), _to_device(kwargs, device)))
+        calls.append(BlockCall(hidden.shape[0], _to_device(rest, device), _to_device(kwargs, device)))
+        hidden_states.append(hidden.to(device))
         raise _BlockInputsCaptured
 
     handle = first_block.register_forward_pre_hook(record, with_kwargs=True)
@@ -146,7 +148,7 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], device: 
                 pass
     finally:
         handle.remove()
-    return calls
+    return calls, hidden_states
 
 
 @dataclass
@@ -304,7 +306,7 @@ class Refine:
 
     def __call__(self, block: nn.Module, linears: dict[str, nn.Linear], calls: list[BlockCall],
                  hidden: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
-        calls = [call.with_float32_args() for call in calls]
+        calls = [call.in_float32() for call in calls]
         hidden, targets = _as_float32(hidden), _as_float32(targets)
         with _in_float32(block):
             self._fit(block, linears, calls, hidden, targets)
@@ -329,14 +331,17 @@ class Refine:
                         call, row = samples[sample]
                         rows_of_call.setdefault(call, []).append(row)
                     optimizer.zero_grad()
-                    squared_error = sum(nn.functional.mse_loss(calls[c].rows(rows).run(block, hidden[c][rows]), targets[c][rows],
-                                                               reduction="sum") for c, rows in rows_of_call.items())
-                    loss = squared_error / sum(targets[c][rows].numel() for c, rows in rows_of_call.items())
-                    loss.backward()
+                    values = sum(len(rows) * targets[c][0].numel() for c, rows in rows_of_call.items())
+                    for c, rows in rows_of_call.items():
+                        # Back-propagated call by call, the gradients summing up: autograd holds one call's samples
+                        # at a time, not the step's.
+                        outputs = calls[c].rows(rows).run(block, hidden[c][rows])
+                        (nn.functional.mse_loss(outputs, targets[c][rows], reduction="sum") / values).backward()
                     optimizer.step()
                     zeros.remask()
         finally:
             zeros.detach()
+            optimizer.zero_grad(set_to_none=True)  # else each block's gradients stay with its weights to the end
             for p, flag in requires_grad.items():
                 p.requires_grad_(flag)
 
@@ -348,9 +353,9 @@ def output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> fl
 
 
 @torch.no_grad()
-def block_outlier_ratios(blocks: nn.ModuleList, calls: list[BlockCall], device, outlier_factor: float) -> list[float]:
+def block_outlier_ratios(blocks: nn.ModuleList, calls: list[BlockCall], hidden: list[torch.Tensor], device,
+                         outlier_factor: float) -> list[float]:
     """OWL's statistic for each block of the dense model: the share of Wanda scores above outlier_factor × their mean."""
-    hidden = [call.hidden for call in calls]
     ratios = []
     for block in blocks:
         home = next(block.parameters()).device
@@ -372,14 +377,14 @@ class BlockLayout:
     folds: list[Fold]
 
     @classmethod
-    def of(cls, block: nn.Module, linears: dict[str, nn.Linear], first_call: BlockCall | None, block_order: bool,
-           permute: bool) -> BlockLayout:
+    def of(cls, block: nn.Module, linears: dict[str, nn.Linear], first_call: tuple[BlockCall, torch.Tensor] | None,
+           block_order: bool, permute: bool) -> BlockLayout:
         """Found by running the block on its first calibration call, in float32 whatever the model's dtype: in
         bfloat16 rounding alone moves a permuted block's outputs past exact_folds' tolerance, and every fold
         would be refused."""
         if first_call is None or not (block_order or permute):
             return cls([list(linears)], [])
-        call, hidden = first_call.with_float32_args(), first_call.hidden.float()
+        call, hidden = first_call[0].in_float32(), first_call[1].float()
         run_first_call = lambda: call.run(block, hidden)  # noqa: E731
         with _in_float32(block):
             stages = block_stages(linears, run_first_call) if block_order else [list(linears)]
@@ -420,9 +425,8 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: Method, s
     blocks = find_decoder_blocks(model)
     record = PruneRecord()
     needs_calibration = method.statistic is not None or owl is not None or permute or refine is not None
-    calls = capture_block_inputs(model, batches, device) if needs_calibration else []
-    block_structures = _owl_structures(blocks, calls, device, owl, structure, record) if owl else [structure] * len(blocks)
-    hidden = [call.hidden for call in calls]
+    calls, hidden = capture_block_inputs(model, batches, device) if needs_calibration else ([], [])
+    block_structures = _owl_structures(blocks, calls, hidden, device, owl, structure, record) if owl else [structure] * len(blocks)
     layout = None
 
     for index, (block, block_structure) in enumerate(tqdm(list(zip(blocks, block_structures)), desc="pruning blocks",
@@ -432,7 +436,7 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: Method, s
         linears = find_linears(block)
         if layout is None:
             with record.timing("mask", device):
-                layout = BlockLayout.of(block, linears, calls[0] if calls else None, block_order, permute)
+                layout = BlockLayout.of(block, linears, (calls[0], hidden[0]) if calls else None, block_order, permute)
             record.stages = layout.stages if block_order else None
         if refine is not None:
             with record.timing("forward", device):
@@ -443,26 +447,31 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: Method, s
             with record.timing("mask", device):
                 record.permutations.update(_permute_for_nm(layout.folds_into(stage), linears, stats, method, structure, index))
                 _prune_linears(stage_linears, method, stats, block_structure)
-        with record.timing("forward", device):
-            pruned_outputs = run_block(block, calls, hidden)  # what the next block sees, unless refined
-        if refine is not None:
+        del stats  # a Hessian method's statistics are the largest thing a block holds, and no longer needed
+        if refine is None:
+            with record.timing("forward", device):
+                hidden = run_block(block, calls, hidden)  # what the next block sees
+        else:
+            # Each set of outputs is held only as long as it is needed: the calibration activations are the
+            # prune's largest cost after the weights.
+            with record.timing("forward", device):
+                error_before = output_error(run_block(block, calls, hidden), dense_outputs)
             with record.timing("mask", device):
                 refine(block, linears, calls, hidden, dense_outputs)
             with record.timing("forward", device):
-                refined_outputs = run_block(block, calls, hidden)
-            record.refined.append({"block": index, "output_error_before": output_error(pruned_outputs, dense_outputs),
-                                   "output_error_after": output_error(refined_outputs, dense_outputs)})
-            pruned_outputs = refined_outputs
-        hidden = pruned_outputs
+                hidden = run_block(block, calls, hidden)
+            record.refined.append({"block": index, "output_error_before": error_before,
+                                   "output_error_after": output_error(hidden, dense_outputs)})
+            del dense_outputs
         block.to(home)
     return record
 
 
-def _owl_structures(blocks: nn.ModuleList, calls: list[BlockCall], device, owl: Owl, structure: Structure,
+def _owl_structures(blocks: nn.ModuleList, calls: list[BlockCall], hidden: list[torch.Tensor], device, owl: Owl, structure: Structure,
                     record: PruneRecord) -> list[Structure]:
     """OWL's per-block sparsities, from one calibration pass over the dense blocks."""
     with record.timing("forward", device):
-        outlier_ratios = block_outlier_ratios(blocks, calls, device, owl.outlier_factor)
+        outlier_ratios = block_outlier_ratios(blocks, calls, hidden, device, owl.outlier_factor)
     record.block_sparsity = owl.block_sparsities(outlier_ratios, structure.ratio)
     return [Structure(ratio=ratio) for ratio in record.block_sparsity]
 
