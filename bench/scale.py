@@ -407,8 +407,10 @@ def build_page(all_results: list[ModelResults], config: Config, command: str, ma
 def machine_facts(versions: dict[str, str]) -> dict:
     meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
     memory = re.search(r"MemTotal:\s+(\d+) kB", meminfo)
+    # What every command holds before it loads anything: the CLI imports torch, transformers and onnxruntime.
+    runtime = measured_cli("--help")
     return {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
-            "memory_gb": int(memory[1]) * 1024 / GB if memory else float("nan"),
+            "memory_gb": int(memory[1]) * 1024 / GB if memory else float("nan"), "runtime_rss_gb": runtime.peak_rss_mib * MiB / GB,
             **{name: package_version(name) for name in ("torch", "transformers")}, **versions}
 
 

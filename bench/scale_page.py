@@ -318,7 +318,10 @@ def render(page: Page) -> str:
     lines += [
         "",
         "Goal: peak RSS ≤ the weights at the load dtype + one decoder block in float32 with its statistics + the "
-        "calibration activations + 1 GB. Its terms, from each model's measured sizes:",
+        "calibration activations + 1 GB. The 1 GB holds everything the other terms leave out: the runtime (Python with "
+        f"torch, transformers and onnxruntime imported: `wanda-serve --help` peaks at {page.machine['runtime_rss_gb']:.2f} GB "
+        "here), a forward pass's own activations (attention scores, MLP intermediates for one batch), the tokenized "
+        "calibration text, and the allocator's free memory it does not give back. Its terms, from each model's measured sizes:",
         "",
         *_goal_terms({(row.model, f"{row.recipe}, {row.dtype}"): row.memory for row in page.prune}),
         "",

@@ -291,7 +291,7 @@ def synthetic_page() -> Page:
                            None if label == "dense" else 0.99) for shape, factor in ((SMALL, 1), (LARGE, 8)) for label in ("dense", "pruned"))
     models = (SMALL, LARGE)
     machine = {"cpu": "Some CPU", "cores": 2, "memory_gb": 24.0, "cpu_capability": "AVX512", "torch": "2.13.0", "transformers": "5",
-               "onnxruntime": "1.2", "vllm": "0.32.0"}
+               "onnxruntime": "1.2", "vllm": "0.32.0", "runtime_rss_gb": 0.41}
     settings = {"nsamples": 64, "seqlen": 512, "seed": 0, "eval_seqlen": 1024, "eval_windows_text": "the first 16 windows",
                 "prune_command": "wanda-serve prune [MODEL] --method wanda", "serve": {}}
     return Page("python bench/scale.py --models small,large", 600.0, machine, settings, models, prune_rows, dtype_rows, exports, serve,
@@ -328,6 +328,7 @@ def test_scale_page_renders_every_section_goal_and_the_command():
     assert f"missed by {(24.0 * GB - large_prune.limit) / GB:.2f} GB" in text  # the large model's prune goal, by how much
     assert "- large, vllm of dense: 4.00 (1 × the source checkpoint (4.00 GB)) + 0.80 (allowance) = 4.80 GB; measured 5.50 GB, " \
            "**missed by 0.70 GB** (15% over)" in text
+    assert "`wanda-serve --help` peaks at 0.41 GB here" in text
     assert "\n| parameters |" not in text  # shown in the sentence above the growth table
     assert "Parameters grow 10.0× (100M → 1,000M)." in text
     assert "| prune wanda + permutation (float32): total | 50 s | 600 s | 12.0× | 1.20 |" in text
