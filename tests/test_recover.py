@@ -85,7 +85,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(pruned, tmp_pat
     stop_at_step = StopOnInterrupt.on_step_end
 
     def ctrl_c_at_step_4(self, args, state, control, **kwargs):
-        self.interrupted = self.interrupted or state.global_step == 4
+        self.interrupt.raised = self.interrupt.raised or state.global_step == 4
         stop_at_step(self, args, state, control, **kwargs)
 
     monkeypatch.setattr(StopOnInterrupt, "on_step_end", ctrl_c_at_step_4)

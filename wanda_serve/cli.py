@@ -91,8 +91,13 @@ def cli(verbose, debug):
 @eval_options
 @click.option("--no-eval", is_flag=True, help="Skip perplexity before and after pruning.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--checkpoint-every", default=600, show_default=True, type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Save a checkpoint in OUT.checkpoints after the block that ends this long a stretch (and on Ctrl-C); "
+                   "a shorter prune saves none.")
+@click.option("--resume", is_flag=True, help="Continue the prune an interrupted run left in OUT.checkpoints (same options).")
 @user_errors_as_one_line
-def prune(model, out, recipe, method, structure, reconstruct, permute, block_order, refine, owl, owl_spread, owl_outlier_factor, calib, nsamples, seqlen, seed, batch_size, device, dtype, eval_data, eval_seqlen, eval_windows, no_eval, overwrite):
+def prune(model, out, recipe, method, structure, reconstruct, permute, block_order, refine, owl, owl_spread, owl_outlier_factor, calib, nsamples, seqlen, seed, batch_size, device, dtype, eval_data, eval_seqlen, eval_windows, no_eval, overwrite,
+          checkpoint_every, resume):
     """Prune MODEL layer by layer and write it as a Hugging Face directory with prune_report.json.
 
     \b
@@ -107,6 +112,10 @@ def prune(model, out, recipe, method, structure, reconstruct, permute, block_ord
       wanda-serve prune ./model --structure 50% --calib notes.jsonl --out runs/u50
       wanda-serve prune --method ria --reconstruct --out runs/ria-2of4-rec
       wanda-serve prune --structure 0.5 --owl --out runs/wanda-owl-50
+
+    \b
+    Ctrl-C finishes the block being pruned, saves a checkpoint and stops; the same
+    command with --resume goes on from it (a second Ctrl-C stops at once).
     """
     chosen = with_recipe(recipe, Recipe(method, permute, reconstruct, block_order, refine))
     job = PruneJob(
@@ -114,6 +123,7 @@ def prune(model, out, recipe, method, structure, reconstruct, permute, block_ord
         block_order=chosen.block_order, refine=Refine(chosen.refine, seed=seed) if chosen.refine else None, owl=Owl(owl_spread, owl_outlier_factor) if owl else None, calib=calib, nsamples=nsamples, seqlen=seqlen,
         seed=seed, batch_size=batch_size, device=device, dtype=dtype, overwrite=overwrite,
         evaluation=None if no_eval else EvalOptions(eval_data, eval_seqlen, eval_windows),
+        checkpoint_every=checkpoint_every, resume=resume,
     )
     report = run_prune(job)
     click.echo(f"wrote {out}  ({recipe_name(report)}, sparsity {report['sparsity']['overall_sparsity']:.4f})")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from wanda_serve.checkpoint import PruneCheckpoint
 from wanda_serve.errors import WandaServeError
 from wanda_serve.methods import InputNorms, Method, wanda_scores
 from wanda_serve.permute import Fold, exact_folds, kept_score, spreading_permutation
@@ -413,8 +414,11 @@ class PruneOptions:
 
 @torch.no_grad()
 def prune_model(model: nn.Module, batches: list[torch.Tensor], method: Method, structure: Structure,
-                options: PruneOptions = PruneOptions(), device: torch.device | str = "cpu", progress: bool = True) -> PruneRecord:
-    """Prune every linear layer of every decoder block of `model` in place (PruneOptions: what else it does)."""
+                options: PruneOptions = PruneOptions(), device: torch.device | str = "cpu", progress: bool = True,
+                checkpoint: PruneCheckpoint | None = None) -> PruneRecord:
+    """Prune every linear layer of every decoder block of `model` in place (PruneOptions: what else it does).
+
+    With a checkpoint, a prune it holds goes on where it stopped, and new checkpoints are taken between blocks."""
     owl, permute, block_order, refine = options.owl, options.permute, options.block_order, options.refine
     device = torch.device(device)
     check_structure_fits(model, structure)
@@ -423,14 +427,22 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: Method, s
     if permute and not structure.is_nm:
         raise WandaServeError(f"channel permutation spreads weights over the groups of an N:M pattern; {structure} is not N:M")
     blocks = find_decoder_blocks(model)
-    record = PruneRecord()
+    record, start = PruneRecord(), 0
     needs_calibration = method.statistic is not None or owl is not None or permute or refine is not None
     calls, hidden = capture_block_inputs(model, batches, device) if needs_calibration else ([], [])
-    block_structures = _owl_structures(blocks, calls, hidden, device, owl, structure, record) if owl else [structure] * len(blocks)
+    restored = checkpoint.restore(blocks) if checkpoint is not None else None
+    if restored is not None:
+        record, start = PruneRecord(**restored.record), restored.next_block
+        hidden = [h.to(device) for h in restored.hidden]
+    if owl is not None and record.block_sparsity is None:  # a resumed prune keeps the sparsities it chose
+        with record.timing("forward", device):
+            outlier_ratios = block_outlier_ratios(blocks, calls, hidden, device, owl.outlier_factor)
+        record.block_sparsity = owl.block_sparsities(outlier_ratios, structure.ratio)
+    block_structures = [Structure(ratio=ratio) for ratio in record.block_sparsity] if owl else [structure] * len(blocks)
     layout = None
 
-    for index, (block, block_structure) in enumerate(tqdm(list(zip(blocks, block_structures)), desc="pruning blocks",
-                                                          disable=not progress)):
+    for index in tqdm(range(start, len(blocks)), initial=start, total=len(blocks), desc="pruning blocks", disable=not progress):
+        block, block_structure = blocks[index], block_structures[index]
         home = next(block.parameters()).device
         block.to(device)
         linears = find_linears(block)
@@ -464,16 +476,9 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: Method, s
                                    "output_error_after": output_error(hidden, dense_outputs)})
             del dense_outputs
         block.to(home)
+        if checkpoint is not None:
+            checkpoint.block_done(index, blocks, hidden, record)
     return record
-
-
-def _owl_structures(blocks: nn.ModuleList, calls: list[BlockCall], hidden: list[torch.Tensor], device, owl: Owl, structure: Structure,
-                    record: PruneRecord) -> list[Structure]:
-    """OWL's per-block sparsities, from one calibration pass over the dense blocks."""
-    with record.timing("forward", device):
-        outlier_ratios = block_outlier_ratios(blocks, calls, hidden, device, owl.outlier_factor)
-    record.block_sparsity = owl.block_sparsities(outlier_ratios, structure.ratio)
-    return [Structure(ratio=ratio) for ratio in record.block_sparsity]
 
 
 def _stage_statistics(block, linears: dict[str, nn.Linear], method: Method, calls: list[BlockCall], hidden: list[torch.Tensor],

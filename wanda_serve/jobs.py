@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from wanda_serve.artifacts import atomic_output_dir, package_versions
+from wanda_serve.checkpoint import PruneCheckpoint, prune_checkpoint_dir
 from wanda_serve.contract import PRUNE_REPORT_NAME, EvalOptions
 from wanda_serve.data import calibration_batches, evaluation_ids, load_corpus
 from wanda_serve.engine import Owl, PruneOptions, Refine, block_linears, check_structure_fits, prune_model
@@ -49,6 +52,18 @@ class PruneJob:
     evaluation: EvalOptions | None = None  # None: skip perplexity before and after
     overwrite: bool = False
     progress: bool = True
+    # Seconds between checkpoints (each taken after a block; a shorter prune takes none). None: no checkpoints, and
+    # Ctrl-C stops at once, for callers that do not offer --resume (the main job).
+    checkpoint_every: float | None = None
+    resume: bool = False  # go on from the checkpoint an interrupted run left
+
+    def checkpoint(self) -> PruneCheckpoint | None:
+        """Everything that decides the pruned model and its report must be the same for a --resume."""
+        if self.checkpoint_every is None:
+            return None
+        settings = {key: value for key, value in asdict(self).items()
+                    if key not in ("out", "overwrite", "progress", "checkpoint_every", "resume")}
+        return PruneCheckpoint(prune_checkpoint_dir(self.out), settings, self.checkpoint_every, self.resume)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,6 +127,9 @@ def run_prune(job: PruneJob) -> dict:
     if job.owl is not None:
         job.owl.check_applies(structure)
     device = resolve_device(job.device)
+    checkpoint = job.checkpoint()
+    # Before the model loads: a --resume that cannot go on says so at once.
+    resumed = checkpoint.stored() if checkpoint is not None else None
     with atomic_output_dir(job.out, job.overwrite) as tmp:
         loaded = load_model(job.model, job.dtype)
         check_structure_fits(loaded.model, structure)
@@ -129,9 +147,15 @@ def run_prune(job: PruneJob) -> dict:
             }
 
         evaluation = Evaluation(job.evaluation, loaded.tokenizer, device, job.progress) if job.evaluation else None
-        before = evaluation.perplexity(loaded.model) if evaluation else None
+        if resumed is not None:
+            before = resumed["job"]["dense_perplexity"]
+        else:
+            before = evaluation.perplexity(loaded.model) if evaluation else None
         options = PruneOptions(owl=job.owl, permute=permute, block_order=job.block_order, refine=job.refine)
-        record = prune_model(loaded.model, batches, method, structure, options, device, job.progress)
+        if checkpoint is not None:
+            checkpoint.job["dense_perplexity"] = before
+        with checkpoint.interrupt if checkpoint is not None else nullcontext():
+            record = prune_model(loaded.model, batches, method, structure, options, device, job.progress, checkpoint)
         after = evaluation.perplexity(loaded.model) if evaluation else None
 
         save_model(loaded, tmp)
@@ -159,12 +183,15 @@ def run_prune(job: PruneJob) -> dict:
             "mask_seconds": record.mask_seconds,
             "forward_seconds": record.forward_seconds,
             "total_seconds": time.perf_counter() - started,
+            "resumed_from_block": resumed["next_block"] if resumed is not None else None,
             "memory": peak_memory(device),
             "perplexity": {"dense": before, "pruned": after} if job.evaluation else None,
             "sparsity": audit_linears(linears, structure),
             "versions": package_versions(),
         }
         (tmp / PRUNE_REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint.directory, ignore_errors=True)  # the output is complete; nothing left to resume
     return report
 
 

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCall
 from transformers.trainer_utils import get_last_checkpoint
 
 from wanda_serve.artifacts import atomic_output_dir, package_versions, read_json_file
+from wanda_serve.checkpoint import InterruptFlag
 from wanda_serve.contract import PRUNE_REPORT_NAME, RECOVER_REPORT_NAME, EvalOptions
 from wanda_serve.data import EMBEDDED_NEWS, EMBEDDED_TEXT, Corpus, calibration_batches, load_corpus
 from wanda_serve.engine import block_linears
@@ -155,23 +155,17 @@ class StopOnInterrupt(TrainerCallback):
     """Ctrl-C finishes the current step, saves a checkpoint and ends training; a second Ctrl-C stops at once."""
 
     def __init__(self):
-        self.interrupted = False
-        self.previous = None
-
-    def _on_sigint(self, signum, frame):
-        if self.interrupted:
-            raise KeyboardInterrupt
-        self.interrupted = True
+        self.interrupt = InterruptFlag()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        self.interrupt.__enter__()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.interrupted:
+        if self.interrupt.raised:
             control.should_save = control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        signal.signal(signal.SIGINT, self.previous)
+        self.interrupt.__exit__()
 
 
 def loss_curve(state) -> list[tuple[int, float]]:
@@ -374,7 +368,7 @@ def run_recover(job: RecoverJob) -> dict | None:
                 shutil.rmtree(job.checkpoint_dir, ignore_errors=True)  # nothing to resume from
             raise
         train_seconds, train_cpu_seconds = time.perf_counter() - train_started, time.process_time() - train_cpu_started
-        if stop.interrupted:
+        if stop.interrupt.raised:
             raise RecoveryInterrupted(job, trainer.state.global_step)
         if not launch.main:
             return None
