@@ -40,14 +40,15 @@ def main() -> None:
     started = time.time()
     loaded = load_model(None)
     corpus = load_corpus("wiki")
-    fit_calls, fit_hidden = capture_block_inputs(loaded.model, calibration_batches(corpus, loaded.tokenizer, 64, 512, 0, 8), CPU)
-    held_calls, held_hidden = capture_block_inputs(loaded.model, calibration_batches(corpus, loaded.tokenizer, 16, 512, 1, 8), CPU)
+    fit_block_calls, fit_hidden = capture_block_inputs(loaded.model, calibration_batches(corpus, loaded.tokenizer, 64, 512, 0, 8), CPU)
+    held_block_calls, held_hidden = capture_block_inputs(loaded.model, calibration_batches(corpus, loaded.tokenizer, 16, 512, 1, 8), CPU)
     blocks, method, structure = find_decoder_blocks(loaded.model), get_method("wanda"), Structure(n=2, m=4)
     chosen = [int(b) for b in args.blocks.split(",")]
     settings = [(float(lr), int(batch)) for batch in args.batches.split(",") for lr in args.lrs.split(",")]
     rows = []
     with torch.no_grad():
         for index, block in enumerate(blocks):
+            fit_calls, held_calls = fit_block_calls[index], held_block_calls[index]
             if index in chosen:
                 pruned = copy.deepcopy(block)
                 linears = find_linears(pruned)

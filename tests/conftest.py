@@ -12,7 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, OPTConfig, PreTrainedTokenizerFast,
+                          Qwen2Config)
 
 from wanda_serve.cli import cli
 
@@ -39,6 +40,12 @@ CONFIGS = {
     "opt": lambda: OPTConfig(
         vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=256, word_embed_proj_dim=64,
+    ),
+    # Sliding-window and full-attention layers, each with its own mask and rotary embeddings (theta 1e4 and 1e6).
+    "gemma3": lambda: Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
     ),
 }
 ARCHITECTURES = list(CONFIGS)

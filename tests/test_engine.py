@@ -24,6 +24,20 @@ def test_finds_the_decoder_stack():
         "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_each_block_is_replayed_with_what_the_model_passes_it(arch):
+    # Gemma 3's sliding-window and full-attention layers get different masks and rotary embeddings: the blocks,
+    # each run on its own captured call, must compute what the model's own forward pass computes.
+    model = tiny_model(arch)
+    ids = batches()[0]
+    block_calls, (hidden,) = capture_block_inputs(model, [ids], torch.device("cpu"))
+    blocks = find_decoder_blocks(model)
+    expected = model(input_ids=ids, output_hidden_states=True).hidden_states  # the embeddings, then each block's output
+    for index, (block, (call,)) in enumerate(list(zip(blocks, block_calls))[:-1]):  # the last one's comes normalised
+        hidden = call.run(block, hidden)
+        assert torch.allclose(hidden, expected[index + 1], atol=1e-5), (arch, index)
+
+
 def test_model_without_decoder_blocks_is_refused():
     with pytest.raises(WandaServeError, match="unsupported architecture Sequential"):
         find_decoder_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
@@ -76,9 +90,10 @@ def test_next_block_sees_the_pruned_outputs(arch):
     dense = run_model()
     inputs_of_block_1.clear()
     prune_model(model, calibration, get_method("wanda"), Structure(n=2, m=4), progress=False)
-    # The engine calls block 1 twice per batch: to collect statistics, then to produce its pruned outputs.
-    assert len(inputs_of_block_1) == 2 * len(calibration)
-    engine_fed = inputs_of_block_1[: len(calibration)]
+    # Per batch, the capture passes the embeddings through block 1 (as the identity); then the engine calls it twice:
+    # to collect statistics, then to produce its pruned outputs.
+    assert len(inputs_of_block_1) == 3 * len(calibration)
+    engine_fed = inputs_of_block_1[len(calibration): 2 * len(calibration)]
     pruned = run_model()
     handle.remove()
     for fed, pruned_input, dense_input in zip(engine_fed, pruned, dense):
@@ -130,9 +145,9 @@ def test_only_exact_folds_are_found_and_a_folded_permutation_keeps_the_logits(ar
     model = tiny_model(arch)
     ids = batches()[0]
     before = model(ids).logits
-    (call,), (hidden,) = capture_block_inputs(model, [ids], torch.device("cpu"))
+    block_calls, (hidden,) = capture_block_inputs(model, [ids], torch.device("cpu"))
     generator = torch.Generator().manual_seed(1)
-    for block in find_decoder_blocks(model):
+    for block, (call,) in zip(find_decoder_blocks(model), block_calls):
         linears = find_linears(block)
         assert exact_folds(block, linears, lambda: call.run(block, hidden)) == [fold]
         fold.apply(linears, torch.randperm(linears[fold.consumer].in_features, generator=generator))
@@ -217,9 +232,9 @@ def test_block_stages_follow_the_forward_pass():
                            ("opt", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"],
                                     ["fc1"], ["fc2"]])]:
         model = tiny_model(arch)
-        calls, hidden = capture_block_inputs(model, batches()[:1], torch.device("cpu"))
+        block_calls, hidden = capture_block_inputs(model, batches()[:1], torch.device("cpu"))
         block = find_decoder_blocks(model)[0]
-        stages = block_stages(find_linears(block), lambda: calls[0].run(block, hidden[0]))
+        stages = block_stages(find_linears(block), lambda: block_calls[0][0].run(block, hidden[0]))
         assert [sorted(stage) for stage in stages] == [sorted(stage) for stage in expected], arch
 
 
@@ -235,7 +250,7 @@ def test_block_order_computes_o_proj_statistic_through_the_pruned_attention():
 
     # By hand: prune q/k/v of the first block, rerun it, and take o_proj's Wanda mask from the inputs it now sees.
     model = tiny_model("llama")
-    calls, hidden = capture_block_inputs(model, batches(), torch.device("cpu"))
+    (calls, *_), hidden = capture_block_inputs(model, batches(), torch.device("cpu"))
     block = find_decoder_blocks(model)[0]
     linears = find_linears(block)
     norms = {name: InputNorms(linears[name].in_features, torch.device("cpu")) for name in linears}
@@ -282,7 +297,7 @@ def test_refinement_steps_on_batch_samples_however_the_calibration_was_grouped()
     for name, calibration in grouped.items():
         model = tiny_model("opt")  # OPT's position ids carry the batch dimension, so they must be cut with the samples
         block = find_decoder_blocks(model)[0]
-        calls, hidden = capture_block_inputs(model, calibration, torch.device("cpu"))
+        (calls, *_), hidden = capture_block_inputs(model, calibration, torch.device("cpu"))
         with torch.no_grad():
             targets = [call.run(block, h) for call, h in zip(calls, hidden)]
         linears = find_linears(block)

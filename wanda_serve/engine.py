@@ -118,38 +118,59 @@ def _in_float32(block: nn.Module):
         block.to(dtype)
 
 
-def _to_device(value, device: torch.device):
-    return _map_tensors(value, lambda tensor: tensor.to(device))
-
-
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor],
-                         device: torch.device) -> tuple[list[BlockCall], list[torch.Tensor]]:
-    """Run the model up to its first decoder block for each batch of token ids: each call, and its hidden states."""
-    first_block = find_decoder_blocks(model)[0]
-    calls, hidden_states = [], []
+                         device: torch.device) -> tuple[list[list[BlockCall]], list[torch.Tensor]]:
+    """For each batch of token ids, the call of each decoder block (block_calls[block][batch]), and the first
+    block's hidden states.
 
-    def record(module, args, kwargs):
-        if args:
-            hidden, rest = args[0], args[1:]
-        else:
-            kwargs = dict(kwargs)
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        calls.append(BlockCall(hidden.shape[0], _to_device(rest, device), _to_device(kwargs, device)))
-        hidden_states.append(hidden.to(device))
-        raise _BlockInputsCaptured
+    The model runs with every block passing its input through, so it builds what each block is passed itself, at
+    the cost of the embeddings: models that mix sliding-window and full attention (Gemma 2 and 3, GPT-OSS) give
+    their layers different attention masks and rotary embeddings, and replaying the first block's for all would
+    calibrate the others on inputs they never see.
+    """
+    blocks = find_decoder_blocks(model)
+    block_calls: list[list[BlockCall]] = [[] for _ in blocks]
+    hidden_states = []
+    moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one copy on `device` of what every block is passed
 
-    handle = first_block.register_forward_pre_hook(record, with_kwargs=True)
+    def to_device(value):
+        # The originals stay referenced while a batch runs, so no other tensor can take their id.
+        return _map_tensors(value, lambda tensor: moved.setdefault(id(tensor), (tensor, tensor.to(device)))[1])
+
+    def passthrough(index: int):
+        def forward(*args, **kwargs):
+            if args:
+                hidden, rest = args[0], args[1:]
+            else:
+                kwargs = dict(kwargs)
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            if index == 0:
+                hidden_states.append(hidden.to(device))
+            block_calls[index].append(BlockCall(hidden.shape[0], to_device(rest), to_device(kwargs)))
+            if index == len(blocks) - 1:
+                raise _BlockInputsCaptured  # the final norm and the LM head are not needed
+            return hidden
+        return forward
+
+    for index, block in enumerate(blocks):
+        block.forward = passthrough(index)
     try:
         model_device = next(model.parameters()).device
         for ids in batches:
+            moved.clear()
             try:
                 model(input_ids=ids.to(model_device), use_cache=False)
             except _BlockInputsCaptured:
                 pass
     finally:
-        handle.remove()
-    return calls, hidden_states
+        for block in blocks:
+            del block.forward  # the class's own again
+    missed = [index for index, calls in enumerate(block_calls) if len(calls) != len(batches)]
+    if missed:
+        raise WandaServeError(f"unsupported architecture {type(model).__name__}: its forward pass did not call decoder "
+                              f"block(s) {missed} once per batch")
+    return block_calls, hidden_states
 
 
 @dataclass
@@ -354,11 +375,11 @@ def output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> fl
 
 
 @torch.no_grad()
-def block_outlier_ratios(blocks: nn.ModuleList, calls: list[BlockCall], hidden: list[torch.Tensor], device,
+def block_outlier_ratios(blocks: nn.ModuleList, block_calls: list[list[BlockCall]], hidden: list[torch.Tensor], device,
                          outlier_factor: float) -> list[float]:
     """OWL's statistic for each block of the dense model: the share of Wanda scores above outlier_factor × their mean."""
     ratios = []
-    for block in blocks:
+    for block, calls in zip(blocks, block_calls):
         home = next(block.parameters()).device
         block.to(device)
         linears = find_linears(block)
@@ -429,20 +450,20 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: Method, s
     blocks = find_decoder_blocks(model)
     record, start = PruneRecord(), 0
     needs_calibration = method.statistic is not None or owl is not None or permute or refine is not None
-    calls, hidden = capture_block_inputs(model, batches, device) if needs_calibration else ([], [])
+    block_calls, hidden = capture_block_inputs(model, batches, device) if needs_calibration else ([[] for _ in blocks], [])
     restored = checkpoint.restore(blocks) if checkpoint is not None else None
     if restored is not None:
         record, start = PruneRecord(**restored.record), restored.next_block
         hidden = [h.to(device) for h in restored.hidden]
     if owl is not None and record.block_sparsity is None:  # a resumed prune keeps the sparsities it chose
         with record.timing("forward", device):
-            outlier_ratios = block_outlier_ratios(blocks, calls, hidden, device, owl.outlier_factor)
+            outlier_ratios = block_outlier_ratios(blocks, block_calls, hidden, device, owl.outlier_factor)
         record.block_sparsity = owl.block_sparsities(outlier_ratios, structure.ratio)
     block_structures = [Structure(ratio=ratio) for ratio in record.block_sparsity] if owl else [structure] * len(blocks)
     layout = None
 
     for index in tqdm(range(start, len(blocks)), initial=start, total=len(blocks), desc="pruning blocks", disable=not progress):
-        block, block_structure = blocks[index], block_structures[index]
+        block, block_structure, calls = blocks[index], block_structures[index], block_calls[index]
         home = next(block.parameters()).device
         block.to(device)
         linears = find_linears(block)
