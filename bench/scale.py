@@ -353,7 +353,7 @@ def model_rows(results: ModelResults, config: Config) -> tuple[list[PruneRow], l
             name, recipe_label(recipe), dtype, perplexity(evals["dense"]["wiki"]), perplexity(evals[key]["wiki"]), perplexity(evals["dense"]["code"]),
             perplexity(evals[key]["code"]), report["mask_seconds"], report["forward_seconds"], report["total_seconds"],
             usage["seconds"], prune_goal(shape, dtype, statistic_bytes(recipe.method, shape.block_inputs), config.nsamples,
-                                         config.seqlen, usage["peak_rss_mib"] * MiB)))
+                                         config.seqlen, usage["peak_rss_mib"] * MiB, refines=report["refine"] is not None)))
     fp32, bf16 = results.prune["wanda"]["report"], results.prune["wanda-bf16"]["report"]
     dtype_rows = [DtypeRow(name, fp32["forward_seconds"], bf16["forward_seconds"], **{
         f"{data}_{column}": perplexity(evals[key][data]) for data in EVAL_DATA

@@ -110,18 +110,29 @@ def statistic_bytes(method: str, block_inputs: tuple[int, ...]) -> tuple[str, in
     return statistic.__name__, total
 
 
-def prune_goal(shape: ModelShape, dtype: str, statistic: tuple[str, int], nsamples: int, seqlen: int, measured: float) -> MemoryGoal:
+def prune_goal(shape: ModelShape, dtype: str, statistic: tuple[str, int], nsamples: int, seqlen: int, measured: float,
+               refines: bool = False) -> MemoryGoal:
     """Weights at the load dtype + one decoder block in float32 with its statistics + the calibration activations
-    (the block's inputs and its outputs, as the engine holds both) + 1 GB."""
+    (the block's inputs and its outputs, as the engine holds both) + 1 GB.
+
+    Refinement trains each block, which the issue's goal (written before it) does not count: with `refines`, its
+    own needs are added as terms of their own, the optimizer's state and the dense outputs it fits."""
     itemsize = DTYPE_BYTES[dtype]
     name, statistic_size = statistic
     inputs = " + ".join(f"{count} × {size}" for size, count in _counted(shape.block_inputs))
+    activations = nsamples * seqlen * shape.hidden_size * 4
+    refinement = (
+        (f"refinement: the block's gradients and Adam's two moments, 3 × {shape.block_parameters:,} × 4 B",
+         3 * shape.block_parameters * 4),
+        (f"refinement: the dense block's outputs it fits, {nsamples} × {seqlen} × {shape.hidden_size} × 4 B", activations),
+    ) if refines else ()
     return MemoryGoal((
         (f"weights: {shape.parameters:,} parameters × {itemsize} B ({dtype})", shape.parameters * itemsize),
         (f"one decoder block in float32: {shape.block_parameters:,} × 4 B", shape.block_parameters * 4),
         (f"its statistics ({name}) for linear inputs {inputs}", statistic_size),
         (f"calibration activations, block inputs and outputs: 2 × {nsamples} × {seqlen} × {shape.hidden_size} × 4 B",
-         2 * nsamples * seqlen * shape.hidden_size * 4),
+         2 * activations),
+        *refinement,
         ("allowance", PRUNE_ALLOWANCE),
     ), measured)
 
@@ -318,7 +329,8 @@ def render(page: Page) -> str:
     lines += [
         "",
         "Goal: peak RSS ≤ the weights at the load dtype + one decoder block in float32 with its statistics + the "
-        "calibration activations + 1 GB. The 1 GB holds everything the other terms leave out: the runtime (Python with "
+        "calibration activations + 1 GB; for a refined recipe also refinement's own state, which the issue's goal "
+        "(written before refinement existed) does not count. The 1 GB holds everything the other terms leave out: the runtime (Python with "
         f"torch, transformers and onnxruntime imported: `wanda-serve --help` peaks at {page.machine['runtime_rss_gb']:.2f} GB "
         "here), a forward pass's own activations (attention scores, MLP intermediates for one batch), the tokenized "
         "calibration text, and the allocator's free memory it does not give back. Its terms, from each model's measured sizes:",
