@@ -342,7 +342,8 @@ def render(page: Page) -> str:
         f"Goals: forward passes at least {BF16_SPEEDUP_GOAL:g}× faster in bfloat16; perplexity within "
         f"{BF16_PERPLEXITY_GOAL:.0%} of float32's (both pruned models evaluated in float32). Rounded: the float32-pruned "
         "model's weights rounded to bfloat16 (its vLLM export), its masks unchanged: what rounding alone costs, as a "
-        "bfloat16 server sees either model.",
+        "bfloat16 server sees either model. The rest of the change comes from the masks, which differ: docs/determinism.md "
+        "compares bfloat16 prunes with float32 ones over seeds and kernels, to tell a worse result from another draw.",
         "",
         "| model | forward s float32 | forward s bfloat16 | speed-up | goal | wiki fp32 → bf16 | change | goal | rounded "
         "| code fp32 → bf16 | change | goal | rounded |",
