@@ -62,7 +62,7 @@ from scale_page import (  # noqa: E402
 )
 
 from wanda_serve.artifacts import cache_dir, package_version  # noqa: E402
-from wanda_serve.checkpoint import prune_checkpoint_dir  # noqa: E402
+from wanda_serve.checkpoint import checkpoint_dir  # noqa: E402
 from wanda_serve.contract import MANIFEST_NAME, PRUNE_REPORT_NAME, RESULTS_NAME, VLLM_PYTHON_ENV, vllm_python  # noqa: E402
 from wanda_serve.models import EMBEDDED_MODEL_NAME, LARGE_MODEL_NAME, PACKAGED_MODELS  # noqa: E402
 
@@ -183,7 +183,7 @@ class Steps:
         """A step that writes a model directory later steps read: the directory as an Artifact, and the step's result."""
         def measure() -> dict:
             # A prune killed with an earlier session left its checkpoint: a step is measured whole, from the start.
-            shutil.rmtree(prune_checkpoint_dir(out), ignore_errors=True)
+            shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
             result = self.command(command, out / report_name)
             self.hashes.pop(out, None)
             return result | {"weights_sha256": self.sha256(out), "weights_bytes": checkpoint_bytes(out)}

@@ -89,6 +89,8 @@ CASES = [
     Case("prune-out-under-a-file", ["prune", MODEL, "--out", "{root}/text.txt/sub", *SMALL], 1, "text.txt/sub"),
     Case("prune-out-is-a-file", ["prune", MODEL, "--out", TEXTFILE, *SMALL], 1, "text.txt"),
     Case("prune-out-dot-in-empty-dir", ["prune", MODEL, "--out", ".", *SMALL], 1, "output .", lambda root: (root / "empty").mkdir(), cwd="empty"),
+    Case("recover-out-dot-in-empty-dir", ["recover", MODEL, "--out", ".", "--data", TEXTFILE, "--tokens", "64", "--seqlen", "16"],
+         1, "output .", lambda root: (root / "empty").mkdir(), cwd="empty"),
     Case("prune-out-existing-without-overwrite", ["prune", MODEL, "--out", "{root}/existing", *SMALL], 1, "existing"),
     # prune: options
     Case("prune-structure-banana", ["prune", MODEL, "--out", "{root}/o", "--structure", "banana"], 2, "--structure"),

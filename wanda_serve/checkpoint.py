@@ -12,9 +12,11 @@ result is the one an uninterrupted run gives.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -28,8 +30,10 @@ SETTINGS_NAME = "prune_job.json"  # what decides the result: a --resume must giv
 STATE_NAME = "state.json"  # written last: the checkpoint it describes is complete
 
 
-def prune_checkpoint_dir(out: Path) -> Path:
-    # Beside the output, not in it (as recover's): the output appears only when complete.
+def checkpoint_dir(out: Path) -> Path:
+    """Where a prune or a recover keeps its checkpoints: beside the output, not in it, for the output appears
+    only when complete and checkpoints must outlive a crash. Absolute, as "." or "a/.." name no directory."""
+    out = Path(os.path.abspath(out))
     return out.with_name(f"{out.name}.checkpoints")
 
 
@@ -79,6 +83,7 @@ class PruneCheckpoint:
     _blocks_saved: int = 0
     _last_saved: float = field(default_factory=time.monotonic)
 
+    @cached_property
     def stored(self) -> dict | None:
         """The state of the checkpoint to resume from (None: start afresh), after checking --resume may use it."""
         state_path = self.directory / STATE_NAME
@@ -98,7 +103,7 @@ class PruneCheckpoint:
 
     def restore(self, blocks: nn.ModuleList) -> Restored | None:
         """Put the finished blocks of the checkpoint back into `blocks`; None if there is nothing to resume."""
-        state = self.stored()
+        state = self.stored
         if state is None:
             return None
         for index in range(state["next_block"]):
@@ -119,7 +124,8 @@ class PruneCheckpoint:
 
     def save(self, next_block: int, blocks: nn.ModuleList, hidden: list[torch.Tensor], record) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        write_file_atomically(self.directory / SETTINGS_NAME, json.dumps(self.settings, indent=2) + "\n", overwrite=True)
+        if self._blocks_saved == 0:  # this run's first checkpoint (a resumed run found the same settings there)
+            write_file_atomically(self.directory / SETTINGS_NAME, json.dumps(self.settings, indent=2) + "\n", overwrite=True)
         for index in range(self._blocks_saved, next_block):
             _save_atomically({name: tensor.detach().cpu().contiguous() for name, tensor in blocks[index].state_dict().items()},
                              self.directory / _block_name(index))

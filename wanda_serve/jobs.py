@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from wanda_serve.artifacts import atomic_output_dir, package_versions
-from wanda_serve.checkpoint import PruneCheckpoint, prune_checkpoint_dir
+from wanda_serve.artifacts import atomic_output_dir, check_output_dir, package_versions
+from wanda_serve.checkpoint import PruneCheckpoint, checkpoint_dir
 from wanda_serve.contract import PRUNE_REPORT_NAME, EvalOptions
 from wanda_serve.data import calibration_batches, evaluation_ids, load_corpus
 from wanda_serve.engine import Owl, PruneOptions, Refine, block_linears, check_structure_fits, prune_model
@@ -63,7 +63,7 @@ class PruneJob:
             return None
         settings = {key: value for key, value in asdict(self).items()
                     if key not in ("out", "overwrite", "progress", "checkpoint_every", "resume")}
-        return PruneCheckpoint(prune_checkpoint_dir(self.out), settings, self.checkpoint_every, self.resume)
+        return PruneCheckpoint(checkpoint_dir(self.out), settings, self.checkpoint_every, self.resume)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,9 +127,10 @@ def run_prune(job: PruneJob) -> dict:
     if job.owl is not None:
         job.owl.check_applies(structure)
     device = resolve_device(job.device)
+    check_output_dir(job.out, job.overwrite)  # before the checkpoints beside it are looked for
     checkpoint = job.checkpoint()
     # Before the model loads: a --resume that cannot go on says so at once.
-    resumed = checkpoint.stored() if checkpoint is not None else None
+    resumed = checkpoint.stored if checkpoint is not None else None
     with atomic_output_dir(job.out, job.overwrite) as tmp:
         loaded = load_model(job.model, job.dtype)
         check_structure_fits(loaded.model, structure)

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from wanda_serve.artifacts import atomic_output_dir, package_versions, read_json_file
-from wanda_serve.checkpoint import InterruptFlag
+from wanda_serve.artifacts import atomic_output_dir, check_output_dir, package_versions, read_json_file
+from wanda_serve.checkpoint import InterruptFlag, checkpoint_dir
 from wanda_serve.contract import PRUNE_REPORT_NAME, RECOVER_REPORT_NAME, EvalOptions
 from wanda_serve.data import EMBEDDED_NEWS, EMBEDDED_TEXT, Corpus, calibration_batches, load_corpus
 from wanda_serve.engine import block_linears
@@ -93,8 +93,7 @@ class RecoverJob:
 
     @property
     def checkpoint_dir(self) -> Path:
-        # Beside the output, not in it: the output appears only when complete; checkpoints must outlive a crash.
-        return self.out.with_name(f"{self.out.name}.checkpoints")
+        return checkpoint_dir(self.out)
 
     def training_settings(self) -> dict:
         """What decides the training's result: a --resume must use the same."""
@@ -320,6 +319,8 @@ def run_recover(job: RecoverJob) -> dict | None:
     launch = Launch.from_environment()
     launch.check(job)
     device = launch.device(job.device)
+    if launch.main:
+        check_output_dir(job.out, job.overwrite)  # before the checkpoints beside it are looked for
     resume_from = _checkpoint_to_resume(job)
     with atomic_output_dir(job.out, job.overwrite) if launch.main else nullcontext() as tmp:
         student = load_model(job.pruned)
