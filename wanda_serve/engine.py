@@ -13,6 +13,8 @@ pruned block's surviving weights are then fitted to the dense block's outputs.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -306,6 +308,25 @@ def block_statistics(block, linears: dict[str, nn.Linear], statistic: type, call
             handle.remove()
 
 
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # not glibc: its allocator is not the one that holds on
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the memory the finished block's activations occupied back to the system. glibc keeps freed
+    buffers below its mmap threshold (which grows to 32 MiB as large buffers come and go) for reuse, and
+    with activations of changing sizes the process grew block by block: about 1 GB more than it holds
+    over the 1.5B model's 28 blocks. A fixed mmap threshold instead costs every activation its page
+    faults (SmolLM2's prune took 1.6x as long); one trim per block costs about nothing."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def run_block(block, calls: list[BlockCall], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
     """The block's outputs for each calibration call, given its hidden-state inputs."""
     return [call.run(block, h) for call, h in zip(calls, hidden)]
@@ -497,6 +518,7 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: Method, s
                                    "output_error_after": output_error(hidden, dense_outputs)})
             del dense_outputs
         block.to(home)
+        release_freed_memory()
         if checkpoint is not None:
             checkpoint.block_done(index, blocks, hidden, record)
     return record
