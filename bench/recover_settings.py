@@ -3,7 +3,7 @@
 The Wikipedia calibration region is split once, at a paragraph boundary: its first 90% is the
 training text, its last 10% the validation text; the held-out evaluation region that
 docs/recover_benchmark.md reports on is not read. For each setting of --settings (learning rate, batch
-size, window length, temperature), the default recipe's pruned model (bench/recover.py's, the same
+size, window length, temperature, AdamW's beta2), the default recipe's pruned model (bench/recover.py's, the same
 bytes) is recovered on the training text with `wanda-serve recover --data train.txt --eval-data valid.txt` at one budget, and
 the validation perplexity is recorded with the training speed. Writes a Markdown table and its JSON.
 
@@ -37,24 +37,26 @@ SHARED = {"--warmup": "0.05", "--seed": "0", "--out-of-domain": "none", "--eval-
 
 @dataclass(frozen=True)
 class Setting:
-    """One row: LR:BATCH[:SEQLEN[:TEMPERATURE]] on the command line; the omitted fields are recover's defaults."""
+    """One row: LR:BATCH[:SEQLEN[:TEMPERATURE[:BETA2]]] on the command line; omitted or empty fields are recover's defaults."""
 
     lr: str
     batch: int
     seqlen: int = RecoverJob.seqlen
     temperature: float = RecoverJob.temperature
+    beta2: float = RecoverJob.adam_beta2
 
     @classmethod
     def parse(cls, text: str) -> Setting:
         lr, batch, *rest = text.split(":")
-        seqlen, temperature = (rest + [None, None])[:2]
-        return cls(lr, int(batch), int(seqlen or cls.seqlen), float(temperature or cls.temperature))
+        seqlen, temperature, beta2 = (rest + [None] * 3)[:3]
+        return cls(lr, int(batch), int(seqlen or cls.seqlen), float(temperature or cls.temperature), float(beta2 or cls.beta2))
 
     @property
     def name(self) -> str:
         # The fields at recover's default stay out of the name, so results stored before they were options still match.
         extra = (f"-seqlen{self.seqlen}" * (self.seqlen != RecoverJob.seqlen)
-                 + f"-t{self.temperature:g}" * (self.temperature != RecoverJob.temperature))
+                 + f"-t{self.temperature:g}" * (self.temperature != RecoverJob.temperature)
+                 + f"-beta2{self.beta2:g}" * (self.beta2 != RecoverJob.adam_beta2))
         return f"lr{self.lr}-batch{self.batch}{extra}"
 
 
@@ -74,7 +76,8 @@ def split_calibration(work: Path) -> tuple[Path, Path]:
 
 def recover_options(tokens: int, setting: Setting, train: Path, valid: Path) -> dict[str, str | None]:
     return {"--tokens": str(tokens), "--lr": setting.lr, "--batch-size": str(setting.batch), "--data": str(train),
-            "--eval-data": str(valid), "--seqlen": str(setting.seqlen), "--temperature": str(setting.temperature), **SHARED}
+            "--eval-data": str(valid), "--seqlen": str(setting.seqlen), "--temperature": str(setting.temperature),
+            "--adam-beta2": str(setting.beta2), **SHARED}
 
 
 def expected_record(options: dict[str, str | None], pruned_sha256: str) -> dict:
@@ -94,14 +97,15 @@ def render(rows: list[dict], command: str, tokens: int) -> str:
         f"Wikipedia calibration region; validation perplexity on its last {VALIDATION_SHARE:.0%} (never on the held-out "
         "evaluation region), in windows of 1024 tokens. Batch: windows of `seqlen` tokens per optimizer step, so a smaller "
         "batch of the same windows takes more steps. Temperature: of both distributions in the KL. "
+        "Beta2: AdamW's second-moment decay. "
         "The first row is recover's default.",
         "",
-        "| lr | batch | seqlen | temperature | steps | validation perplexity | vs default | train s | tokens/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| lr | batch | seqlen | temperature | beta2 | steps | validation perplexity | vs default | train s | tokens/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mark = " **(best)**" if r is best else ""
-        lines.append(f"| {r['lr']} | {r['batch']} | {r['seqlen']} | {r['temperature']:g} | {r['steps']} | "
+        lines.append(f"| {r['lr']} | {r['batch']} | {r['seqlen']} | {r['temperature']:g} | {r['beta2']:g} | {r['steps']} | "
                      f"{r['validation']:.2f}{mark} | {r['validation'] / default['validation'] - 1:+.1%} | "
                      f"{r['train_seconds']:.0f} | {r['tokens_per_second']:.0f} |")
     lines += ["", f"Best: {describe(best)}, {best['validation'] / default['validation'] - 1:+.1%} in validation perplexity "
@@ -111,15 +115,15 @@ def render(rows: list[dict], command: str, tokens: int) -> str:
 
 
 def describe(row: dict) -> str:
-    return f"lr {row['lr']}, batch {row['batch']}, seqlen {row['seqlen']}, temperature {row['temperature']:g}"
+    return f"lr {row['lr']}, batch {row['batch']}, seqlen {row['seqlen']}, temperature {row['temperature']:g}, beta2 {row['beta2']:g}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokens", type=int, default=100_000, help="the budget the settings are chosen for")
-    parser.add_argument("--settings", default="3e-4:4,3e-4:1,1e-3:4,1e-3:1,1e-4:1,3e-4:1:1024,3e-4:2:512,3e-4:4:256:2",
-                        help="LR:BATCH[:SEQLEN[:TEMPERATURE]], comma-separated; the first is recover's default")
+    parser.add_argument("--settings", default="3e-4:4,3e-4:1,1e-3:4,1e-3:1,1e-4:1,3e-4:1:1024,3e-4:2:512,3e-4:4:256:2,3e-4:4:::0.95,3e-4:1:::0.95",
+                        help="LR:BATCH[:SEQLEN[:TEMPERATURE[:BETA2]]], comma-separated; the first is recover's default")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-recover-settings"))
     parser.add_argument("--pruned-work", type=Path, default=Path("runs/bench-recover"), help="where bench/recover.py prunes")
     parser.add_argument("--resume", action="store_true", help="reuse results stored in --work, if measured the same way")

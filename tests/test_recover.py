@@ -173,3 +173,18 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(pruned, tmp_p
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(WandaServeError, match="FSDP and DeepSpeed shard"):
         run_recover(job(pruned, tmp_path / "rec"))
+
+
+def test_adam_beta2_reaches_the_optimizer(pruned, tmp_path, monkeypatch):
+    betas = []
+    original = torch.optim.AdamW.__init__
+
+    def init(self, params, *args, **kwargs):
+        betas.append(kwargs.get("betas"))
+        original(self, params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", init)
+    run_recover(job(pruned, tmp_path / "rec", tokens=128, adam_beta2=0.95))
+    assert betas == [(0.9, 0.95)]
+    with pytest.raises(WandaServeError, match="--adam-beta2 must lie between 0 and 1"):
+        job(pruned, tmp_path / "bad", adam_beta2=1.0)

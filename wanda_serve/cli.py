@@ -143,6 +143,8 @@ def prune(model, out, recipe, method, structure, reconstruct, permute, block_ord
 @click.option("--lr", default=3e-4, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Peak learning rate (AdamW), after a linear warm-up, then cosine decay.")
 @click.option("--warmup", default=0.05, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Warm-up share of the steps.")
+@click.option("--adam-beta2", default=RecoverJob.adam_beta2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="AdamW's second-moment decay.")
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Softmax temperature of teacher and student in the KL.")
 @click.option("--hidden-weight", default=0.0, show_default=True, type=click.FloatRange(0),
@@ -165,7 +167,7 @@ def prune(model, out, recipe, method, structure, reconstruct, permute, block_ord
               help="Also measure PRUNED before recovery and the teacher (--no-reference: only the recovered model).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @user_errors_as_one_line
-def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, temperature, hidden_weight, data, device, dtype, seed,
+def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, adam_beta2, temperature, hidden_weight, data, device, dtype, seed,
             checkpoint_every, resume, gradient_checkpointing, eval_data, out_of_domain, eval_seqlen, eval_windows, no_eval, reference,
             overwrite):
     """Distil PRUNED back toward its dense model, the sparsity mask kept exactly.
@@ -185,7 +187,7 @@ def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, temper
     evaluation = None if no_eval else EvalOptions(eval_data, eval_seqlen, eval_windows)
     report = run_recover(RecoverJob(
         out=out, pruned=str(pruned), teacher=teacher, tokens=tokens, seqlen=seqlen, batch_size=batch_size, lr=lr, warmup=warmup,
-        temperature=temperature, hidden_weight=hidden_weight, data=data, device=device, dtype=dtype, seed=seed,
+        adam_beta2=adam_beta2, temperature=temperature, hidden_weight=hidden_weight, data=data, device=device, dtype=dtype, seed=seed,
         checkpoint_every=checkpoint_every, resume=resume, gradient_checkpointing=gradient_checkpointing, evaluation=evaluation,
         out_of_domain=None if out_of_domain == "none" else out_of_domain, reference=reference, overwrite=overwrite,
     ))

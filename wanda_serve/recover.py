@@ -53,6 +53,7 @@ class RecoverJob:
     batch_size: int = 4
     lr: float = 3e-4  # peak, after a linear warm-up, then cosine decay to 0
     warmup: float = 0.05  # share of the steps
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (transformers' default)
     temperature: float = 1.0  # of both distributions in the KL
     hidden_weight: float = 0.0  # weight of the per-layer hidden-state term (SquareHead); 0: logits only
     data: str = EMBEDDED_TEXT  # its calibration region; never the evaluation region
@@ -80,6 +81,8 @@ class RecoverJob:
         for option, value in positive.items():
             if not value > 0:
                 raise WandaServeError(f"{option} must be positive, got {value}")
+        if not 0 < self.adam_beta2 < 1:
+            raise WandaServeError(f"--adam-beta2 must lie between 0 and 1, got {self.adam_beta2}")
         if self.hidden_weight < 0 or not 0 <= self.warmup < 1:
             raise WandaServeError(f"need --hidden-weight >= 0 and 0 <= --warmup < 1, got {self.hidden_weight} and {self.warmup}")
 
@@ -97,7 +100,7 @@ class RecoverJob:
 
     def training_settings(self) -> dict:
         """What decides the training's result: a --resume must use the same."""
-        kept = ("pruned", "teacher", "tokens", "seqlen", "batch_size", "lr", "warmup", "temperature", "hidden_weight", "data",
+        kept = ("pruned", "teacher", "tokens", "seqlen", "batch_size", "lr", "warmup", "adam_beta2", "temperature", "hidden_weight", "data",
                 "dtype", "seed")
         return {name: getattr(self, name) for name in kept}
 
@@ -349,7 +352,7 @@ def run_recover(job: RecoverJob) -> dict | None:
             student.model.gradient_checkpointing_enable()
         args = TrainingArguments(
             output_dir=str(job.checkpoint_dir), max_steps=job.steps, per_device_train_batch_size=job.batch_size // launch.processes,
-            learning_rate=job.lr, warmup_steps=job.warmup, lr_scheduler_type="cosine", weight_decay=0.0,
+            learning_rate=job.lr, warmup_steps=job.warmup, lr_scheduler_type="cosine", weight_decay=0.0, adam_beta2=job.adam_beta2,
             logging_steps=1, save_strategy="steps", save_steps=job.checkpoint_every, save_total_limit=1,
             seed=job.seed, data_seed=job.seed, bf16=job.dtype == "bfloat16", use_cpu=device.type == "cpu",
             report_to="none", disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
