@@ -472,6 +472,7 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: Method, s
     record, start = PruneRecord(), 0
     needs_calibration = method.statistic is not None or owl is not None or permute or refine is not None
     block_calls, hidden = capture_block_inputs(model, batches, device) if needs_calibration else ([[] for _ in blocks], [])
+    release_freed_memory()  # what loading the model and the capture left: else it adds to the first block's peak
     restored = checkpoint.restore(blocks) if checkpoint is not None else None
     if restored is not None:
         record, start = PruneRecord(**restored.record), restored.next_block
