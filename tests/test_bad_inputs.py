@@ -206,7 +206,7 @@ def outcomes(tmp_path_factory, tiny_tokenizer) -> dict[str, Outcome]:
 def test_there_are_enough_cases():
     assert len(CASES) >= 40 and len({case.name for case in CASES}) == len(CASES)
     commands = {case.argv[0] for case in CASES}
-    assert commands == {"prune", "eval", "export", "generate-onnx", "serve", "bench", "run"}
+    assert commands == {"prune", "recover", "eval", "export", "generate-onnx", "serve", "bench", "run"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
