@@ -17,6 +17,10 @@ from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, M
 
 from wanda_serve.cli import cli
 
+# A shell that starts the tests in the background (`make test &`) has them ignore SIGINT, and every
+# process they start inherits that; the tests that press Ctrl-C need it delivered as a terminal would.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 VOCAB = 320  # model vocabulary; the tokenizer below has 300 tokens (256 bytes, 3 specials, merges)
 TEXT = " ".join(
     f"The {animal} number {i} walked {distance} miles to see the {place} before dinner."

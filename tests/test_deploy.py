@@ -411,13 +411,15 @@ def test_greedy_check_passes_the_models_own_answers_and_fails_others(tiny_tokeni
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_serve_stops_the_whole_server_on_ctrl_c_and_sigterm(fake_vllm, tiny_model_dir, tmp_path, signum):
+def test_serve_stops_the_whole_server_on_ctrl_c_and_sigterm(fake_vllm, tiny_model_dir, tmp_path, signum, leftovers):
     command = [sys.executable, "-m", "wanda_serve", "serve", str(tiny_model_dir), "--run-dir", str(tmp_path)]
-    cli_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cli_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    leftovers(cli_process.pid)
     first_line = cli_process.stdout.readline()
     assert first_line.startswith(f"serving {tiny_model_dir} at http://127.0.0.1:")
     server_group = int(next(line for line in (tmp_path / "vllm-server.log").read_text().splitlines()
                             if line.startswith("pgid ")).split()[1])
+    leftovers(server_group)
     assert process_group_alive(server_group)
     cli_process.send_signal(signum)
     assert cli_process.wait(timeout=60) == (0 if signum == signal.SIGINT else 128 + signum)
