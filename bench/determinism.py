@@ -108,9 +108,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/determinism.md"))
     parser.add_argument("--from-json", action="store_true",
                         help="write --out from the JSON beside it, which an earlier run measured, without measuring again")
+    parser.add_argument("--compare", type=Path, nargs="*", default=sorted(Path("docs/determinism").glob("*.json")),
+                        help="JSON of earlier runs on other machines (copies of their --out JSON), whose weights this run's "
+                             "are compared with (default: docs/determinism/*.json)")
     args = parser.parse_args()
+    other_machines = [other_machine(path) for path in args.compare]
     if args.from_json:
-        args.out.write_text(render(json.loads(args.out.with_suffix(".json").read_text())))
+        result = json.loads(args.out.with_suffix(".json").read_text()) | {"other_machines": other_machines}
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        args.out.write_text(render(result))
         return
 
     settings = Settings(nsamples=args.nsamples, eval_windows=args.eval_windows)
@@ -142,12 +148,50 @@ def main() -> None:
     result = {
         "command": "python bench/determinism.py " + shlex.join(sys.argv[1:]),
         "recipe": reference_options, "evaluation": settings.eval_options(), "machine": machine,
-        "boundary_ties_share": boundary_ties_share(Path(resolve_model(None))), "variants": rows,
+        "boundary_ties_share": boundary_ties_share(Path(resolve_model(None))), "variants": rows, "other_machines": other_machines,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.out.write_text(render(result))
     print(args.out.read_text())
+
+
+def other_machine(path: Path) -> dict:
+    """What the comparison needs of an earlier run on another machine: where it is, the machine, each variant's weights."""
+    result = json.loads(path.read_text())
+    return {"file": str(path), "machine": result["machine"], "sha256": {row["name"]: row["sha256"] for row in result["variants"]}}
+
+
+def cross_machine_findings(rows: list[dict], others: list[dict]) -> list[str]:
+    """For each other machine: which variants gave the same weights there as which variants here."""
+    findings = []
+    for other in others:
+        there = {sha: name for name, sha in other["sha256"].items()}
+        here: dict[str, list[str]] = {}  # a variant there: the variants here with its weights
+        for row in rows:
+            if row["sha256"] in there:
+                here.setdefault(there[row["sha256"]], []).append(row["name"])
+        same = [f"{', '.join(names)} here and {name} there" for name, names in here.items()]
+        machine = other["machine"]
+        findings.append(
+            f"- **Another machine**: {machine['cpu']} with ATen {machine['cpu_capability']} kernels, code version "
+            f"{machine['code_version']} (`{other['file']}`): the same weights for {'; '.join(same) or 'no variant'}. "
+            "Where the kernels match, two CPUs gave bit-identical weights; where they do not, they part as the rounding-only "
+            "variants above do.")
+    return findings
+
+
+def portable_agreement(rows: list[dict], others: list[dict]) -> str:
+    """What is known of the portable kernels across machines: the machines that ran them and whether the weights matched."""
+    portable = next(row for row in rows if row["name"] == "both portable")
+    ran = [other for other in others if "both portable" in other["sha256"]]
+    if not ran:
+        return "agreement across machines with them is not verified (one machine)"
+    agreeing = [other for other in ran if other["sha256"]["both portable"] == portable["sha256"]]
+    machines = ", ".join(f"{other['machine']['cpu']} ({other['machine']['cpu_capability']})" for other in ran)
+    if len(agreeing) == len(ran):
+        return f"they gave bit-identical weights here and on {machines}; not verified on other CPUs"
+    return f"they did not give the same weights here as on {machines}"
 
 
 def ratio_difference(row: dict, reference: dict) -> float:
@@ -212,8 +256,8 @@ def render(result: dict) -> str:
         "mask whose 2nd and 3rd scores in a group of 4 are closer than that; each flip changes the block's outputs by far "
         "more than a rounding error, so from the first flip on the difference grows block by block. Here the masks first "
         f"differ in block {min(row['masks_differ']['first_block'] for row in rounding)}, and in the end "
-        f"about {sum(shares) / len(shares):.0%} of the weights are pruned differently, close to the "
-        f"{seed['masks_differ']['share']:.0%} of another calibration seed.",
+        f"about {sum(shares) / len(shares):.0%} of the weights are pruned differently, against "
+        f"{seed['masks_differ']['share']:.0%} for another calibration seed.",
         f"- **How much results move**: perplexity over these rounding-only variants {min(spread):.2f}–{max(spread):.2f}, "
         f"a spread of {(max(spread) - min(spread)) / ppl['perplexity']:.1%} of the reference's; another calibration seed gives "
         f"{seed['perplexity']['perplexity']:.2f} ({seed['perplexity']['perplexity'] / ppl['perplexity'] - 1:+.1%}). A machine "
@@ -222,6 +266,7 @@ def render(result: dict) -> str:
         "between recipes smaller than this spread (e.g. wanda vs ria with permutation in prune_benchmark.md) are not "
         "established by one run on one machine.",
         *([bf16_finding(bf16, [reference, *rounding, seed])] if bf16 else []),  # earlier pages measured no bfloat16
+        *cross_machine_findings(rows, result.get("other_machines", [])),
         "",
         "## What wanda-serve does about it",
         "",
@@ -243,8 +288,7 @@ def render(result: dict) -> str:
         "and the 2:4 masks of a 135M model amplify it. Portable kernels (`MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default`, "
         "set before the process starts; the `both portable` row) give every x86 machine the same code paths, at "
         f"{portable['forward_seconds'] / fastest_reference:.1f}× the forward time of the faster of the reference's two runs; "
-        "agreement "
-        "across machines with them is not verified (one machine), so wanda-serve does not set them. GPUs have their own "
+        f"{portable_agreement(rows, result.get('other_machines', []))}, so wanda-serve does not set them. GPUs have their own "
         "kernels and will not match CPU results.",
         "- docs/prune_benchmark.md measures each recipe once, on one machine: each of its rows is one draw from such a spread.",
     ]

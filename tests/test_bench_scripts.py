@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 import prune_methods  # noqa: E402
-from determinism import bf16_finding, mask_difference  # noqa: E402
+from determinism import bf16_finding, cross_machine_findings, mask_difference, portable_agreement  # noqa: E402
 from prune_methods import NUMERIC_SOURCES, PACKAGE_DIR, RECIPES, Recipe, Settings, code_version, stored_result  # noqa: E402
 
 
@@ -630,3 +630,18 @@ def test_determinism_calls_bf16_worse_or_better_only_when_every_bf16_prune_lies_
     among = bf16_finding([row("bfloat16", 180.0), row("bfloat16 seed 1", 166.0)], fp32)
     assert "does not tell bfloat16 pruning apart from rounding noise" in among
 
+
+
+def test_determinism_names_the_variants_that_gave_the_same_weights_on_another_machine():
+    rows = [{"name": "reference", "sha256": "a"}, {"name": "again", "sha256": "a"}, {"name": "ATen default", "sha256": "b"},
+            {"name": "both portable", "sha256": "p"}, {"name": "seed 1", "sha256": "s"}]
+    machine = {"cpu": "Other CPU", "cpu_capability": "AVX512", "code_version": "v"}
+    other = {"file": "x.json", "machine": machine,
+             "sha256": {"reference": "z", "ATen avx2": "a", "ATen default": "b", "both portable": "p", "seed 1": "t"}}
+    [finding] = cross_machine_findings(rows, [other])
+    assert "reference, again here and ATen avx2 there; ATen default here and ATen default there; both portable here" in finding
+    assert "seed 1 here" not in finding
+    assert "bit-identical weights here and on Other CPU (AVX512)" in portable_agreement(rows, [other])
+    differing = other | {"sha256": other["sha256"] | {"both portable": "q"}}
+    assert "did not give the same weights here as on Other CPU" in portable_agreement(rows, [differing])
+    assert "not verified (one machine)" in portable_agreement(rows, [])
