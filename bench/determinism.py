@@ -12,11 +12,15 @@ a real change, another calibration seed; and the same two seeds pruned in bfloat
 bfloat16 pruning is worse than float32 or only another draw from the same spread.
 
     python bench/determinism.py --out docs/determinism.md
+
+The weights are compared with the runs of other machines kept in --machines: a run on another machine
+than the one that wrote --out's JSON first moves that JSON there.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -108,13 +112,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/determinism.md"))
     parser.add_argument("--from-json", action="store_true",
                         help="write --out from the JSON beside it, which an earlier run measured, without measuring again")
-    parser.add_argument("--compare", type=Path, nargs="*", default=sorted(Path("docs/determinism").glob("*.json")),
-                        help="JSON of earlier runs on other machines (copies of their --out JSON), whose weights this run's "
-                             "are compared with (default: docs/determinism/*.json)")
+    parser.add_argument("--machines", type=Path, default=Path("docs/determinism"),
+                        help="earlier runs on other machines (their JSON), whose weights this run's are compared with")
     args = parser.parse_args()
-    other_machines = [other_machine(path) for path in args.compare]
     if args.from_json:
-        result = json.loads(args.out.with_suffix(".json").read_text()) | {"other_machines": other_machines}
+        result = json.loads(args.out.with_suffix(".json").read_text())
+        result["other_machines"] = other_machines(args.machines, result["machine"])
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         args.out.write_text(render(result))
         return
@@ -122,6 +125,7 @@ def main() -> None:
     settings = Settings(nsamples=args.nsamples, eval_windows=args.eval_windows)
     reference_options = settings.prune_options(DEFAULT_RECIPE)
     machine = provenance() | {"cores": os.cpu_count()}  # before the runs: the code they run
+    keep_other_machines_run(args.out.with_suffix(".json"), machine, args.machines)
     rows, perplexities = [], {}
     reference = args.work / "reference"  # the first variant's output
     for variant in variants():
@@ -148,7 +152,8 @@ def main() -> None:
     result = {
         "command": "python bench/determinism.py " + shlex.join(sys.argv[1:]),
         "recipe": reference_options, "evaluation": settings.eval_options(), "machine": machine,
-        "boundary_ties_share": boundary_ties_share(Path(resolve_model(None))), "variants": rows, "other_machines": other_machines,
+        "boundary_ties_share": boundary_ties_share(Path(resolve_model(None))), "variants": rows,
+        "other_machines": other_machines(args.machines, machine),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -156,10 +161,31 @@ def main() -> None:
     print(args.out.read_text())
 
 
-def other_machine(path: Path) -> dict:
-    """What the comparison needs of an earlier run on another machine: where it is, the machine, each variant's weights."""
-    result = json.loads(path.read_text())
-    return {"file": str(path), "machine": result["machine"], "sha256": {row["name"]: row["sha256"] for row in result["variants"]}}
+def machine_name(machine: dict) -> str:
+    """A file name for a machine: its CPU, ATen's kernels and (where recorded) a digest of what tells alike-named CPUs apart."""
+    digest = hashlib.sha256(machine["cpu_id"].encode()).hexdigest()[:8] if "cpu_id" in machine else None
+    return "-".join(filter(None, re.findall(r"[a-z0-9]+", f"{machine['cpu']} {machine['cpu_capability']}".lower()) + [digest]))
+
+
+def keep_other_machines_run(result_path: Path, machine: dict, machines: Path) -> None:
+    """Moves the JSON of a run on another machine into `machines` before this run replaces it."""
+    if not result_path.exists():
+        return
+    earlier = json.loads(result_path.read_text())["machine"]
+    if not same_machine(earlier, machine):
+        machines.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result_path, machines / f"{machine_name(earlier)}.json")
+
+
+def same_machine(a: dict, b: dict) -> bool:
+    return all(a.get(key) == b.get(key) for key in ("cpu", "cpu_id", "cpu_capability"))
+
+
+def other_machines(machines: Path, machine: dict) -> list[dict]:
+    """What the comparison needs of each run kept in `machines` on another machine: the file, the machine, each variant's weights."""
+    kept = [(path, json.loads(path.read_text())) for path in sorted(machines.glob("*.json"))]
+    return [{"file": str(path), "machine": result["machine"], "sha256": {row["name"]: row["sha256"] for row in result["variants"]}}
+            for path, result in kept if not same_machine(result["machine"], machine)]
 
 
 def cross_machine_findings(rows: list[dict], others: list[dict]) -> list[str]:

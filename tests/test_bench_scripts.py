@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 import prune_methods  # noqa: E402
-from determinism import bf16_finding, cross_machine_findings, mask_difference, portable_agreement  # noqa: E402
+from determinism import bf16_finding, cross_machine_findings, keep_other_machines_run, mask_difference, other_machines, portable_agreement  # noqa: E402
 from prune_methods import NUMERIC_SOURCES, PACKAGE_DIR, RECIPES, Recipe, Settings, code_version, stored_result  # noqa: E402
 
 
@@ -645,3 +645,20 @@ def test_determinism_names_the_variants_that_gave_the_same_weights_on_another_ma
     differing = other | {"sha256": other["sha256"] | {"both portable": "q"}}
     assert "did not give the same weights here as on Other CPU" in portable_agreement(rows, [differing])
     assert "not verified (one machine)" in portable_agreement(rows, [])
+
+
+def test_determinism_keeps_another_machines_run_before_replacing_it_and_compares_only_with_other_machines(tmp_path):
+    here = {"cpu": "AMD EPYC", "cpu_id": "family 23 model 1", "cpu_capability": "AVX2"}
+    there = {"cpu": "AMD EPYC", "cpu_id": "family 25 model 17", "cpu_capability": "AVX512"}
+    result, machines = tmp_path / "determinism.json", tmp_path / "machines"
+
+    result.write_text(json.dumps({"machine": here, "variants": []}))
+    keep_other_machines_run(result, here, machines)  # the same machine: its own run is simply replaced
+    assert not machines.exists()
+
+    result.write_text(json.dumps({"machine": there, "variants": [{"name": "reference", "sha256": "a"}]}))
+    keep_other_machines_run(result, here, machines)
+    [kept] = machines.glob("*.json")
+    assert kept.name.startswith("amd-epyc-avx512-") and json.loads(kept.read_text())["machine"] == there
+    assert [other["sha256"] for other in other_machines(machines, here)] == [{"reference": "a"}]
+    assert other_machines(machines, there) == []  # a run is not compared with itself
