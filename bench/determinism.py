@@ -168,7 +168,7 @@ def machine_name(machine: dict) -> str:
 
 
 def keep_other_machines_run(result_path: Path, machine: dict, machines: Path) -> None:
-    """Moves the JSON of a run on another machine into `machines` before this run replaces it."""
+    """Copies the JSON of a run on another machine into `machines`, before this run replaces it."""
     if not result_path.exists():
         return
     earlier = json.loads(result_path.read_text())["machine"]
@@ -199,11 +199,10 @@ def cross_machine_findings(rows: list[dict], others: list[dict]) -> list[str]:
                 here.setdefault(there[row["sha256"]], []).append(row["name"])
         same = [f"{', '.join(names)} here and {name} there" for name, names in here.items()]
         machine = other["machine"]
-        findings.append(
-            f"- **Another machine**: {machine['cpu']} with ATen {machine['cpu_capability']} kernels, code version "
-            f"{machine['code_version']} (`{other['file']}`): the same weights for {'; '.join(same) or 'no variant'}. "
-            "Where the kernels match, two CPUs gave bit-identical weights; where they do not, they part as the rounding-only "
-            "variants above do.")
+        verdict = (f"the same weights for {'; '.join(same)}: with those kernels the two CPUs gave bit-identical weights."
+                   if same else "no variant gave the same weights on both machines.")
+        findings.append(f"- **Another machine**: {machine['cpu']} with ATen {machine['cpu_capability']} kernels, code version "
+                        f"{machine['code_version']} (`{other['file']}`): {verdict}")
     return findings
 
 
@@ -213,9 +212,8 @@ def portable_agreement(rows: list[dict], others: list[dict]) -> str:
     ran = [other for other in others if "both portable" in other["sha256"]]
     if not ran:
         return "agreement across machines with them is not verified (one machine)"
-    agreeing = [other for other in ran if other["sha256"]["both portable"] == portable["sha256"]]
     machines = ", ".join(f"{other['machine']['cpu']} ({other['machine']['cpu_capability']})" for other in ran)
-    if len(agreeing) == len(ran):
+    if all(other["sha256"]["both portable"] == portable["sha256"] for other in ran):
         return f"they gave bit-identical weights here and on {machines}; not verified on other CPUs"
     return f"they did not give the same weights here as on {machines}"
 

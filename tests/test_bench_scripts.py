@@ -631,7 +631,6 @@ def test_determinism_calls_bf16_worse_or_better_only_when_every_bf16_prune_lies_
     assert "does not tell bfloat16 pruning apart from rounding noise" in among
 
 
-
 def test_determinism_names_the_variants_that_gave_the_same_weights_on_another_machine():
     rows = [{"name": "reference", "sha256": "a"}, {"name": "again", "sha256": "a"}, {"name": "ATen default", "sha256": "b"},
             {"name": "both portable", "sha256": "p"}, {"name": "seed 1", "sha256": "s"}]
@@ -640,7 +639,9 @@ def test_determinism_names_the_variants_that_gave_the_same_weights_on_another_ma
              "sha256": {"reference": "z", "ATen avx2": "a", "ATen default": "b", "both portable": "p", "seed 1": "t"}}
     [finding] = cross_machine_findings(rows, [other])
     assert "reference, again here and ATen avx2 there; ATen default here and ATen default there; both portable here" in finding
-    assert "seed 1 here" not in finding
+    assert "seed 1 here" not in finding and "bit-identical" in finding
+    [none] = cross_machine_findings(rows, [other | {"sha256": {"reference": "z"}}])
+    assert "no variant gave the same weights on both machines" in none and "bit-identical" not in none
     assert "bit-identical weights here and on Other CPU (AVX512)" in portable_agreement(rows, [other])
     differing = other | {"sha256": other["sha256"] | {"both portable": "q"}}
     assert "did not give the same weights here as on Other CPU" in portable_agreement(rows, [differing])
