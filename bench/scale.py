@@ -263,15 +263,18 @@ def measure_model(name: str, config: Config, work: Path, records: Path, resume: 
 
     evals = {"dense": evaluate(dense)}
     prune, pruned = {}, {}
-    for key, (recipe, dtype) in RECIPES.items():
+
+    def prune_with(key: str) -> None:
+        recipe, dtype = RECIPES[key]
         options = dataclasses.replace(settings, dtype=dtype).prune_options(recipe)
         out = steps.work / key
         command = ["prune", *dense.cli_args, *argv(options), "--no-eval", "--overwrite", "--out", str(out)]
         pruned[key], prune[key] = steps.produce(key, out, {"prune": options}, PRUNE_SOURCES, command, PRUNE_REPORT_NAME, (dense,))
         evals[key] = evaluate(pruned[key])
-        if key != EXPORTED:
-            steps.discard(pruned[key].path)
 
+    # The exported model's chain first (prune, exports, serving): its pruned weights live only in --work, so a later
+    # session on another machine makes them again; the other recipes are independent steps measured after it.
+    prune_with(EXPORTED)
     exports, vllm_dirs = {}, {}
     for label, source in (("dense", dense), ("pruned", pruned[EXPORTED])):
         options = {"--dtype": "bfloat16", "--max-shard-size": "4GB"}
@@ -296,6 +299,10 @@ def measure_model(name: str, config: Config, work: Path, records: Path, resume: 
     serve = steps.run("serve", {"bench": config.serve}, SERVE_SOURCES, lambda: steps.command(serve_command, serve_out / RESULTS_NAME),
                       (vllm_dirs["dense"], vllm_dirs["pruned"]), {"vllm": config.versions["vllm"]})
     steps.discard(*(artifact.path for artifact in vllm_dirs.values()))
+    for key in RECIPES:
+        if key != EXPORTED:
+            prune_with(key)
+            steps.discard(pruned[key].path)
     return ModelResults(ModelShape.of(name, location), evals, prune, exports, serve)
 
 
