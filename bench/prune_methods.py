@@ -187,6 +187,9 @@ def cpu_id() -> str:
             f"cache {info.get('cache size', '?')}, flags {flags}")
 
 
+MACHINE_KEYS = ("cpu", "cpu_id", "cpu_capability")  # the provenance entries that name the machine
+
+
 def provenance(sources: tuple[str, ...] = NUMERIC_SOURCES) -> dict:
     """What else decides the numbers: the code, the packages that compute, and the CPU's kernels (docs/determinism.md)."""
     return {
@@ -198,8 +201,8 @@ def provenance(sources: tuple[str, ...] = NUMERIC_SOURCES) -> dict:
     }
 
 
-def differences(stored: dict, expected: dict) -> list[str]:
-    """'what: stored X, now Y' for each option or provenance entry that differs."""
+def differences(stored: dict, expected: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """'what: stored X, now Y' for each option or provenance entry that differs, but those named in `ignore`."""
     if unrecorded := [key for key in expected if key not in stored]:
         return [f"it records no {' and no '.join(unrecorded)} (stored by an older bench/prune_methods.py)"]
 
@@ -212,7 +215,7 @@ def differences(stored: dict, expected: dict) -> list[str]:
 
     old, new = flat(stored), flat(expected)
     return [f"{key}: stored {show(old, key)}, now {show(new, key)}"
-            for key in dict.fromkeys([*new, *old]) if (key in old, old.get(key)) != (key in new, new.get(key))]
+            for key in dict.fromkeys([*new, *old]) if key not in ignore and (key in old, old.get(key)) != (key in new, new.get(key))]
 
 
 def write_page(out: Path, page, render) -> None:
@@ -223,19 +226,21 @@ def write_page(out: Path, page, render) -> None:
     print(out.read_text())
 
 
-def stored_result(path: Path, label: str, expected: dict, recompute_stale: bool) -> dict | None:
+def stored_result(path: Path, label: str, expected: dict, recompute_stale: bool, any_machine: bool = False) -> dict | None:
     """The result stored at `path` if it was measured as `expected` says; None if it must be measured."""
-    return reusable(json.loads(path.read_text()) if path.is_file() else None, f"{label} ({path})", expected, recompute_stale)
+    return reusable(json.loads(path.read_text()) if path.is_file() else None, f"{label} ({path})", expected, recompute_stale,
+                    any_machine)
 
 
-def reusable(stored: dict | None, label: str, expected: dict, recompute_stale: bool) -> dict | None:
+def reusable(stored: dict | None, label: str, expected: dict, recompute_stale: bool, any_machine: bool = False) -> dict | None:
     """`stored` if it was measured as `expected` says; None if it must be measured (None: nothing stored).
 
-    A result measured otherwise stops the benchmark with one line, unless `recompute_stale`.
+    A result measured otherwise stops the benchmark with one line, unless `recompute_stale`. With `any_machine`, a
+    result measured on another CPU counts as measured the same way: the caller shows which machine measured it.
     """
     if stored is None:
         return None
-    differ = differences(stored, expected)
+    differ = differences(stored, expected, MACHINE_KEYS if any_machine else ())
     if not differ:
         return stored
     if recompute_stale:

@@ -23,8 +23,11 @@ code that computes it (bench/prune_methods.py's provenance over that step's sour
 or onnxruntime's version where they compute) and the SHA-256 of the weights it reads; --resume reuses
 only results measured the same way and otherwise stops with one line saying what differs
 (--recompute-stale measures them again). The records are committed: the whole run takes longer than
-one working session, and they let the next session, on a machine of the same kind, go on where this
-one stopped. Pruned models and exports (in --work) are removed once the steps that read them are
+one working session, and they let the next session go on where this one stopped, on whatever machine
+it has: a result measured on another CPU is reused, and its row names the machine. A ratio is taken
+only between results of one machine (a growth factor, bfloat16's speed-up): the last model is
+measured first, and a step measured anew on it is measured anew on the first model too, on this
+machine. Pruned models and exports (in --work) are removed once the steps that read them are
 done (--keep keeps them); a resumed run makes one again only if a step that reads it must be
 measured, and its weights' hash then decides whether the stored results of that step stand.
 """
@@ -54,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from export_checks import export_checks  # noqa: E402
 from exports import vllm_version  # noqa: E402
 from prune_methods import (  # noqa: E402
-    BEST_RECIPE, DEFAULT_RECIPE, NUMERIC_SOURCES, SPARSEGPT, Recipe, Settings, argv, cpu_name, provenance, stored_result, weights_sha256, write_page,
+    BEST_RECIPE, DEFAULT_RECIPE, MACHINE_KEYS, NUMERIC_SOURCES, SPARSEGPT, Recipe, Settings, argv, cpu_name, provenance, stored_result,
+    weights_sha256, write_page,
 )
 from scale_page import (  # noqa: E402
     EVAL_DATA, GB, MiB, DtypeRow, ExportRow, ModelShape, Page, PruneRow, ServeRow, checkpoint_bytes, export_goal, growth_rows,
@@ -66,12 +70,13 @@ from wanda_serve.checkpoint import checkpoint_dir  # noqa: E402
 from wanda_serve.contract import MANIFEST_NAME, PRUNE_REPORT_NAME, RESULTS_NAME, VLLM_PYTHON_ENV, vllm_python  # noqa: E402
 from wanda_serve.models import EMBEDDED_MODEL_NAME, LARGE_MODEL_NAME, PACKAGED_MODELS  # noqa: E402
 
-# The recipes, by the name their rows and directories get: (recipe, --dtype).
+# The recipes, by the name their rows and directories get: (recipe, --dtype). Measured in this order: bfloat16 right
+# after float32, whose forward passes it is compared with.
 RECIPES = {
     "wanda": (DEFAULT_RECIPE, "float32"),
+    "wanda-bf16": (DEFAULT_RECIPE, "bfloat16"),
     "sparsegpt": (SPARSEGPT, "float32"),
     "sparsegpt-refine": (BEST_RECIPE, "float32"),  # --recipe best
-    "wanda-bf16": (DEFAULT_RECIPE, "bfloat16"),
 }
 EXPORTED = "wanda"  # the pruned model that is exported and served: the default recipe in float32
 
@@ -139,14 +144,28 @@ class Artifact:
     remake: Callable[[], dict] | None = None  # measure its step again when its directory is gone; None: not made here
 
 
-class Steps:
-    """One model's steps, each stored as RECORDS/NAME.json; what they make (models, exports) lies in WORK."""
+def machine_of(record: dict) -> tuple[str, ...]:
+    """The machine a stored result was measured on, as its provenance names it."""
+    return tuple(str(record["provenance"].get(key, "?")) for key in MACHINE_KEYS)
 
-    def __init__(self, work: Path, records: Path, resume: bool, recompute_stale: bool, keep: bool):
+
+THIS_MACHINE = machine_of({"provenance": provenance(())})
+
+
+class Steps:
+    """One model's steps, each stored as RECORDS/NAME.json; what they make (models, exports) lies in WORK.
+
+    `pinned`: steps the other model measured on this machine; their results are reused only if measured here too.
+    """
+
+    def __init__(self, work: Path, records: Path, resume: bool, recompute_stale: bool, keep: bool,
+                 pinned: frozenset[str] = frozenset()):
         self.work, self.records, self.resume, self.recompute_stale, self.keep = work, records, resume, recompute_stale, keep
+        self.pinned = pinned
         self.work.mkdir(parents=True, exist_ok=True)
         self.records.mkdir(parents=True, exist_ok=True)
         self.hashes: dict[Path, str | None] = {}  # directory -> SHA-256 of its weights, as found by this process
+        self.measured_here: set[str] = set()  # the compared steps this process measured
 
     def sha256(self, directory: Path) -> str | None:
         if directory not in self.hashes:
@@ -159,8 +178,9 @@ class Steps:
         return Artifact(name, directory, cli_args, self.sha256(directory) or "", checkpoint_bytes(directory))
 
     def run(self, name: str, options: dict[str, dict], sources: tuple[str, ...], measure: Callable[[], dict],
-            inputs: tuple[Artifact, ...] = (), extra: dict | None = None, force: bool = False) -> dict:
-        """The step's stored result when --resume finds it measured the same way; else `measure()`, stored."""
+            inputs: tuple[Artifact, ...] = (), extra: dict | None = None, force: bool = False, compared: bool = True) -> dict:
+        """The step's stored result when --resume finds it measured the same way, on any machine unless the step is
+        pinned here; else `measure()`, stored. `compared`: the page compares the result with the other model's."""
         path = self.records / f"{name}.json"
 
         def expected() -> dict:
@@ -168,14 +188,19 @@ class Steps:
             return {"options": options, "provenance": provenance(sources) | (extra or {}) | reads}
 
         if self.resume and not force:
-            stored = stored_result(path, name, expected(), self.recompute_stale)
-            if stored is not None:
-                print(f"reusing {path}", flush=True)
+            stored = stored_result(path, name, expected(), self.recompute_stale, any_machine=True)
+            if stored is not None and name in self.pinned and machine_of(stored) != THIS_MACHINE:
+                print(f"measuring {name} again on this machine, where the other model's {name} was measured", flush=True)
+            elif stored is not None:
+                elsewhere = machine_of(stored) != THIS_MACHINE
+                print(f"reusing {path}{' (measured on ' + ', '.join(machine_of(stored)) + ')' if elsewhere else ''}", flush=True)
                 return stored
         for artifact in inputs:
             self.ensure(artifact)
         record = {"step": name, **expected(), **measure()}  # expected() again: an input made anew may have new weights
         path.write_text(json.dumps(record, indent=2) + "\n")
+        if compared:
+            self.measured_here.add(name)
         return record
 
     def produce(self, name: str, out: Path, options: dict[str, dict], sources: tuple[str, ...], command: list[str],
@@ -242,9 +267,11 @@ class ModelResults:
     serve: dict  # the bench step's result
 
 
-def measure_model(name: str, config: Config, work: Path, records: Path, resume: bool, recompute_stale: bool, keep: bool) -> ModelResults:
+def measure_model(name: str, config: Config, work: Path, records: Path, resume: bool, recompute_stale: bool, keep: bool,
+                  pinned: frozenset[str]) -> tuple[ModelResults, set[str]]:
+    """The model's results, and the compared steps measured on this machine."""
     spec = None if name == EMBEDDED_MODEL_NAME else name  # the embedded model: MODEL omitted
-    steps = Steps(work / Path(name).name, records / Path(name).name, resume, recompute_stale, keep)
+    steps = Steps(work / Path(name).name, records / Path(name).name, resume, recompute_stale, keep, pinned)
     location = model_location(spec)
     dense = steps.source("dense", location, (spec,) if spec else ())
     settings = Settings(model=spec, nsamples=config.nsamples, seqlen=config.seqlen, eval_data="wiki", out_of_domain="code",
@@ -258,7 +285,8 @@ def measure_model(name: str, config: Config, work: Path, records: Path, resume: 
             path = steps.work / "eval" / f"{artifact.name}-{data}.json"  # what `eval --json` writes
             command = ["eval", *artifact.cli_args, *argv(options), "--json", str(path), "--overwrite"]
             results[data] = steps.run(f"{artifact.name}.eval-{data}", {"eval": options}, EVAL_SOURCES,
-                                      lambda command=command, path=path: steps.command(command, path), inputs=(artifact,))
+                                      lambda command=command, path=path: steps.command(command, path), inputs=(artifact,),
+                                      compared=False)
         return results
 
     evals = {"dense": evaluate(dense)}
@@ -303,7 +331,7 @@ def measure_model(name: str, config: Config, work: Path, records: Path, resume: 
         if key != EXPORTED:
             prune_with(key)
             steps.discard(pruned[key].path)
-    return ModelResults(ModelShape.of(name, location), evals, prune, exports, serve)
+    return ModelResults(ModelShape.of(name, location), evals, prune, exports, serve), steps.measured_here
 
 
 def model_location(spec: str | None) -> Path:
@@ -349,7 +377,21 @@ def perplexity(result: dict) -> float:
     return result["report"]["perplexity"]["perplexity"]
 
 
-def model_rows(results: ModelResults, config: Config) -> tuple[list[PruneRow], list[DtypeRow], list[ExportRow], list[ServeRow], str]:
+class Machines:
+    """Short names (M1, M2, ...) for the machines stored results were measured on, in the order the page meets them."""
+
+    def __init__(self):
+        self.labels: dict[tuple[str, ...], str] = {}
+
+    def of(self, record: dict) -> str:
+        return self.labels.setdefault(machine_of(record), f"M{len(self.labels) + 1}")
+
+    def legend(self) -> dict[str, str]:
+        return {label: f"{cpu} ({identity}), ATen kernels {kernels}" for (cpu, identity, kernels), label in self.labels.items()}
+
+
+def model_rows(results: ModelResults, config: Config, machines: Machines) -> tuple[list[PruneRow], list[DtypeRow], list[ExportRow],
+                                                                                 list[ServeRow], str]:
     shape, evals = results.shape, results.evals
     name = shape.name
     prune_rows = []
@@ -357,12 +399,13 @@ def model_rows(results: ModelResults, config: Config) -> tuple[list[PruneRow], l
         result = results.prune[key]
         report, usage = result["report"], result["usage"]
         prune_rows.append(PruneRow(
-            name, recipe_label(recipe), dtype, perplexity(evals["dense"]["wiki"]), perplexity(evals[key]["wiki"]), perplexity(evals["dense"]["code"]),
-            perplexity(evals[key]["code"]), report["mask_seconds"], report["forward_seconds"], report["total_seconds"],
+            name, machines.of(result), recipe_label(recipe), dtype, perplexity(evals["dense"]["wiki"]), perplexity(evals[key]["wiki"]),
+            perplexity(evals["dense"]["code"]), perplexity(evals[key]["code"]), report["mask_seconds"], report["forward_seconds"], report["total_seconds"],
             usage["seconds"], prune_goal(shape, dtype, statistic_bytes(recipe.method, shape.block_inputs), config.nsamples,
                                          config.seqlen, usage["peak_rss_mib"] * MiB, refines=report["refine"] is not None)))
-    fp32, bf16 = results.prune["wanda"]["report"], results.prune["wanda-bf16"]["report"]
-    dtype_rows = [DtypeRow(name, fp32["forward_seconds"], bf16["forward_seconds"], **{
+    fp32, bf16 = results.prune["wanda"], results.prune["wanda-bf16"]
+    dtype_rows = [DtypeRow(name, (machines.of(fp32), machines.of(bf16)), fp32["report"]["forward_seconds"],
+                           bf16["report"]["forward_seconds"], **{
         f"{data}_{column}": perplexity(evals[key][data]) for data in EVAL_DATA
         for key, column in (("wanda", "fp32"), ("wanda-bf16", "bf16"), ("vllm-pruned", "fp32_rounded"))})]
     export_rows = []
@@ -374,7 +417,8 @@ def model_rows(results: ModelResults, config: Config) -> tuple[list[PruneRow], l
         source = "dense" if label == "dense" else EXPORTED
         export_perplexity = {data: (perplexity(evals[source][data]), perplexity(evals[key][data])) for data in EVAL_DATA} \
             if key in evals else {}
-        export_rows.append(ExportRow(name, kind, "dense" if label == "dense" else f"{recipe_label(RECIPES[EXPORTED][0])} 2:4",
+        source_label = "dense" if label == "dense" else f"{recipe_label(RECIPES[EXPORTED][0])} 2:4"
+        export_rows.append(ExportRow(name, machines.of(result), kind, source_label,
                                      shlex.join(argv(options)), usage["seconds"], usage["subprocess_peak_rss_mib"], check.text, check.passed,
                                      export_goal(kind, source_bytes, usage["peak_rss_mib"] * MiB), export_perplexity))
     bench = results.serve["report"]
@@ -383,8 +427,9 @@ def model_rows(results: ModelResults, config: Config) -> tuple[list[PruneRow], l
         for label, levels in bench["results"].items():
             level = levels[index]
             ratio = None if label == "dense" else bench["ratios"][label][index].get("output_throughput")
-            serve_rows.append(ServeRow(name, concurrency, label, level["output_throughput"], level["median_ttft_ms"],
-                                       level["median_tpot_ms"], level["median_e2el_ms"], level["completed"], level["failed"], ratio))
+            serve_rows.append(ServeRow(name, machines.of(results.serve), concurrency, label, level["output_throughput"],
+                                       level["median_ttft_ms"], level["median_tpot_ms"], level["median_e2el_ms"], level["completed"],
+                                       level["failed"], ratio))
     return prune_rows, dtype_rows, export_rows, serve_rows, serve_note(name, bench)
 
 
@@ -402,16 +447,17 @@ def serve_note(name: str, bench: dict) -> str:
 
 def build_page(all_results: list[ModelResults], config: Config, command: str, machine: dict, settings: dict, seconds: float) -> Page:
     prune, dtype, exports, serve, notes = [], [], [], [], []
+    machines = Machines()
     for results in all_results:
-        p, d, e, s, note = model_rows(results, config)
+        p, d, e, s, note = model_rows(results, config, machines)
         prune += p
         dtype += d
         exports += e
         serve += s
         notes.append(note)
     models = tuple(results.shape for results in all_results)
-    return Page(command, seconds, machine, settings, models, tuple(prune), tuple(dtype), tuple(exports), tuple(serve), tuple(notes),
-                growth_rows(models, tuple(prune), tuple(exports), tuple(serve)))
+    return Page(command, seconds, machine, machines.legend(), settings, models, tuple(prune), tuple(dtype), tuple(exports), tuple(serve),
+                tuple(notes), growth_rows(models, tuple(prune), tuple(exports), tuple(serve)))
 
 
 def machine_facts(versions: dict[str, str]) -> dict:
@@ -458,7 +504,13 @@ def main() -> None:
              "--output-len": "32", "--prompts": "text", "--data": "wiki", "--seed": "0", "--serve-dtype": "auto",
              "--cpu-kv-cache-gib": "2", "--startup-timeout": "1800"}
     config = Config(args.nsamples, args.seqlen, args.eval_seqlen, args.eval_windows or None, serve, versions)
-    results = [measure_model(name, config, args.work, args.records, args.resume, args.recompute_stale, args.keep) for name in models]
+    # The last model first: its steps are the long ones, and each it measures here pins the same step of the others.
+    results, measured_here = [], set()
+    for name in reversed(models):
+        model_results, measured = measure_model(name, config, args.work, args.records, args.resume, args.recompute_stale, args.keep,
+                                                frozenset(measured_here))
+        results.insert(0, model_results)
+        measured_here |= measured
 
     vllm_env = os.environ.get(VLLM_PYTHON_ENV)
     command = shlex.join([*([f"{VLLM_PYTHON_ENV}={vllm_env}"] if vllm_env else []), "python", "bench/scale.py", *sys.argv[1:]])

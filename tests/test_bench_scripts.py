@@ -277,28 +277,32 @@ def test_scale_export_goals_are_a_multiple_of_the_source_bytes_plus_0_8_gb():
     assert onnx.limit == pytest.approx(6.8 * GB) and onnx.verdict() == "**missed by 0.20 GB** (3% over)"
 
 
-def synthetic_page() -> Page:
+def synthetic_page(large_machine: str = "M1") -> Page:
+    """Every row measured on M1, but the large model's sparsegpt and bfloat16 prunes and its serving, measured on
+    `large_machine`."""
     def prune(shape, recipe, dtype, factor):
         memory = scale_page.prune_goal(shape, dtype, ("InputNorms", 1000), 64, 512, 2.0 * GB * factor)
-        return PruneRow(shape.name, recipe, dtype, 20.0, 60.0, 5.0, 9.0, 3.0 * factor, 30.0 * factor, 50.0 * factor, 60.0 * factor, memory)
+        machine = large_machine if shape is LARGE and (recipe == "sparsegpt" or dtype == "bfloat16") else "M1"
+        return PruneRow(shape.name, machine, recipe, dtype, 20.0, 60.0, 5.0, 9.0, 3.0 * factor, 30.0 * factor, 50.0 * factor, 60.0 * factor, memory)
 
     prune_rows = tuple(prune(shape, recipe, dtype, factor) for shape, factor in ((SMALL, 1), (LARGE, 12))
                        for recipe, dtype in (("wanda + permutation", "float32"), ("sparsegpt", "float32"), ("wanda + permutation", "bfloat16")))
-    dtype_rows = (DtypeRow("small", 30.0, 20.0, wiki_fp32=60.0, wiki_bf16=60.3, wiki_fp32_rounded=66.0, code_fp32=9.0, code_bf16=9.5,
+    dtype_rows = (DtypeRow("small", ("M1", "M1"), 30.0, 20.0, wiki_fp32=60.0, wiki_bf16=60.3, wiki_fp32_rounded=66.0, code_fp32=9.0, code_bf16=9.5,
                            code_fp32_rounded=9.0),
-                  DtypeRow("large", 360.0, 150.0, wiki_fp32=40.0, wiki_bf16=40.1, wiki_fp32_rounded=40.0, code_fp32=4.0, code_bf16=4.02,
+                  DtypeRow("large", ("M1", large_machine), 360.0, 150.0, wiki_fp32=40.0, wiki_bf16=40.1, wiki_fp32_rounded=40.0, code_fp32=4.0, code_bf16=4.02,
                            code_fp32_rounded=4.0))
-    exports = tuple(ExportRow(shape.name, "vllm", "dense", "--dtype bfloat16", 10.0 * factor, 900.0, "vLLM greedy passed", True,
+    exports = tuple(ExportRow(shape.name, "M1", "vllm", "dense", "--dtype bfloat16", 10.0 * factor, 900.0, "vLLM greedy passed", True,
                               scale_page.export_goal("vllm", shape.checkpoint_bytes, 0.5 * GB * factor),
                               {"wiki": (20.0, 20.5), "code": (5.0, 5.0)}) for shape, factor in ((SMALL, 1), (LARGE, 11)))
-    serve = tuple(ServeRow(shape.name, 1, label, 100.0 / factor, 50.0 * factor, 10.0 * factor, 400.0 * factor, 8, 0,
+    serve = tuple(ServeRow(shape.name, large_machine if shape is LARGE else "M1", 1, label, 100.0 / factor, 50.0 * factor, 10.0 * factor, 400.0 * factor, 8, 0,
                            None if label == "dense" else 0.99) for shape, factor in ((SMALL, 1), (LARGE, 8)) for label in ("dense", "pruned"))
     models = (SMALL, LARGE)
     machine = {"cpu": "Some CPU", "cores": 2, "memory_gb": 24.0, "cpu_capability": "AVX512", "torch": "2.13.0", "transformers": "5",
                "onnxruntime": "1.2", "vllm": "0.32.0", "runtime_rss_gb": 0.41}
     settings = {"nsamples": 64, "seqlen": 512, "seed": 0, "eval_seqlen": 1024, "eval_windows_text": "the first 16 windows",
                 "prune_command": "wanda-serve prune [MODEL] --method wanda", "serve": {}}
-    return Page("python bench/scale.py --models small,large", 600.0, machine, settings, models, prune_rows, dtype_rows, exports, serve,
+    machines = {"M1": "Some CPU (family 6 model 1), ATen kernels AVX512", "M2": "Other CPU (family 6 model 2), ATen kernels AVX2"}
+    return Page("python bench/scale.py --models small,large", 600.0, machine, machines, settings, models, prune_rows, dtype_rows, exports, serve,
                 ("- small: vLLM 0.32.0", "- large: vLLM 0.32.0"), scale_page.growth_rows(models, prune_rows, exports, serve))
 
 
@@ -321,13 +325,14 @@ def test_scale_page_renders_every_section_goal_and_the_command():
     for heading in ("## Models", "## Pruning at 2:4", "## bfloat16 against float32", "## Exports", "## Serving on vLLM",
                     "## Growth from small to large"):
         assert f"\n{heading}" in text
-    assert "| small | wanda + permutation | float32 | 20.00 → 60.00 | 3.00 | 5.00 → 9.00 | 1.80 | 3.0 | 30.0 | 50.0 | 60 |" in text
-    assert "| large | 30.0 | 20.0 | 1.50× | **missed**: 1.33× short |" not in text  # the small model's numbers, in its own row
-    assert "| small | 30.0 | 20.0 | 1.50× | **missed**: 1.33× short | 60.00 → 60.30 | +0.5% | met | 66.00 (+10.0%) | " \
+    assert "| small | M1 | wanda + permutation | float32 | 20.00 → 60.00 | 3.00 | 5.00 → 9.00 | 1.80 | 3.0 | 30.0 | 50.0 | 60 |" in text
+    assert "| large | M1 | 30.0 | 20.0 | 1.50× | **missed**: 1.33× short |" not in text  # the small model's numbers, in its own row
+    assert "| small | M1 | 30.0 | 20.0 | 1.50× | **missed**: 1.33× short | 60.00 → 60.30 | +0.5% | met | 66.00 (+10.0%) | " \
            "9.00 → 9.50 | +5.6% | **missed by 4.6 points** | 9.00 (+0.0%) |" in text
-    assert "| large | 360.0 | 150.0 | 2.40× | met | 40.00 → 40.10 | +0.2% | met | 40.00 (+0.0%) | 4.00 → 4.02 | +0.5% | met | " \
+    assert "| large | M1 | 360.0 | 150.0 | 2.40× | met | 40.00 → 40.10 | +0.2% | met | 40.00 (+0.0%) | 4.00 → 4.02 | +0.5% | met | " \
            "4.00 (+0.0%) |" in text
     assert "| vLLM greedy passed | yes | wiki 20.00 → 20.50, code 5.00 → 5.00 |" in text
+    assert "- M1: Some CPU (family 6 model 1), ATen kernels AVX512\n" in text
     large_prune = scale_page.prune_goal(LARGE, "float32", ("InputNorms", 1000), 64, 512, 24.0 * GB)
     assert f"missed by {(24.0 * GB - large_prune.limit) / GB:.2f} GB" in text  # the large model's prune goal, by how much
     assert "- large, vllm of dense: 4.00 (1 × the source checkpoint (4.00 GB)) + 0.80 (allowance) = 4.80 GB; measured 5.50 GB, " \
@@ -335,8 +340,21 @@ def test_scale_page_renders_every_section_goal_and_the_command():
     assert "`wanda-serve --help` peaks at 0.41 GB here" in text
     assert "\n| parameters |" not in text  # shown in the sentence above the growth table
     assert "Parameters grow 10.0× (100M → 1,000M)." in text
-    assert "| prune wanda + permutation (float32): total | 50 s | 600 s | 12.0× | 1.20 |" in text
-    assert "| small | 1 | pruned | 100.0 | 0.990 | 50 | 10.0 | 400 | 8 / 0 |" in text
+    assert "| prune wanda + permutation (float32): total | 50 s | 600 s | M1 | 12.0× | 1.20 |" in text
+    assert "| small | M1 | 1 | pruned | 100.0 | 0.990 | 50 | 10.0 | 400 | 8 / 0 |" in text
+
+
+def test_scale_page_takes_no_ratio_between_two_machines():
+    page = synthetic_page(large_machine="M2")
+    growth = {row.cost: row for row in page.growth}
+    assert growth["prune sparsegpt (float32): total"].factor is None  # small on M1, large on M2
+    assert growth["serve dense, concurrency 1: time per output token, p50"].factor is None
+    assert growth["prune wanda + permutation (float32): total"].factor == 12.0  # both on M1
+    assert page.dtype[1].speedup is None and page.dtype[0].speedup == 1.5  # the large model's two prunes: M1 and M2
+    text = scale_page.render(page)
+    assert "| prune sparsegpt (float32): total | 50 s | 600 s | M1, M2 | not compared: two machines | |" in text
+    assert "| large | M1, M2 | 360.0 | 150.0 | not compared: two machines | not checked | 40.00 → 40.10 |" in text
+    assert "- M2: Other CPU (family 6 model 2), ATen kernels AVX2\n" in text
 
 
 def test_scale_steps_reuse_only_results_measured_with_the_same_inputs(tmp_path):
@@ -359,6 +377,39 @@ def test_scale_steps_reuse_only_results_measured_with_the_same_inputs(tmp_path):
     other = scale.Artifact("dense", model, (), "f" * 64, 0)
     with pytest.raises(SystemExit, match=f"weights of dense: stored {source.sha256[:16]}, now ffffffffffffffff"):
         steps.run("dense.eval-code", options, scale.EVAL_SOURCES, measure, inputs=(other,))
+
+
+def test_scale_steps_reuse_a_result_of_another_machine_unless_the_other_model_measured_that_step_here(tmp_path):
+    measured = []
+
+    def measure():
+        measured.append(1)
+        return {"report": {"value": len(measured)}}
+
+    def steps(pinned=frozenset()):
+        return scale.Steps(tmp_path, tmp_path / "records", resume=True, recompute_stale=False, keep=False, pinned=pinned)
+
+    first = steps()
+    first.run("sparsegpt", {"prune": {}}, scale.PRUNE_SOURCES, measure)
+    first.run("sparsegpt.eval-wiki", {"eval": {}}, scale.EVAL_SOURCES, measure, compared=False)
+    assert first.measured_here == {"sparsegpt"}  # an evaluation is not compared across models: it pins nothing
+    path = tmp_path / "records" / "sparsegpt.json"
+    record = json.loads(path.read_text())
+    record["provenance"] |= {"cpu": "Other CPU", "cpu_id": "family 25 model 1", "cpu_capability": "AVX2"}
+    path.write_text(json.dumps(record))
+
+    elsewhere = steps()
+    reused = elsewhere.run("sparsegpt", {"prune": {}}, scale.PRUNE_SOURCES, measure)
+    assert measured == [1, 1] and reused["provenance"]["cpu_id"] == "family 25 model 1" and not elsewhere.measured_here
+    machines = scale.Machines()
+    here = {"provenance": dict(zip(scale.MACHINE_KEYS, scale.THIS_MACHINE))}
+    assert [machines.of(record) for record in (reused, here, reused)] == ["M1", "M2", "M1"]
+    assert machines.legend()["M1"] == "Other CPU (family 25 model 1), ATen kernels AVX2"
+
+    pinned = steps(pinned=frozenset({"sparsegpt"}))  # the large model's sparsegpt was measured on this machine
+    again = pinned.run("sparsegpt", {"prune": {}}, scale.PRUNE_SOURCES, measure)
+    assert measured == [1, 1, 1] and scale.machine_of(again) == scale.THIS_MACHINE and pinned.measured_here == {"sparsegpt"}
+    assert steps(pinned=frozenset({"sparsegpt"})).run("sparsegpt", {"prune": {}}, scale.PRUNE_SOURCES, measure) == again
 
 
 def test_scale_steps_make_a_removed_input_again_before_measuring_what_reads_it(tmp_path):
