@@ -156,12 +156,13 @@ class Steps:
     """One model's steps, each stored as RECORDS/NAME.json; what they make (models, exports) lies in WORK.
 
     `pinned`: steps the other model measured on this machine; their results are reused only if measured here too.
+    Not `measuring`: only stored results are returned, and None for a step that would have to be measured.
     """
 
     def __init__(self, work: Path, records: Path, resume: bool, recompute_stale: bool, keep: bool,
-                 pinned: frozenset[str] = frozenset()):
+                 pinned: frozenset[str] = frozenset(), measuring: bool = True):
         self.work, self.records, self.resume, self.recompute_stale, self.keep = work, records, resume, recompute_stale, keep
-        self.pinned = pinned
+        self.pinned, self.measuring = pinned, measuring
         self.work.mkdir(parents=True, exist_ok=True)
         self.records.mkdir(parents=True, exist_ok=True)
         self.hashes: dict[Path, str | None] = {}  # directory -> SHA-256 of its weights, as found by this process
@@ -178,7 +179,7 @@ class Steps:
         return Artifact(name, directory, cli_args, self.sha256(directory) or "", checkpoint_bytes(directory))
 
     def run(self, name: str, options: dict[str, dict], sources: tuple[str, ...], measure: Callable[[], dict],
-            inputs: tuple[Artifact, ...] = (), extra: dict | None = None, force: bool = False, compared: bool = True) -> dict:
+            inputs: tuple[Artifact, ...] = (), extra: dict | None = None, force: bool = False, compared: bool = True) -> dict | None:
         """The step's stored result when --resume finds it measured the same way, on any machine unless the step is
         pinned here; else `measure()`, stored. `compared`: the page compares the result with the other model's."""
         path = self.records / f"{name}.json"
@@ -195,6 +196,9 @@ class Steps:
                 elsewhere = machine_of(stored) != THIS_MACHINE
                 print(f"reusing {path}{' (measured on ' + ', '.join(machine_of(stored)) + ')' if elsewhere else ''}", flush=True)
                 return stored
+        if not self.measuring:
+            print(f"{name}: not measured yet, and not measured now (--stored-only)", flush=True)
+            return None
         for artifact in inputs:
             self.ensure(artifact)
         record = {"step": name, **expected(), **measure()}  # expected() again: an input made anew may have new weights
@@ -204,8 +208,9 @@ class Steps:
         return record
 
     def produce(self, name: str, out: Path, options: dict[str, dict], sources: tuple[str, ...], command: list[str],
-                report_name: str, inputs: tuple[Artifact, ...] = (), extra: dict | None = None) -> tuple[Artifact, dict]:
-        """A step that writes a model directory later steps read: the directory as an Artifact, and the step's result."""
+                report_name: str, inputs: tuple[Artifact, ...] = (), extra: dict | None = None) -> tuple[Artifact | None, dict | None]:
+        """A step that writes a model directory later steps read: the directory as an Artifact, and the step's result
+        (None, None: not measured yet)."""
         def measure() -> dict:
             # A prune killed with an earlier session left its checkpoint: a step is measured whole, from the start.
             shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
@@ -214,6 +219,8 @@ class Steps:
             return result | {"weights_sha256": self.sha256(out), "weights_bytes": checkpoint_bytes(out)}
 
         record = self.run(name, options, sources, measure, inputs, extra)
+        if record is None:
+            return None, None
         remake = lambda: self.run(name, options, sources, measure, inputs, extra, force=True)  # noqa: E731
         return Artifact(name, out, (str(out),), record["weights_sha256"], record["weights_bytes"], remake), record
 
@@ -260,33 +267,36 @@ class Config:
 
 @dataclass
 class ModelResults:
+    """A model's step results; with --stored-only, those not measured yet are absent."""
+
     shape: ModelShape
     evals: dict[str, dict[str, dict]]  # "dense", a recipe, "vllm-dense" or "vllm-pruned" -> data -> eval step result
     prune: dict[str, dict]  # recipe -> prune step result
     exports: dict[str, tuple[dict, int]]  # "vllm-dense", "vllm-pruned", "onnx-pruned" -> (step result, source bytes)
-    serve: dict  # the bench step's result
+    serve: dict | None  # the bench step's result
 
 
 def measure_model(name: str, config: Config, work: Path, records: Path, resume: bool, recompute_stale: bool, keep: bool,
-                  pinned: frozenset[str]) -> tuple[ModelResults, set[str]]:
+                  pinned: frozenset[str], measuring: bool = True) -> tuple[ModelResults, set[str]]:
     """The model's results, and the compared steps measured on this machine."""
     spec = None if name == EMBEDDED_MODEL_NAME else name  # the embedded model: MODEL omitted
-    steps = Steps(work / Path(name).name, records / Path(name).name, resume, recompute_stale, keep, pinned)
+    steps = Steps(work / Path(name).name, records / Path(name).name, resume, recompute_stale, keep, pinned, measuring)
     location = model_location(spec)
     dense = steps.source("dense", location, (spec,) if spec else ())
     settings = Settings(model=spec, nsamples=config.nsamples, seqlen=config.seqlen, eval_data="wiki", out_of_domain="code",
                         eval_seqlen=config.eval_seqlen, eval_windows=config.eval_windows)
 
-    def evaluate(artifact: Artifact) -> dict[str, dict]:
+    def evaluate(artifact: Artifact | None) -> dict[str, dict]:
         results = {}
         (steps.work / "eval").mkdir(exist_ok=True)
-        for data in EVAL_DATA:
+        for data in EVAL_DATA if artifact is not None else ():
             options = settings.eval_options(data)
             path = steps.work / "eval" / f"{artifact.name}-{data}.json"  # what `eval --json` writes
             command = ["eval", *artifact.cli_args, *argv(options), "--json", str(path), "--overwrite"]
-            results[data] = steps.run(f"{artifact.name}.eval-{data}", {"eval": options}, EVAL_SOURCES,
-                                      lambda command=command, path=path: steps.command(command, path), inputs=(artifact,),
-                                      compared=False)
+            result = steps.run(f"{artifact.name}.eval-{data}", {"eval": options}, EVAL_SOURCES,
+                               lambda command=command, path=path: steps.command(command, path), inputs=(artifact,), compared=False)
+            if result is not None:
+                results[data] = result
         return results
 
     evals = {"dense": evaluate(dense)}
@@ -297,7 +307,9 @@ def measure_model(name: str, config: Config, work: Path, records: Path, resume: 
         options = dataclasses.replace(settings, dtype=dtype).prune_options(recipe)
         out = steps.work / key
         command = ["prune", *dense.cli_args, *argv(options), "--no-eval", "--overwrite", "--out", str(out)]
-        pruned[key], prune[key] = steps.produce(key, out, {"prune": options}, PRUNE_SOURCES, command, PRUNE_REPORT_NAME, (dense,))
+        pruned[key], record = steps.produce(key, out, {"prune": options}, PRUNE_SOURCES, command, PRUNE_REPORT_NAME, (dense,))
+        if record is not None:
+            prune[key] = record
         evals[key] = evaluate(pruned[key])
 
     # The exported model's chain first (prune, exports, serving): its pruned weights live only in --work, so a later
@@ -305,32 +317,42 @@ def measure_model(name: str, config: Config, work: Path, records: Path, resume: 
     prune_with(EXPORTED)
     exports, vllm_dirs = {}, {}
     for label, source in (("dense", dense), ("pruned", pruned[EXPORTED])):
+        if source is None:
+            vllm_dirs[label] = None
+            continue
         options = {"--dtype": "bfloat16", "--max-shard-size": "4GB"}
         out = steps.work / f"vllm-{label}"
         command = ["export", "vllm", *source.cli_args, *argv(options), "--out", str(out), "--overwrite"]
         vllm_dirs[label], record = steps.produce(f"vllm-{label}", out, {"export vllm": options}, VLLM_EXPORT_SOURCES, command,
                                                  MANIFEST_NAME, (source,), {"vllm": config.versions["vllm"]})
-        exports[f"vllm-{label}"] = (record, source.weights_bytes)
+        if record is not None:
+            exports[f"vllm-{label}"] = (record, source.weights_bytes)
         evals[f"vllm-{label}"] = evaluate(vllm_dirs[label])
-    onnx_options = {"--dtype": "float32", "--quantize": "int4"}
-    onnx_out = steps.work / "onnx-pruned"
-    onnx_command = ["export", "onnx", *pruned[EXPORTED].cli_args, *argv(onnx_options), "--out", str(onnx_out), "--overwrite"]
-    onnx = steps.run("onnx-pruned", {"export onnx": onnx_options}, ONNX_EXPORT_SOURCES,
-                     lambda: steps.command(onnx_command, onnx_out / MANIFEST_NAME), (pruned[EXPORTED],),
-                     {name: version for name, version in config.versions.items() if name.startswith("onnx")})
-    exports["onnx-pruned"] = (onnx, pruned[EXPORTED].weights_bytes)
-    steps.discard(onnx_out, pruned[EXPORTED].path)
+    if (source := pruned[EXPORTED]) is not None:
+        onnx_options = {"--dtype": "float32", "--quantize": "int4"}
+        onnx_out = steps.work / "onnx-pruned"
+        onnx_command = ["export", "onnx", *source.cli_args, *argv(onnx_options), "--out", str(onnx_out), "--overwrite"]
+        onnx = steps.run("onnx-pruned", {"export onnx": onnx_options}, ONNX_EXPORT_SOURCES,
+                         lambda: steps.command(onnx_command, onnx_out / MANIFEST_NAME), (source,),
+                         {name: version for name, version in config.versions.items() if name.startswith("onnx")})
+        if onnx is not None:
+            exports["onnx-pruned"] = (onnx, source.weights_bytes)
+        steps.discard(onnx_out, source.path)
 
-    serve_out = steps.work / "serve"
-    serve_command = ["bench", "--dense", str(vllm_dirs["dense"].path), "--pruned", str(vllm_dirs["pruned"].path),
-                     *argv(config.serve), "--out", str(serve_out), "--overwrite"]
-    serve = steps.run("serve", {"bench": config.serve}, SERVE_SOURCES, lambda: steps.command(serve_command, serve_out / RESULTS_NAME),
-                      (vllm_dirs["dense"], vllm_dirs["pruned"]), {"vllm": config.versions["vllm"]})
-    steps.discard(*(artifact.path for artifact in vllm_dirs.values()))
+    serve = None
+    if None not in vllm_dirs.values():
+        serve_out = steps.work / "serve"
+        serve_command = ["bench", "--dense", str(vllm_dirs["dense"].path), "--pruned", str(vllm_dirs["pruned"].path),
+                         *argv(config.serve), "--out", str(serve_out), "--overwrite"]
+        serve = steps.run("serve", {"bench": config.serve}, SERVE_SOURCES,
+                          lambda: steps.command(serve_command, serve_out / RESULTS_NAME), (vllm_dirs["dense"], vllm_dirs["pruned"]),
+                          {"vllm": config.versions["vllm"]})
+    steps.discard(*(artifact.path for artifact in vllm_dirs.values() if artifact is not None))
     for key in RECIPES:
         if key != EXPORTED:
             prune_with(key)
-            steps.discard(pruned[key].path)
+            if pruned[key] is not None:
+                steps.discard(pruned[key].path)
     return ModelResults(ModelShape.of(name, location), evals, prune, exports, serve), steps.measured_here
 
 
@@ -391,23 +413,35 @@ class Machines:
 
 
 def model_rows(results: ModelResults, config: Config, machines: Machines) -> tuple[list[PruneRow], list[DtypeRow], list[ExportRow],
-                                                                                 list[ServeRow], str]:
+                                                                                 list[ServeRow], str | None, list[str]]:
+    """The model's rows, from the results there are; the note on its serving (None: not served yet); what is missing."""
     shape, evals = results.shape, results.evals
     name = shape.name
+    evaluated = {key for key, by_data in evals.items() if set(by_data) == set(EVAL_DATA)}
+    exported = ("vllm-dense", "vllm-pruned", "onnx-pruned")
+    missing = [f"{name}: {'prune' if key in RECIPES else 'export'} {key}" for key in (*RECIPES, *exported)
+               if key not in results.prune and key not in results.exports]
+    missing += [f"{name}: perplexity of {key}" for key in ("dense", *RECIPES, *exported[:2])
+                if key not in evaluated and f"{name}: prune {key}" not in missing and f"{name}: export {key}" not in missing]
     prune_rows = []
     for key, (recipe, dtype) in RECIPES.items():
+        if key not in results.prune or not {"dense", key} <= evaluated:
+            continue
         result = results.prune[key]
         report, usage = result["report"], result["usage"]
         prune_rows.append(PruneRow(
             name, machines.of(result), recipe_label(recipe), dtype, perplexity(evals["dense"]["wiki"]), perplexity(evals[key]["wiki"]),
-            perplexity(evals["dense"]["code"]), perplexity(evals[key]["code"]), report["mask_seconds"], report["forward_seconds"], report["total_seconds"],
-            usage["seconds"], prune_goal(shape, dtype, statistic_bytes(recipe.method, shape.block_inputs), config.nsamples,
-                                         config.seqlen, usage["peak_rss_mib"] * MiB, refines=report["refine"] is not None)))
-    fp32, bf16 = results.prune["wanda"], results.prune["wanda-bf16"]
-    dtype_rows = [DtypeRow(name, (machines.of(fp32), machines.of(bf16)), fp32["report"]["forward_seconds"],
-                           bf16["report"]["forward_seconds"], **{
-        f"{data}_{column}": perplexity(evals[key][data]) for data in EVAL_DATA
-        for key, column in (("wanda", "fp32"), ("wanda-bf16", "bf16"), ("vllm-pruned", "fp32_rounded"))})]
+            perplexity(evals["dense"]["code"]), perplexity(evals[key]["code"]), report["mask_seconds"], report["forward_seconds"],
+            report["total_seconds"], usage["seconds"], prune_goal(shape, dtype, statistic_bytes(recipe.method, shape.block_inputs),
+                                                                  config.nsamples, config.seqlen, usage["peak_rss_mib"] * MiB,
+                                                                  refines=report["refine"] is not None)))
+    dtype_rows = []
+    if {"wanda", "wanda-bf16"} <= set(results.prune) and {"wanda", "wanda-bf16", "vllm-pruned"} <= evaluated:
+        fp32, bf16 = results.prune["wanda"], results.prune["wanda-bf16"]
+        dtype_rows.append(DtypeRow(name, (machines.of(fp32), machines.of(bf16)), fp32["report"]["forward_seconds"],
+                                   bf16["report"]["forward_seconds"], **{
+            f"{data}_{column}": perplexity(evals[key][data]) for data in EVAL_DATA
+            for key, column in (("wanda", "fp32"), ("wanda-bf16", "bf16"), ("vllm-pruned", "fp32_rounded"))}))
     export_rows = []
     for key, (result, source_bytes) in results.exports.items():
         kind, label = key.split("-", 1)
@@ -416,11 +450,13 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
         check = export_checks(kind, manifest)
         source = "dense" if label == "dense" else EXPORTED
         export_perplexity = {data: (perplexity(evals[source][data]), perplexity(evals[key][data])) for data in EVAL_DATA} \
-            if key in evals else {}
+            if {source, key} <= evaluated else {}
         source_label = "dense" if label == "dense" else f"{recipe_label(RECIPES[EXPORTED][0])} 2:4"
-        export_rows.append(ExportRow(name, machines.of(result), kind, source_label,
-                                     shlex.join(argv(options)), usage["seconds"], usage["subprocess_peak_rss_mib"], check.text, check.passed,
+        export_rows.append(ExportRow(name, machines.of(result), kind, source_label, shlex.join(argv(options)), usage["seconds"],
+                                     usage["subprocess_peak_rss_mib"], check.text, check.passed,
                                      export_goal(kind, source_bytes, usage["peak_rss_mib"] * MiB), export_perplexity))
+    if results.serve is None:
+        return prune_rows, dtype_rows, export_rows, [], None, [*missing, f"{name}: serve"]
     bench = results.serve["report"]
     serve_rows = []
     for index, concurrency in enumerate(bench["concurrency"]):
@@ -430,7 +466,7 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
             serve_rows.append(ServeRow(name, machines.of(results.serve), concurrency, label, level["output_throughput"],
                                        level["median_ttft_ms"], level["median_tpot_ms"], level["median_e2el_ms"], level["completed"],
                                        level["failed"], ratio))
-    return prune_rows, dtype_rows, export_rows, serve_rows, serve_note(name, bench)
+    return prune_rows, dtype_rows, export_rows, serve_rows, serve_note(name, bench), missing
 
 
 def serve_note(name: str, bench: dict) -> str:
@@ -446,18 +482,19 @@ def serve_note(name: str, bench: dict) -> str:
 
 
 def build_page(all_results: list[ModelResults], config: Config, command: str, machine: dict, settings: dict, seconds: float) -> Page:
-    prune, dtype, exports, serve, notes = [], [], [], [], []
+    prune, dtype, exports, serve, notes, missing = [], [], [], [], [], []
     machines = Machines()
     for results in all_results:
-        p, d, e, s, note = model_rows(results, config, machines)
+        p, d, e, s, note, m = model_rows(results, config, machines)
         prune += p
         dtype += d
         exports += e
         serve += s
-        notes.append(note)
+        notes += [note] if note else []
+        missing += m
     models = tuple(results.shape for results in all_results)
     return Page(command, seconds, machine, machines.legend(), settings, models, tuple(prune), tuple(dtype), tuple(exports), tuple(serve),
-                tuple(notes), growth_rows(models, tuple(prune), tuple(exports), tuple(serve)))
+                tuple(notes), growth_rows(models, tuple(prune), tuple(exports), tuple(serve)), tuple(missing))
 
 
 def machine_facts(versions: dict[str, str]) -> dict:
@@ -488,9 +525,13 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="reuse results stored in --records, if measured the same way")
     parser.add_argument("--recompute-stale", action="store_true",
                         help="with --resume: measure again the steps whose stored result was measured otherwise, instead of stopping")
+    parser.add_argument("--stored-only", action="store_true",
+                        help="measure nothing: write the page from the results stored in --records, naming the steps not measured yet")
     args = parser.parse_args()
     if args.recompute_stale and not args.resume:
         parser.error("--recompute-stale goes with --resume")
+    if args.stored_only and args.recompute_stale:
+        parser.error("--stored-only measures nothing: it does not go with --recompute-stale")
     models = [name.strip() for name in args.models.split(",") if name.strip()]
     for problem in filter(None, map(missing_model, models)):
         sys.exit(problem)
@@ -507,8 +548,10 @@ def main() -> None:
     # The last model first: its steps are the long ones, and each it measures here pins the same step of the others.
     results, measured_here = [], set()
     for name in reversed(models):
-        model_results, measured = measure_model(name, config, args.work, args.records, args.resume, args.recompute_stale, args.keep,
-                                                frozenset(measured_here))
+        # --stored-only: a stale result is one not measured yet, as a missing one is.
+        model_results, measured = measure_model(name, config, args.work, args.records, args.resume or args.stored_only,
+                                                args.recompute_stale or args.stored_only, args.keep, frozenset(measured_here),
+                                                measuring=not args.stored_only)
         results.insert(0, model_results)
         measured_here |= measured
 

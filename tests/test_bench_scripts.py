@@ -412,6 +412,32 @@ def test_scale_steps_reuse_a_result_of_another_machine_unless_the_other_model_me
     assert steps(pinned=frozenset({"sparsegpt"})).run("sparsegpt", {"prune": {}}, scale.PRUNE_SOURCES, measure) == again
 
 
+def test_scale_page_from_stored_results_leaves_out_the_rows_not_measured_yet(tmp_path):
+    def record(**report):
+        return {"report": report, "usage": {"seconds": 70.0, "peak_rss_mib": 1500.0, "subprocess_peak_rss_mib": 0.0},
+                "provenance": {"cpu": "Some CPU", "cpu_id": "family 6 model 1", "cpu_capability": "AVX512"}}
+
+    def evaluation(value):
+        return {data: record(perplexity={"perplexity": value}) for data in scale_page.EVAL_DATA}
+
+    wanda = record(mask_seconds=3.0, forward_seconds=60.0, total_seconds=66.0, refine=None)
+    partial = scale.ModelResults(SMALL, {"dense": evaluation(20.0), "wanda": evaluation(140.0), "sparsegpt": {}}, {"wanda": wanda},
+                                 {}, None)
+    config = scale.Config(64, 512, 1024, 16, {}, {})
+    page = scale.build_page([partial], config, "python bench/scale.py --stored-only", synthetic_page().machine, synthetic_page().settings, 1.0)
+    assert [(row.recipe, row.wiki) for row in page.prune] == [("wanda + permutation", 140.0)]
+    assert page.dtype == () and page.exports == () and page.serve == () and page.serve_notes == ()
+    assert page.missing == ("small: prune wanda-bf16", "small: prune sparsegpt", "small: prune sparsegpt-refine",
+                            "small: export vllm-dense", "small: export vllm-pruned", "small: export onnx-pruned", "small: serve")
+    text = scale_page.render(page)
+    assert "**Not measured yet** (a run with `--resume` measures them; tables leave them out): small: prune wanda-bf16; " in text
+    assert "| small | M1 | wanda + permutation | float32 | 20.00 → 140.00 |" in text
+
+    nothing_stored = scale.Steps(tmp_path, tmp_path / "records", resume=True, recompute_stale=True, keep=False, measuring=False)
+    assert nothing_stored.run("serve", {}, scale.SERVE_SOURCES, lambda: pytest.fail("measured with measuring=False")) is None
+    assert nothing_stored.produce("wanda", tmp_path / "wanda", {}, scale.PRUNE_SOURCES, ["prune"], "prune_report.json") == (None, None)
+
+
 def test_scale_steps_make_a_removed_input_again_before_measuring_what_reads_it(tmp_path):
     steps = scale.Steps(tmp_path, tmp_path / "records", resume=True, recompute_stale=False, keep=False)
     out = tmp_path / "pruned"
