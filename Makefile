@@ -80,7 +80,8 @@ bench-edge: llama-cpp
 
 # Optional: the embedded SmolLM2-135M and Qwen2.5-Coder-1.5B side by side, end to end (prune, evaluate on wiki
 # and code, export, serve): bench/scale.py -> docs/scale.md. Several hours on 2 CPU cores; after an interruption,
-# `WANDA_SERVE_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/scale.py --resume` reuses what was measured.
+# `WANDA_SERVE_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/scale.py --resume` reuses what was measured
+# (on any machine), and `... --stored-only` writes the page from it without measuring.
 .PHONY: bench-large
 bench-large: large-model $(VLLM_INSTALLED)
 	$(PY) bench/scale.py --out docs/scale.md
