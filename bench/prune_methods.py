@@ -201,6 +201,24 @@ def provenance(sources: tuple[str, ...] = NUMERIC_SOURCES) -> dict:
     }
 
 
+def machine_of(record: dict) -> tuple[str, ...]:
+    """The machine a stored result was measured on, as its provenance names it."""
+    return tuple(str(record["provenance"].get(key, "?")) for key in MACHINE_KEYS)
+
+
+class Machines:
+    """Short names (M1, M2, ...) for the machines stored results were measured on, in the order a page meets them."""
+
+    def __init__(self):
+        self.labels: dict[tuple[str, ...], str] = {}
+
+    def of(self, record: dict) -> str:
+        return self.labels.setdefault(machine_of(record), f"M{len(self.labels) + 1}")
+
+    def legend(self) -> dict[str, str]:
+        return {label: f"{cpu} ({identity}), ATen kernels {kernels}" for (cpu, identity, kernels), label in self.labels.items()}
+
+
 def differences(stored: dict, expected: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """'what: stored X, now Y' for each option or provenance entry that differs, but those named in `ignore`."""
     if unrecorded := [key for key in expected if key not in stored]:

@@ -11,13 +11,15 @@ news region (out of domain), wall time and tokens/s. Variants at one budget: the
 
 The pruned model and the teacher are measured once per recipe, by its first run (the others pass
 --no-reference). Each result is stored in --records with every option that decides it, the SHA-256
-of the pruned weights it started from, and the provenance of the code that trains and evaluates (as
-bench/prune_methods.py records it); --resume reuses only results measured the same way. The records
-are committed: the whole run takes longer than one working session, and they let the next session go
-on where this one stopped. The pruning code is not part of that provenance: the pruned weights' hash
-stands for it, so all budgets of a recipe start from the same bytes. The pruned model (in --work) is
-pruned again when it is gone, or its options or the pruning code changed; the results stored from it
-stay valid if that gives the same bytes.
+of the pruned weights it started from, the version of the pruning code, and the provenance of the
+code that trains and evaluates (as bench/prune_methods.py records it); --resume reuses only results
+measured the same way. The records are committed: the whole run takes longer than one working
+session, and they let the next session go on where this one stopped, on whatever machine it has.
+A recipe whose runs are all stored, from one pruned model, is reused without pruning. Otherwise the
+recipe is pruned here (kept in --work, pruned again when it is gone or its options or the pruning
+code changed), and a stored run stands only if it started from the same bytes: the CPU's kernels
+decide the pruned weights, so a recipe's runs usually come from one machine. Each row names the
+machine that trained it.
 """
 
 from __future__ import annotations
@@ -29,13 +31,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from prune_methods import BEST_RECIPE, DEFAULT_RECIPE, NUMERIC_SOURCES, SPARSEGPT, Recipe, argv, goal_verdict, provenance, stored_result, wanda_serve, weights_sha256  # noqa: E402
+from prune_methods import (  # noqa: E402
+    BEST_RECIPE, DEFAULT_RECIPE, MACHINE_KEYS, NUMERIC_SOURCES, SPARSEGPT, Machines, Recipe, argv, code_version, differences, goal_verdict,
+    provenance, stored_result, wanda_serve, weights_sha256,
+)
+
+from wanda_serve.contract import RECOVER_REPORT_NAME  # noqa: E402
 
 # The recipes as the pruning benchmark defines them, under the names their stored results carry.
 RECIPES = {"wanda-permute-2of4": DEFAULT_RECIPE, "sparsegpt-2of4": SPARSEGPT, "sparsegpt-refine-2of4": BEST_RECIPE}
@@ -89,16 +97,56 @@ def pruned_model(recipe: str, work: Path) -> tuple[Path, str]:
     return pruned, weights_sha256(pruned)[:16]
 
 
-def measure(run: Run, pruned: Path, work: Path, eval_windows: int | None) -> dict:
-    out = work / run.name
-    wanda_serve("recover", str(pruned), "--out", str(out), *argv(recover_options(run, eval_windows)), "--overwrite")
-    return json.loads((out / "recover_report.json").read_text())
+def run_provenance(sources: tuple[str, ...] = RECOVER_SOURCES) -> dict:
+    """What decides a recovery run besides its options and its pruned weights' hash: the code that trains and
+    evaluates, and the pruning code's version (a run reused without pruning again is checked against it)."""
+    return provenance(sources) | {"prune_code_version": code_version(sources=NUMERIC_SOURCES)}
 
 
-def row(run: Run, report: dict, reference: dict) -> dict:
+def stored_from_one_pruned_model(expected: dict[Path, dict]) -> dict[Path, dict] | None:
+    """The stored record at each path, if every one was measured as expected (on any machine, from whatever pruned
+    weights) and all started from the same pruned weights; None if any must be measured."""
+    records = {}
+    for path, wanted in expected.items():
+        if not path.is_file():
+            return None
+        records[path] = json.loads(path.read_text())
+        if differences(records[path], wanted, (*MACHINE_KEYS, "pruned_sha256")):
+            return None
+    return records if len({record["provenance"]["pruned_sha256"] for record in records.values()}) == 1 else None
+
+
+def runs_from_one_pruned_model(recipe: str, work: Path, expected: dict[Path, dict], measure: Callable[[Path, str], dict],
+                               resume: bool, recompute_stale: bool) -> list[dict]:
+    """The record of each run in `expected` (path -> what decides it, but the pruned weights' hash): all stored ones
+    when they started from one pruned model; else the recipe pruned here and each run stored from those bytes
+    reused, the others measured by `measure(pruned_directory, run_name)` and stored."""
+    if resume and (stored := stored_from_one_pruned_model(expected)):
+        return list(stored.values())
+    pruned, pruned_sha256 = pruned_model(recipe, work)
+    records = []
+    for path, wanted in expected.items():
+        wanted = wanted | {"provenance": wanted["provenance"] | {"pruned_sha256": pruned_sha256}}
+        record = stored_result(path, path.stem, wanted, recompute_stale, any_machine=True) if resume else None
+        if record is None:
+            record = wanted | {"report": measure(pruned, path.stem)}
+            path.write_text(json.dumps(record, indent=2) + "\n")
+        records.append(record)
+    return records
+
+
+def recover(pruned: Path, out: Path, options: dict[str, str | None]) -> dict:
+    """`wanda-serve recover` in its own process; its report."""
+    wanda_serve("recover", str(pruned), "--out", str(out), *argv(options), "--overwrite")
+    return json.loads((out / RECOVER_REPORT_NAME).read_text())
+
+
+def row(run: Run, record: dict, reference: dict, machines: Machines) -> dict:
+    report = record["report"]
     wiki, news = report["perplexity"].values()
     wiki_reference, news_reference = reference["perplexity"].values()
-    return {"recipe": run.recipe, "variant": run.variant, "budget": run.tokens, "tokens": report["tokens"], "wiki": wiki["after"]["perplexity"],
+    return {"recipe": run.recipe, "variant": run.variant, "machine": machines.of(record), "budget": run.tokens, "tokens": report["tokens"],
+            "wiki": wiki["after"]["perplexity"],
             "news": news["after"]["perplexity"], "wiki_before": wiki_reference["before"]["perplexity"],
             "news_before": news_reference["before"]["perplexity"], "wiki_teacher": wiki_reference["teacher"]["perplexity"],
             "news_teacher": news_reference["teacher"]["perplexity"],
@@ -111,7 +159,7 @@ def share(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"  # results stored before recover reported its CPU time
 
 
-def render(rows: list[dict], command: str, seconds: float, out: Path) -> str:
+def render(rows: list[dict], machines: dict[str, str], command: str, seconds: float, out: Path) -> str:
     teacher = rows[0]
     lines = [
         "# Recovery: perplexity against the distillation budget",
@@ -123,17 +171,20 @@ def render(rows: list[dict], command: str, seconds: float, out: Path) -> str:
         "of the Lee news corpus (out of domain). 0 tokens: the pruned model before recovery.",
         "",
         "CPU share: the training's CPU time over its wall time × torch threads; well below 1, other work shared the machine "
-        "and tokens/s is lower than this machine gives alone.",
+        "and tokens/s is lower than this machine gives alone. Machine: where the run trained (times compare only within one):",
         "",
-        "| recipe | variant | tokens | wiki | × dense | news | × dense | train s | tokens/s | CPU share | peak RSS MiB | mask identical |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *(f"- {label}: {description}" for label, description in machines.items()),
+        "",
+        "| recipe | variant | tokens | machine | wiki | × dense | news | × dense | train s | tokens/s | CPU share | peak RSS MiB "
+        "| mask identical |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         first = next(r for r in rows if r["recipe"] == recipe)
-        lines.append(f"| {recipe} | | 0 | {first['wiki_before']:.2f} | {first['wiki_before'] / first['wiki_teacher']:.2f} | "
+        lines.append(f"| {recipe} | | 0 | | {first['wiki_before']:.2f} | {first['wiki_before'] / first['wiki_teacher']:.2f} | "
                      f"{first['news_before']:.2f} | {first['news_before'] / first['news_teacher']:.2f} | | | | | |")
         for r in (r for r in rows if r["recipe"] == recipe):
-            lines.append(f"| {recipe} | {r['variant']} | {r['tokens']} | {r['wiki']:.2f} | {r['wiki'] / r['wiki_teacher']:.2f} | "
+            lines.append(f"| {recipe} | {r['variant']} | {r['tokens']} | {r['machine']} | {r['wiki']:.2f} | {r['wiki'] / r['wiki_teacher']:.2f} | "
                          f"{r['news']:.2f} | {r['news'] / r['news_teacher']:.2f} | {r['train_seconds']:.0f} | "
                          f"{r['tokens_per_second']:.0f} | {share(r['cpu_share'])} | "
                          f"{r['peak_rss_mib']:.0f} | {'yes' if r['mask_identical'] else 'no'} |")
@@ -196,26 +247,21 @@ def main() -> None:
     args.records.mkdir(parents=True, exist_ok=True)
     budgets = [int(b) for b in args.budgets.split(",")]
     variants = [v for v in args.variants.split(",") if v]
-    rows = []
+    rows, machines = [], Machines()
     for recipe in args.recipes.split(","):
-        pruned, pruned_sha256 = pruned_model(recipe, args.work)
         runs = [Run(recipe, "base", tokens, reference=i == 0) for i, tokens in enumerate(budgets)]
         runs += [Run(recipe, variant, args.variant_budget, reference=False) for variant in variants]
-        reports = []
-        for run in runs:
-            expected = {"options": {"prune": prune_options(RECIPES[run.recipe]), "recover": recover_options(run, args.eval_windows)},
-                        "provenance": provenance(RECOVER_SOURCES) | {"pruned_sha256": pruned_sha256}}
-            path = args.records / f"{run.name}.json"
-            stored = stored_result(path, run.name, expected, args.recompute_stale) if args.resume else None
-            if stored is None:
-                stored = expected | {"report": measure(run, pruned, args.work, args.eval_windows)}
-                path.write_text(json.dumps(stored, indent=2) + "\n")
-            reports.append(stored["report"])
-        rows += [row(run, report, reports[0]) for run, report in zip(runs, reports)]
+        options = {run.name: recover_options(run, args.eval_windows) for run in runs}
+        expected = {args.records / f"{name}.json": {"options": {"prune": prune_options(RECIPES[recipe]), "recover": given},
+                                                     "provenance": run_provenance()} for name, given in options.items()}
+        records = runs_from_one_pruned_model(recipe, args.work, expected,
+                                             lambda pruned, name: recover(pruned, args.work / name, options[name]),
+                                             args.resume, args.recompute_stale)
+        rows += [row(run, record, records[0]["report"], machines) for run, record in zip(runs, records)]
     command = shlex.join(["python", "bench/recover.py", *sys.argv[1:]])
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machines": machines.legend(), "rows": rows}, indent=2) + "\n")
     plot(rows, args.out.with_suffix(".png"))
-    args.out.write_text(render(rows, command, time.time() - started, args.out))
+    args.out.write_text(render(rows, machines.legend(), command, time.time() - started, args.out))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ the validation perplexity is recorded with the training speed. Writes a Markdown
 
     python bench/recover_settings.py --out docs/recover_settings.md
 
-Results are stored in --work with the options, the pruned weights' hash and the code provenance
-that decide them, as bench/recover.py stores its own; --resume reuses only matching ones.
+Results are stored in --records with the options, the pruned weights' hash and the code provenance
+that decide them, as bench/recover.py stores its own, and committed: --resume reuses only matching
+ones, in a later session too, on any machine as long as the pruned weights are the same bytes (all
+stored settings, when they started from one pruned model, are reused without pruning again). Each
+row names the machine that trained it; times are compared only within one machine.
 """
 
 from __future__ import annotations
@@ -23,10 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prune_methods import argv, provenance, stored_result, wanda_serve  # noqa: E402
-from recover import RECOVER_SOURCES, pruned_model  # noqa: E402
+from prune_methods import Machines  # noqa: E402
+from recover import RECIPES, prune_options, recover, run_provenance, runs_from_one_pruned_model  # noqa: E402
 
-from wanda_serve.contract import RECOVER_REPORT_NAME  # noqa: E402
 from wanda_serve.data import load_corpus  # noqa: E402
 from wanda_serve.recover import RecoverJob  # noqa: E402
 
@@ -80,12 +82,13 @@ def recover_options(tokens: int, setting: Setting, train: Path, valid: Path) -> 
             "--adam-beta2": str(setting.beta2), **SHARED}
 
 
-def expected_record(options: dict[str, str | None], pruned_sha256: str) -> dict:
-    """What decides a stored result, keyed by command as bench/prune_methods.py's stored_result compares them."""
-    return {"options": {"recover": options}, "provenance": provenance(RECOVER_SOURCES) | {"pruned_sha256": pruned_sha256}}
+def expected_record(options: dict[str, str | None]) -> dict:
+    """What decides a stored result but the pruned weights' hash, keyed by command as bench/prune_methods.py's
+    stored_result compares them."""
+    return {"options": {"prune": prune_options(RECIPES[RECIPE]), "recover": options}, "provenance": run_provenance()}
 
 
-def render(rows: list[dict], command: str, tokens: int) -> str:
+def render(rows: list[dict], machines: dict[str, str], command: str, tokens: int) -> str:
     """The table; rows[0] is recover's default, which every other row is compared with."""
     default, best = rows[0], min(rows, key=lambda r: r["validation"])
     lines = [
@@ -98,19 +101,22 @@ def render(rows: list[dict], command: str, tokens: int) -> str:
         "evaluation region), in windows of 1024 tokens. Batch: windows of `seqlen` tokens per optimizer step, so a smaller "
         "batch of the same windows takes more steps. Temperature: of both distributions in the KL. "
         "Beta2: AdamW's second-moment decay. "
-        "The first row is recover's default.",
+        "The first row is recover's default. Machine: where the setting trained:",
         "",
-        "| lr | batch | seqlen | temperature | beta2 | steps | validation perplexity | vs default | train s | tokens/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"- {label}: {description}" for label, description in machines.items()),
+        "",
+        "| lr | batch | seqlen | temperature | beta2 | machine | steps | validation perplexity | vs default | train s | tokens/s |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mark = " **(best)**" if r is best else ""
-        lines.append(f"| {r['lr']} | {r['batch']} | {r['seqlen']} | {r['temperature']:g} | {r['beta2']:g} | {r['steps']} | "
+        lines.append(f"| {r['lr']} | {r['batch']} | {r['seqlen']} | {r['temperature']:g} | {r['beta2']:g} | {r['machine']} | {r['steps']} | "
                      f"{r['validation']:.2f}{mark} | {r['validation'] / default['validation'] - 1:+.1%} | "
                      f"{r['train_seconds']:.0f} | {r['tokens_per_second']:.0f} |")
+    time_ratio = (f"at {best['train_seconds'] / default['train_seconds']:.2f}× its training time on this CPU"
+                  if best["machine"] == default["machine"] else "trained on another machine, so their times do not compare")
     lines += ["", f"Best: {describe(best)}, {best['validation'] / default['validation'] - 1:+.1%} in validation perplexity "
-              f"against the default ({describe(default)}), at {best['train_seconds'] / default['train_seconds']:.2f}× its "
-              "training time on this CPU.", ""]
+              f"against the default ({describe(default)}), {time_ratio}.", ""]
     return "\n".join(lines)
 
 
@@ -124,33 +130,31 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100_000, help="the budget the settings are chosen for")
     parser.add_argument("--settings", default="3e-4:4,3e-4:1,1e-3:4,1e-3:1,1e-4:1,3e-4:1:1024,3e-4:2:512,3e-4:4:256:2,3e-4:4:::0.95,3e-4:1:::0.95",
                         help="LR:BATCH[:SEQLEN[:TEMPERATURE[:BETA2]]], comma-separated; the first is recover's default")
-    parser.add_argument("--work", type=Path, default=Path("runs/bench-recover-settings"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-recover-settings"), help="the split text, recovered models")
+    parser.add_argument("--records", type=Path, default=Path("docs/recover_settings"), help="each setting's stored result")
     parser.add_argument("--pruned-work", type=Path, default=Path("runs/bench-recover"), help="where bench/recover.py prunes")
-    parser.add_argument("--resume", action="store_true", help="reuse results stored in --work, if measured the same way")
+    parser.add_argument("--resume", action="store_true", help="reuse results stored in --records, if measured the same way")
     parser.add_argument("--recompute-stale", action="store_true")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    args.records.mkdir(parents=True, exist_ok=True)
     train, valid = split_calibration(args.work)
-    pruned, pruned_sha256 = pruned_model(RECIPE, args.pruned_work)
-    rows = []
-    for setting in map(Setting.parse, args.settings.split(",")):
-        name = f"{setting.name}-{args.tokens}"
-        options = recover_options(args.tokens, setting, train, valid)
-        expected = expected_record(options, pruned_sha256)
-        path = args.work / f"{name}.json"
-        stored = stored_result(path, name, expected, args.recompute_stale) if args.resume else None
-        if stored is None:
-            out = args.work / name
-            wanda_serve("recover", str(pruned), "--out", str(out), *argv(options), "--overwrite")
-            stored = expected | {"report": json.loads((out / RECOVER_REPORT_NAME).read_text())}
-            path.write_text(json.dumps(stored, indent=2) + "\n")
-        report = stored["report"]
+    settings = {f"{setting.name}-{args.tokens}": setting for setting in map(Setting.parse, args.settings.split(","))}
+    options = {name: recover_options(args.tokens, setting, train, valid) for name, setting in settings.items()}
+    expected = {args.records / f"{name}.json": expected_record(given) for name, given in options.items()}
+    records = runs_from_one_pruned_model(RECIPE, args.pruned_work, expected,
+                                         lambda pruned, name: recover(pruned, args.work / name, options[name]),
+                                         args.resume, args.recompute_stale)
+    rows, machines = [], Machines()
+    for setting, record in zip(settings.values(), records):
+        report = record["report"]
         (validation,) = report["perplexity"].values()
-        rows.append({**asdict(setting), "steps": report["steps"], "validation": validation["after"]["perplexity"],
-                     "train_seconds": report["train_seconds"], "tokens_per_second": report["tokens_per_second"]})
+        rows.append({**asdict(setting), "machine": machines.of(record), "steps": report["steps"],
+                     "validation": validation["after"]["perplexity"], "train_seconds": report["train_seconds"],
+                     "tokens_per_second": report["tokens_per_second"]})
     command = shlex.join(["python", "bench/recover_settings.py", *sys.argv[1:]])
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    args.out.write_text(render(rows, command, args.tokens))
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machines": machines.legend(), "rows": rows}, indent=2) + "\n")
+    args.out.write_text(render(rows, machines.legend(), command, args.tokens))
 
 
 if __name__ == "__main__":

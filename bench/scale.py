@@ -57,8 +57,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from export_checks import export_checks  # noqa: E402
 from exports import vllm_version  # noqa: E402
 from prune_methods import (  # noqa: E402
-    BEST_RECIPE, DEFAULT_RECIPE, MACHINE_KEYS, NUMERIC_SOURCES, SPARSEGPT, Recipe, Settings, argv, cpu_name, provenance, stored_result,
-    weights_sha256, write_page,
+    BEST_RECIPE, DEFAULT_RECIPE, NUMERIC_SOURCES, SPARSEGPT, Machines, Recipe, Settings, argv, cpu_name, machine_of,
+    provenance, stored_result, weights_sha256, write_page,
 )
 from scale_page import (  # noqa: E402
     EVAL_DATA, GB, MiB, DtypeRow, ExportRow, ModelShape, Page, PruneRow, ServeRow, checkpoint_bytes, export_goal, growth_rows,
@@ -142,11 +142,6 @@ class Artifact:
     sha256: str
     weights_bytes: int
     remake: Callable[[], dict] | None = None  # measure its step again when its directory is gone; None: not made here
-
-
-def machine_of(record: dict) -> tuple[str, ...]:
-    """The machine a stored result was measured on, as its provenance names it."""
-    return tuple(str(record["provenance"].get(key, "?")) for key in MACHINE_KEYS)
 
 
 THIS_MACHINE = machine_of({"provenance": provenance(())})
@@ -397,19 +392,6 @@ def recipe_label(recipe: Recipe) -> str:
 
 def perplexity(result: dict) -> float:
     return result["report"]["perplexity"]["perplexity"]
-
-
-class Machines:
-    """Short names (M1, M2, ...) for the machines stored results were measured on, in the order the page meets them."""
-
-    def __init__(self):
-        self.labels: dict[tuple[str, ...], str] = {}
-
-    def of(self, record: dict) -> str:
-        return self.labels.setdefault(machine_of(record), f"M{len(self.labels) + 1}")
-
-    def legend(self) -> dict[str, str]:
-        return {label: f"{cpu} ({identity}), ATen kernels {kernels}" for (cpu, identity, kernels), label in self.labels.items()}
 
 
 def model_rows(results: ModelResults, config: Config, machines: Machines) -> tuple[list[PruneRow], list[DtypeRow], list[ExportRow],

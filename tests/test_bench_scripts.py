@@ -402,7 +402,7 @@ def test_scale_steps_reuse_a_result_of_another_machine_unless_the_other_model_me
     reused = elsewhere.run("sparsegpt", {"prune": {}}, scale.PRUNE_SOURCES, measure)
     assert measured == [1, 1] and reused["provenance"]["cpu_id"] == "family 25 model 1" and not elsewhere.measured_here
     machines = scale.Machines()
-    here = {"provenance": dict(zip(scale.MACHINE_KEYS, scale.THIS_MACHINE))}
+    here = {"provenance": dict(zip(prune_methods.MACHINE_KEYS, scale.THIS_MACHINE))}
     assert [machines.of(record) for record in (reused, here, reused)] == ["M1", "M2", "M1"]
     assert machines.legend()["M1"] == "Other CPU (family 25 model 1), ATen kernels AVX2"
 
@@ -494,13 +494,43 @@ def test_recover_settings_reuse_a_stored_result_only_when_measured_the_same_way(
     from prune_methods import stored_result
 
     train, valid = tmp_path / "train.txt", tmp_path / "valid.txt"
-    measured = recover_settings.expected_record(recover_settings.recover_options(100_000, recover_settings.Setting.parse("3e-4:1"), train, valid), "0123")
+    measured = recover_settings.expected_record(recover_settings.recover_options(100_000, recover_settings.Setting.parse("3e-4:1"), train, valid))
+    assert measured["options"]["prune"]["--method"] == "wanda" and "prune_code_version" in measured["provenance"]
     path = tmp_path / "lr3e-4-batch1-100000.json"
     path.write_text(json.dumps(measured | {"report": {"steps": 391}}))
     assert stored_result(path, "lr3e-4-batch1", measured, recompute_stale=False)["report"] == {"steps": 391}
-    other = recover_settings.expected_record(recover_settings.recover_options(100_000, recover_settings.Setting.parse("1e-3:1"), train, valid), "0123")
+    other = recover_settings.expected_record(recover_settings.recover_options(100_000, recover_settings.Setting.parse("1e-3:1"), train, valid))
     with pytest.raises(SystemExit, match="recover --lr: stored 3e-4, now 1e-3"):
         stored_result(path, "lr3e-4-batch1", other, recompute_stale=False)
+
+
+def test_recover_runs_are_reused_without_pruning_when_all_started_from_one_pruned_model(tmp_path, monkeypatch):
+    import recover
+
+    pruned_hashes, measured = [], []
+    monkeypatch.setattr(recover, "pruned_model", lambda recipe, work: (tmp_path / "pruned", pruned_hashes.pop(0)))
+
+    def runs(*names, resume=True, recompute_stale=False):
+        expected = {tmp_path / f"{name}.json": {"options": {"recover": {"--lr": name}}, "provenance": recover.run_provenance()}
+                    for name in names}
+        return recover.runs_from_one_pruned_model(recover.DEFAULT, tmp_path, expected,
+                                                  lambda pruned, name: measured.append(name) or {"run": name}, resume, recompute_stale)
+
+    pruned_hashes.append("aaaa")
+    first = runs("a", "b")
+    assert measured == ["a", "b"] and [record["provenance"]["pruned_sha256"] for record in first] == ["aaaa", "aaaa"]
+    stored = json.loads((tmp_path / "a.json").read_text())
+    stored["provenance"] |= {"cpu_id": "family 25 model 1", "cpu_capability": "AVX2"}  # trained on another machine
+    (tmp_path / "a.json").write_text(json.dumps(stored))
+    assert [record["report"] for record in runs("a", "b")] == [{"run": "a"}, {"run": "b"}]  # nothing pruned: no hash asked for
+    assert measured == ["a", "b"]
+
+    pruned_hashes.append("bbbb")  # a run is missing, so the recipe is pruned here: to other bytes than the stored runs'
+    with pytest.raises(SystemExit, match="pruned_sha256: stored aaaa, now bbbb"):
+        runs("a", "b", "c")
+    pruned_hashes.append("aaaa")  # to the same bytes: the stored runs stand, from either machine, and only c is measured
+    assert [record["report"] for record in runs("a", "b", "c")] == [{"run": "a"}, {"run": "b"}, {"run": "c"}]
+    assert measured == ["a", "b", "c"]
 
 
 # bench/edge.py: the goal's verdict and the page, from synthetic rows.
@@ -644,9 +674,22 @@ def test_edge_exports_spell_out_every_option_that_decides_them():
 
 
 # bench/recover.py: the goal's verdict from synthetic rows.
-def recover_row(recipe: str, budget: int, wiki: float, news: float, mask_identical: bool = True, variant: str = "base") -> dict:
-    return {"recipe": recipe, "variant": variant, "budget": budget, "tokens": budget + 96, "wiki": wiki, "news": news,
-            "wiki_before": 140.0, "news_before": 270.0, "wiki_teacher": 20.0, "news_teacher": 27.0, "mask_identical": mask_identical}
+def recover_row(recipe: str, budget: int, wiki: float, news: float, mask_identical: bool = True, variant: str = "base",
+                machine: str = "M1") -> dict:
+    return {"recipe": recipe, "variant": variant, "machine": machine, "budget": budget, "tokens": budget + 96, "wiki": wiki, "news": news,
+            "wiki_before": 140.0, "news_before": 270.0, "wiki_teacher": 20.0, "news_teacher": 27.0, "mask_identical": mask_identical,
+            "train_seconds": budget / 120, "tokens_per_second": 120.0, "cpu_share": 0.98, "peak_rss_mib": 5900.0}
+
+
+def test_recover_page_names_the_machine_of_each_run():
+    import recover
+
+    rows = [recover_row("wanda-permute-2of4", 100_000, 43.2, 68.0), recover_row("sparsegpt-2of4", 100_000, 40.0, 63.0, machine="M2")]
+    machines = {"M1": "Some CPU (family 6 model 1), ATen kernels AVX512", "M2": "Other CPU (family 25 model 1), ATen kernels AVX2"}
+    text = recover.render(rows, machines, "python bench/recover.py --out x.md", 60.0, Path("x.md"))
+    assert "\n- M2: Other CPU (family 25 model 1), ATen kernels AVX2\n" in text
+    assert "| sparsegpt-2of4 | base | 100096 | M2 | 40.00 | 2.00 |" in text
+    assert "| wanda-permute-2of4 | | 0 | | 140.00 | 7.00 |" in text  # before recovery: pruned once, no training machine
 
 
 def test_recover_goal_judges_each_recipe_at_the_goal_budget_in_and_out_of_domain():
