@@ -122,8 +122,8 @@ def prune_goal(shape: ModelShape, dtype: str, statistic: tuple[str, int], nsampl
     inputs = " + ".join(f"{count} × {size}" for size, count in _counted(shape.block_inputs))
     activations = nsamples * seqlen * shape.hidden_size * 4
     refinement = (
-        (f"refinement: the block's gradients and Adam's two moments, 3 × {shape.block_parameters:,} × 4 B",
-         3 * shape.block_parameters * 4),
+        (f"refinement: the block's gradients, Adam's two moments and its weights before refinement (restored if it "
+         f"leaves the block worse), 4 × {shape.block_parameters:,} × 4 B", 4 * shape.block_parameters * 4),
         (f"refinement: the dense block's outputs it fits, {nsamples} × {seqlen} × {shape.hidden_size} × 4 B", activations),
     ) if refines else ()
     return MemoryGoal((

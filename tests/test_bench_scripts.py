@@ -267,8 +267,8 @@ def test_scale_prune_goal_adds_weights_one_float32_block_statistics_activations_
     assert MemoryGoal(goal.terms, 3.0 * GB).verdict() == "met (0.68 GB under)"
     refined = scale_page.prune_goal(LARGE, "bfloat16", ("InputNorms", 96_000), nsamples=64, seqlen=512, measured=4.0 * GB,
                                     refines=True)  # refinement's optimizer state and the dense outputs it fits, on top
-    assert [value for _, value in refined.terms] == [*values[:-1], 3 * 40_000_000 * 4, 64 * 512 * 2000 * 4, GB]
-    assert refined.terms[-3][0].startswith("refinement: the block's gradients and Adam's two moments")
+    assert [value for _, value in refined.terms] == [*values[:-1], 4 * 40_000_000 * 4, 64 * 512 * 2000 * 4, GB]
+    assert refined.terms[-3][0].startswith("refinement: the block's gradients, Adam's two moments and its weights")
 
 
 def test_scale_export_goals_are_a_multiple_of_the_source_bytes_plus_0_8_gb():

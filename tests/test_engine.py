@@ -288,7 +288,7 @@ def test_refinement_lowers_each_blocks_output_error_and_keeps_every_zero(method)
                          options=PruneOptions(refine=Refine(steps=20, lr=1e-3, batch=2)), progress=False)
     assert len(record.refined) == 2
     for block in record.refined:
-        assert block["output_error_after"] < block["output_error_before"], block
+        assert block["output_error_after"] < block["output_error_before"] and block["kept"], block
     audit = audit_linears(block_linears(refined))
     assert audit["all_nm_valid"]["2:4"] and all(layer["sparsity"] >= 0.5 for layer in audit["layers"].values())
     for name, linear in find_linears(find_decoder_blocks(refined)[0]).items():  # block 0 saw the same inputs in both runs
@@ -298,6 +298,20 @@ def test_refinement_lowers_each_blocks_output_error_and_keeps_every_zero(method)
     # Nothing of the training stays with the model: a block's gradients held to the end grow memory by a block per block.
     assert all(p.grad is None for p in refined.parameters())
     assert [p.requires_grad for p in refined.parameters()] == [p.requires_grad for p in plain.parameters()]
+
+
+def test_refinement_that_leaves_a_block_worse_is_undone():
+    # A step size far too large for the model: every block's output error grows, so every block keeps the
+    # method's weights and the model is the plain prune's, bit for bit.
+    structure = Structure(n=2, m=4)
+    plain, refined = tiny_model("llama"), tiny_model("llama")
+    prune_model(plain, batches(count=4), get_method("sparsegpt"), structure, progress=False)
+    record = prune_model(refined, batches(count=4), get_method("sparsegpt"), structure,
+                         options=PruneOptions(refine=Refine(steps=5, lr=10.0, batch=2)), progress=False)
+    for block in record.refined:
+        assert block["output_error_after"] > block["output_error_before"] and not block["kept"], block
+    for name, weight in refined.state_dict().items():
+        assert torch.equal(weight, plain.state_dict()[name]), name
 
 
 def test_refinement_steps_on_batch_samples_however_the_calibration_was_grouped():

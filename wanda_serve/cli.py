@@ -76,7 +76,7 @@ def cli(verbose, debug):
 @click.option("--refine", default=0, show_default=True, type=click.IntRange(0), metavar="STEPS",
               help=f"Block-output refinement: after each block is pruned, STEPS Adam steps (lr {Refine.lr:g}, "
                    f"{Refine.batch} calibration samples each) on its surviving weights toward the dense block's outputs; "
-                   "the mask is kept exactly.")
+                   "the mask is kept exactly, and a block it leaves worse on the calibration samples is restored.")
 @click.option("--owl", is_flag=True, help="OWL: spread an unstructured ratio over the blocks by their activation outliers.")
 @click.option("--owl-spread", default=0.08, show_default=True, type=click.FloatRange(0),
               help="OWL's λ: block sparsities span the target ± this (all must stay within 0 and 1).")
