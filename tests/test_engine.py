@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import ARCHITECTURES, CONFIGS, VOCAB, tiny_model
-from wanda_serve.engine import (Owl, PruneOptions, Refine, block_linears, block_stages, capture_block_inputs, find_decoder_blocks, find_linears,
+from wanda_serve.engine import (BlockCall, Owl, PruneOptions, Refine, block_linears, block_stages, capture_block_inputs, find_decoder_blocks, find_linears,
                                 prune_model)
 from wanda_serve.errors import WandaServeError
 from wanda_serve.methods import InputNorms, get_method
@@ -285,7 +285,7 @@ def test_refinement_lowers_each_blocks_output_error_and_keeps_every_zero(method)
     plain, refined = tiny_model("llama"), tiny_model("llama")
     prune_model(plain, batches(count=4), get_method(method), structure, progress=False)
     record = prune_model(refined, batches(count=4), get_method(method), structure,
-                         options=PruneOptions(refine=Refine(steps=20, lr=1e-3, batch=2)), progress=False)
+                         options=PruneOptions(refine=Refine(steps=20, batch=2)), progress=False)
     assert len(record.refined) == 2
     for block in record.refined:
         assert block["output_error_after"] < block["output_error_before"] and block["kept"], block
@@ -312,6 +312,24 @@ def test_refinement_that_leaves_a_block_worse_is_undone():
         assert block["output_error_after"] > block["output_error_before"] and not block["kept"], block
     for name, weight in refined.state_dict().items():
         assert torch.equal(weight, plain.state_dict()[name]), name
+
+
+def test_refinement_steps_are_relative_to_the_weights_scale():
+    """Adam moves every weight by about lr per step whatever its size: an absolute lr right for SmolLM2's weights
+    (mean |w| ~0.15) wrecked Qwen2.5-Coder-1.5B's (~0.01). Refining a layer scaled by 0.01 toward targets scaled
+    alike must give the same weights scaled alike."""
+    torch.manual_seed(0)
+    weight, dense = torch.randn(16, 16), torch.randn(16, 16)
+    weight[:, ::2] = 0
+    hidden = [torch.randn(4, 8, 16)]
+    refined = {}
+    for scale in (1.0, 0.01):
+        layer = torch.nn.Linear(16, 16, bias=False)
+        layer.weight.data = weight * scale
+        Refine(steps=5, lr=0.02, batch=4)(layer, {"layer": layer}, [BlockCall(4, (), {})], hidden, [hidden[0] @ (dense * scale).T])
+        refined[scale] = layer.weight.detach()
+    assert not torch.allclose(refined[1.0], weight)
+    assert torch.allclose(refined[0.01] / 0.01, refined[1.0], rtol=1e-4, atol=1e-6)
 
 
 def test_refinement_steps_on_batch_samples_however_the_calibration_was_grouped():

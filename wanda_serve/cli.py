@@ -74,7 +74,7 @@ def cli(verbose, debug):
               help="Prune each block stage by stage (q/k/v, o, gate/up, down), each on the inputs of the pruned stages before it; "
                    "--one-pass: every layer's statistic from the block's inputs in one pass.")
 @click.option("--refine", default=0, show_default=True, type=click.IntRange(0), metavar="STEPS",
-              help=f"Block-output refinement: after each block is pruned, STEPS Adam steps (lr {Refine.lr:g}, "
+              help=f"Block-output refinement: after each block is pruned, STEPS Adam steps (lr {Refine.lr:g} × each layer's mean |w|, "
                    f"{Refine.batch} calibration samples each) on its surviving weights toward the dense block's outputs; "
                    "the mask is kept exactly, and a block it leaves worse on the calibration samples is restored.")
 @click.option("--owl", is_flag=True, help="OWL: spread an unstructured ratio over the blocks by their activation outliers.")

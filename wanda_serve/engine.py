@@ -337,13 +337,18 @@ class Refine:
     """Block-output refinement (Wanda++'s regional optimization): after a block is pruned, `steps` Adam steps
     on its surviving linear weights, the mask held exactly, minimising the mean squared error between the
     dense block's outputs and the pruned block's on `batch` calibration samples per step, drawn from all of
-    them whatever --batch-size grouped them into. In float32, one block at a time, whatever the model's dtype."""
+    them whatever --batch-size grouped them into. In float32, one block at a time, whatever the model's dtype.
+
+    The learning rate is relative: each linear steps by `lr` × the mean |w| of its surviving weights, since
+    an Adam step moves every weight by about lr whatever its size. An absolute 3e-3, right for SmolLM2
+    (mean |w| ~0.15), moved Qwen2.5-Coder-1.5B's weights (~0.01) so far that every block got 10^2-10^4 times
+    worse."""
 
     steps: int
-    # Both chosen on held-out calibration windows at 10 steps (docs/refine_settings.md): 3e-3 was the best of
-    # 1e-3..3e-2 in every block tried (1e-2 left block 0 worse than not refining); 8 of the 64 samples per step
-    # came within 3-10% of all 64 at an eighth of the cost.
-    lr: float = 3e-3
+    # Chosen on held-out calibration windows at 10 steps, on SmolLM2 and Qwen2.5-Coder-1.5B (docs/refine_settings*.md):
+    # each block's best ranged from 0.0025 (Qwen's last) to 0.02 (SmolLM2's first). 0.01 came within 13% of the best
+    # in every block of both; 0.005 was 28% off in SmolLM2's block 0, 0.02 16% and 42% off in Qwen's blocks 14 and 27.
+    lr: float = 0.01
     batch: int = 8
     seed: int = 0
 
@@ -356,12 +361,13 @@ class Refine:
 
     def _fit(self, block: nn.Module, linears: dict[str, nn.Linear], calls: list[BlockCall], hidden: list[torch.Tensor],
              targets: list[torch.Tensor]) -> None:
-        zeros = KeptZeros([linear.weight for linear in linears.values()])
-        trainable = {id(linear.weight) for linear in linears.values()}
+        weights = [linear.weight for linear in linears.values()]
+        trainable = {id(w) for w in weights}
         requires_grad = {p: p.requires_grad for p in block.parameters()}
         for p in block.parameters():
             p.requires_grad_(id(p) in trainable)
-        optimizer = torch.optim.Adam([linear.weight for linear in linears.values()], lr=self.lr)
+        zeros = KeptZeros(weights)
+        optimizer = torch.optim.Adam([{"params": [w], "lr": self.lr * mean_magnitude(w)} for w in weights])
         generator = torch.Generator().manual_seed(self.seed)
         samples = [(call, row) for call, batch in enumerate(hidden) for row in range(batch.shape[0])]
         zeros.attach()
@@ -387,6 +393,12 @@ class Refine:
             optimizer.zero_grad(set_to_none=True)  # else each block's gradients stay with its weights to the end
             for p, flag in requires_grad.items():
                 p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def mean_magnitude(weight: torch.Tensor) -> float:
+    """The mean |w| of a weight's nonzero entries (a pruned weight's zeros say nothing of its scale)."""
+    return float(weight.abs().sum() / weight.count_nonzero().clamp(min=1))
 
 
 def output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
