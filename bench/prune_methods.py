@@ -188,6 +188,14 @@ def cpu_id() -> str:
 
 
 MACHINE_KEYS = ("cpu", "cpu_id", "cpu_capability")  # the provenance entries that name the machine
+BF16_FEATURES = ("avx512_bf16", "amx_bf16", "amx_tile")  # the CPU flags that decide how fast bfloat16 matrix products run
+
+
+def cpu_features() -> list[str]:
+    """The BF16_FEATURES this CPU has. Stored beside a result, not in its provenance (cpu_id tells machines apart
+    already): the page says which machines had AMX when it compares bfloat16 with float32."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    return [flag for flag in BF16_FEATURES if flag in flags]
 
 
 def provenance(sources: tuple[str, ...] = NUMERIC_SOURCES) -> dict:
@@ -211,12 +219,25 @@ class Machines:
 
     def __init__(self):
         self.labels: dict[tuple[str, ...], str] = {}
+        self.features: dict[str, list[str]] = {}  # label -> cpu_features(), where a result of that machine recorded them
 
     def of(self, record: dict) -> str:
-        return self.labels.setdefault(machine_of(record), f"M{len(self.labels) + 1}")
+        label = self.labels.setdefault(machine_of(record), f"M{len(self.labels) + 1}")
+        if "cpu_features" in record:
+            self.features[label] = record["cpu_features"]
+        return label
+
+    def bf16_units(self, label: str) -> str:
+        """What the machine has for bfloat16 matrix products, as its results recorded it."""
+        if label not in self.features:
+            return "bfloat16 instructions not recorded"
+        features = self.features[label]
+        return (f"bfloat16 instructions: {', '.join(features) or 'none'}"
+                f"{'' if 'amx_bf16' in features else ' (no AMX)'}")
 
     def legend(self) -> dict[str, str]:
-        return {label: f"{cpu} ({identity}), ATen kernels {kernels}" for (cpu, identity, kernels), label in self.labels.items()}
+        return {label: f"{cpu} ({identity}), ATen kernels {kernels}; {self.bf16_units(label)}"
+                for (cpu, identity, kernels), label in self.labels.items()}
 
 
 def differences(stored: dict, expected: dict, ignore: tuple[str, ...] = ()) -> list[str]:

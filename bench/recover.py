@@ -39,8 +39,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from prune_methods import (  # noqa: E402
-    BEST_RECIPE, DEFAULT_RECIPE, MACHINE_KEYS, NUMERIC_SOURCES, SPARSEGPT, Machines, Recipe, argv, code_version, differences, goal_verdict,
-    provenance, stored_result, wanda_serve, weights_sha256,
+    BEST_RECIPE, DEFAULT_RECIPE, MACHINE_KEYS, NUMERIC_SOURCES, SPARSEGPT, Machines, Recipe, argv, code_version, cpu_features,
+    differences, goal_verdict, provenance, stored_result, wanda_serve, weights_sha256,
 )
 
 from wanda_serve.contract import RECOVER_REPORT_NAME  # noqa: E402
@@ -129,7 +129,7 @@ def runs_from_one_pruned_model(recipe: str, work: Path, expected: dict[Path, dic
         wanted = wanted | {"provenance": wanted["provenance"] | {"pruned_sha256": pruned_sha256}}
         record = stored_result(path, path.stem, wanted, recompute_stale, any_machine=True) if resume else None
         if record is None:
-            record = wanted | {"report": measure(pruned, path.stem)}
+            record = wanted | {"cpu_features": cpu_features(), "report": measure(pruned, path.stem)}
             path.write_text(json.dumps(record, indent=2) + "\n")
         records.append(record)
     return records

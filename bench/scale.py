@@ -57,8 +57,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from export_checks import export_checks  # noqa: E402
 from exports import vllm_version  # noqa: E402
 from prune_methods import (  # noqa: E402
-    BEST_RECIPE, DEFAULT_RECIPE, NUMERIC_SOURCES, SPARSEGPT, Machines, Recipe, Settings, argv, cpu_name, machine_of,
-    provenance, stored_result, weights_sha256, write_page,
+    BEST_RECIPE, DEFAULT_RECIPE, NUMERIC_SOURCES, SPARSEGPT, Machines, Recipe, Settings, argv, cpu_features, cpu_name,
+    machine_of, provenance, stored_result, weights_sha256, write_page,
 )
 from scale_page import (  # noqa: E402
     EVAL_DATA, GB, MiB, DtypeRow, ExportRow, ModelShape, Page, PruneRow, ServeRow, checkpoint_bytes, export_goal, growth_rows,
@@ -196,7 +196,8 @@ class Steps:
             return None
         for artifact in inputs:
             self.ensure(artifact)
-        record = {"step": name, **expected(), **measure()}  # expected() again: an input made anew may have new weights
+        # expected() again: an input made anew may have new weights
+        record = {"step": name, **expected(), "cpu_features": cpu_features(), **measure()}
         path.write_text(json.dumps(record, indent=2) + "\n")
         if compared:
             self.measured_here.add(name)

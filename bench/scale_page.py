@@ -363,7 +363,9 @@ def render(page: Page) -> str:
         "## bfloat16 against float32 (the default recipe)",
         "",
         f"Goals: forward passes at least {BF16_SPEEDUP_GOAL:g}× faster in bfloat16; perplexity within "
-        f"{BF16_PERPLEXITY_GOAL:.0%} of float32's (both pruned models evaluated in float32). Rounded: the float32-pruned "
+        f"{BF16_PERPLEXITY_GOAL:.0%} of float32's (both pruned models evaluated in float32). The speed-up goal was set "
+        "for a CPU with AMX, whose tile units multiply bfloat16 matrices; each machine's bfloat16 instructions are named "
+        "in the list of machines above. Rounded: the float32-pruned "
         "model's weights rounded to bfloat16 (its vLLM export), its masks unchanged: what rounding alone costs, as a "
         "bfloat16 server sees either model. The rest of the change comes from the masks, which differ: docs/determinism.md "
         "compares bfloat16 prunes with float32 ones over seeds and kernels, to tell a worse result from another draw.",

@@ -395,7 +395,9 @@ def test_scale_steps_reuse_a_result_of_another_machine_unless_the_other_model_me
     assert first.measured_here == {"sparsegpt"}  # an evaluation is not compared across models: it pins nothing
     path = tmp_path / "records" / "sparsegpt.json"
     record = json.loads(path.read_text())
+    assert record["cpu_features"] == prune_methods.cpu_features()  # stored beside the result, not in its provenance
     record["provenance"] |= {"cpu": "Other CPU", "cpu_id": "family 25 model 1", "cpu_capability": "AVX2"}
+    record["cpu_features"] = ["avx512_bf16"]
     path.write_text(json.dumps(record))
 
     elsewhere = steps()
@@ -404,7 +406,8 @@ def test_scale_steps_reuse_a_result_of_another_machine_unless_the_other_model_me
     machines = scale.Machines()
     here = {"provenance": dict(zip(prune_methods.MACHINE_KEYS, scale.THIS_MACHINE))}
     assert [machines.of(record) for record in (reused, here, reused)] == ["M1", "M2", "M1"]
-    assert machines.legend()["M1"] == "Other CPU (family 25 model 1), ATen kernels AVX2"
+    assert machines.legend()["M1"] == "Other CPU (family 25 model 1), ATen kernels AVX2; bfloat16 instructions: avx512_bf16 (no AMX)"
+    assert machines.legend()["M2"].endswith("; bfloat16 instructions not recorded")  # a result stored before they were
 
     pinned = steps(pinned=frozenset({"sparsegpt"}))  # the large model's sparsegpt was measured on this machine
     again = pinned.run("sparsegpt", {"prune": {}}, scale.PRUNE_SOURCES, measure)
