@@ -128,7 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokens", type=int, default=100_000, help="the budget the settings are chosen for")
-    parser.add_argument("--settings", default="3e-4:4,3e-4:1,3e-4:4:::0.95,3e-4:1:::0.95,1e-3:4,1e-3:1,1e-4:1,3e-4:1:1024,3e-4:2:512,3e-4:4:256:2",
+    parser.add_argument("--settings", default="3e-4:4,3e-4:1,3e-4:4:::0.95,3e-4:1:::0.95,3e-4:1:128::0.95,1e-3:4,1e-3:1,1e-4:1,3e-4:1:1024,3e-4:2:512,3e-4:4:256:2",
                         help="LR:BATCH[:SEQLEN[:TEMPERATURE[:BETA2]]], comma-separated; the first is recover's default")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-recover-settings"), help="the split text, recovered models")
     parser.add_argument("--records", type=Path, default=Path("docs/recover_settings"), help="each setting's stored result")
