@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from wanda_serve.jobs import PruneJob
 from wanda_serve.methods import get_method
 
 GB = 10**9
@@ -108,6 +109,12 @@ def statistic_bytes(method: str, block_inputs: tuple[int, ...]) -> tuple[str, in
     total = sum(value.numel() * value.element_size() for inputs in block_inputs
                 for value in vars(statistic(inputs, meta)).values() if isinstance(value, torch.Tensor))
     return statistic.__name__, total
+
+
+def mlp_intermediate_bytes(shape: ModelShape, seqlen: int) -> int:
+    """The float32 MLP intermediates (gate, up and their product) that one calibration batch's forward pass holds
+    at once in a decoder block: the largest activations of a forward pass, outside every term of the prune goal."""
+    return 3 * PruneJob.batch_size * seqlen * shape.intermediate_size * 4
 
 
 def prune_goal(shape: ModelShape, dtype: str, statistic: tuple[str, int], nsamples: int, seqlen: int, measured: float,
@@ -356,7 +363,12 @@ def render(page: Page) -> str:
         "(written before refinement existed) does not count. The 1 GB holds everything the other terms leave out: the runtime (Python with "
         f"torch, transformers and onnxruntime imported: `wanda-serve --help` peaks at {page.machine['runtime_rss_gb']:.2f} GB "
         "here), a forward pass's own activations (attention scores, MLP intermediates for one batch), the tokenized "
-        "calibration text, and the allocator's free memory it does not give back. Its terms, from each model's measured sizes:",
+        "calibration text, and the allocator's free memory it does not give back. "
+        f"The MLP intermediates of one calibration batch alone (gate, up and their product: 3 × {PruneJob.batch_size} × "
+        f"{page.settings['seqlen']} × intermediate × 4 B) hold "
+        + "; ".join(f"{s.name} {mlp_intermediate_bytes(s, page.settings['seqlen']) / GB:.2f} GB" for s in page.models
+                    if s.intermediate_size)
+        + " of it, so a wide MLP leaves less of the 1 GB for the rest. Its terms, from each model's measured sizes:",
         "",
         *_goal_terms({(row.model, f"{row.recipe}, {row.dtype}"): row.memory for row in page.prune}),
         "",

@@ -338,6 +338,8 @@ def test_scale_page_renders_every_section_goal_and_the_command():
     assert "- large, vllm of dense: 4.00 (1 × the source checkpoint (4.00 GB)) + 0.80 (allowance) = 4.80 GB; measured 5.50 GB, " \
            "**missed by 0.70 GB** (15% over)" in text
     assert "`wanda-serve --help` peaks at 0.41 GB here" in text
+    # A batch of 8 windows of 512 tokens through an MLP 8000 wide: gate, up and their product in float32.
+    assert f"small {3 * 8 * 512 * 4000 * 4 / GB:.2f} GB; large {3 * 8 * 512 * 8000 * 4 / GB:.2f} GB of it" in text
     assert "\n| parameters |" not in text  # shown in the sentence above the growth table
     assert "Parameters grow 10.0× (100M → 1,000M)." in text
     assert "| prune wanda + permutation (float32): total | 50 s | 600 s | M1 | 12.0× | 1.20 |" in text
