@@ -103,17 +103,22 @@ def run_provenance(sources: tuple[str, ...] = RECOVER_SOURCES) -> dict:
     return provenance(sources) | {"prune_code_version": code_version(sources=NUMERIC_SOURCES)}
 
 
+def stored_as_expected(expected: dict[Path, dict]) -> dict[Path, dict]:
+    """The stored record at each path that was measured as expected (on any machine, from whatever pruned weights)."""
+    stored = {path: json.loads(path.read_text()) for path in expected if path.is_file()}
+    return {path: record for path, record in stored.items()
+            if not differences(record, expected[path], (*MACHINE_KEYS, "pruned_sha256"))}
+
+
+def pruned_hashes(records: dict[Path, dict]) -> set[str]:
+    return {record["provenance"]["pruned_sha256"] for record in records.values()}
+
+
 def stored_from_one_pruned_model(expected: dict[Path, dict]) -> dict[Path, dict] | None:
-    """The stored record at each path, if every one was measured as expected (on any machine, from whatever pruned
-    weights) and all started from the same pruned weights; None if any must be measured."""
-    records = {}
-    for path, wanted in expected.items():
-        if not path.is_file():
-            return None
-        records[path] = json.loads(path.read_text())
-        if differences(records[path], wanted, (*MACHINE_KEYS, "pruned_sha256")):
-            return None
-    return records if len({record["provenance"]["pruned_sha256"] for record in records.values()}) == 1 else None
+    """The stored record at each path, if every one was measured as expected and all started from the same pruned
+    weights; None if any must be measured."""
+    records = stored_as_expected(expected)
+    return records if len(records) == len(expected) and len(pruned_hashes(records)) == 1 else None
 
 
 def runs_from_one_pruned_model(recipe: str, work: Path, expected: dict[Path, dict], measure: Callable[[Path, str], dict],

@@ -27,7 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from prune_methods import Machines  # noqa: E402
-from recover import RECIPES, prune_options, recover, run_provenance, runs_from_one_pruned_model  # noqa: E402
+from recover import (  # noqa: E402
+    RECIPES, prune_options, pruned_hashes, recover, run_provenance, runs_from_one_pruned_model, stored_as_expected,
+)
 
 from wanda_serve.data import load_corpus  # noqa: E402
 from wanda_serve.recover import RecoverJob  # noqa: E402
@@ -88,14 +90,18 @@ def expected_record(options: dict[str, str | None]) -> dict:
     return {"options": {"prune": prune_options(RECIPES[RECIPE]), "recover": options}, "provenance": run_provenance()}
 
 
-def render(rows: list[dict], machines: dict[str, str], command: str, tokens: int) -> str:
-    """The table; rows[0] is recover's default, which every other row is compared with."""
+def render(rows: list[dict], machines: dict[str, str], command: str, tokens: int, missing: tuple[str, ...] = ()) -> str:
+    """The table; rows[0] is recover's default, which every other row is compared with. `missing`: the settings
+    not measured yet (--stored-only)."""
     default, best = rows[0], min(rows, key=lambda r: r["validation"])
+    incomplete = [f"**Incomplete: {len(rows)} of {len(rows) + len(missing)} settings measured.** Not yet measured: "
+                  f"{', '.join(missing)}. `--resume` measures them.", ""] if missing else []
     lines = [
         "# Recovery settings, chosen on calibration text",
         "",
         f"Written by `{command}`; raw numbers in the JSON beside this page.",
         "",
+        *incomplete,
         f"The default recipe's pruned SmolLM2 recovered on {tokens} tokens of the first {1 - VALIDATION_SHARE:.0%} of the "
         f"Wikipedia calibration region; validation perplexity on its last {VALIDATION_SHARE:.0%} (never on the held-out "
         "evaluation region), in windows of 1024 tokens. Batch: windows of `seqlen` tokens per optimizer step, so a smaller "
@@ -115,7 +121,7 @@ def render(rows: list[dict], machines: dict[str, str], command: str, tokens: int
                      f"{r['train_seconds']:.0f} | {r['tokens_per_second']:.0f} |")
     time_ratio = (f"at {best['train_seconds'] / default['train_seconds']:.2f}× its training time on this CPU"
                   if best["machine"] == default["machine"] else "trained on another machine, so their times do not compare")
-    lines += ["", f"Best: {describe(best)}, {best['validation'] / default['validation'] - 1:+.1%} in validation perplexity "
+    lines += ["", f"Best{' so far' * bool(missing)}: {describe(best)}, {best['validation'] / default['validation'] - 1:+.1%} in validation perplexity "
               f"against the default ({describe(default)}), {time_ratio}.", ""]
     return "\n".join(lines)
 
@@ -135,26 +141,39 @@ def main() -> None:
     parser.add_argument("--pruned-work", type=Path, default=Path("runs/bench-recover"), help="where bench/recover.py prunes")
     parser.add_argument("--resume", action="store_true", help="reuse results stored in --records, if measured the same way")
     parser.add_argument("--recompute-stale", action="store_true")
+    parser.add_argument("--stored-only", action="store_true",
+                        help="measure nothing: write the page from the stored results, naming the settings they lack")
     args = parser.parse_args()
+    if args.stored_only and args.recompute_stale:
+        parser.error("--stored-only measures nothing: it does not go with --recompute-stale")
     args.work.mkdir(parents=True, exist_ok=True)
     args.records.mkdir(parents=True, exist_ok=True)
     train, valid = split_calibration(args.work)
     settings = {f"{setting.name}-{args.tokens}": setting for setting in map(Setting.parse, args.settings.split(","))}
     options = {name: recover_options(args.tokens, setting, train, valid) for name, setting in settings.items()}
     expected = {args.records / f"{name}.json": expected_record(given) for name, given in options.items()}
-    records = runs_from_one_pruned_model(RECIPE, args.pruned_work, expected,
-                                         lambda pruned, name: recover(pruned, args.work / name, options[name]),
-                                         args.resume, args.recompute_stale)
+    if args.stored_only:
+        records = stored_as_expected(expected)
+        if next(iter(expected)) not in records or len(pruned_hashes(records)) > 1:
+            sys.exit("Error: --stored-only needs the default setting stored, and every stored setting from one pruned "
+                     f"model, in {args.records}")
+    else:
+        records = dict(zip(expected, runs_from_one_pruned_model(
+            RECIPE, args.pruned_work, expected, lambda pruned, name: recover(pruned, args.work / name, options[name]),
+            args.resume, args.recompute_stale)))
+    measured = {name: (setting, records[path]) for (name, setting), path in zip(settings.items(), expected) if path in records}
+    missing = tuple(name for name in settings if name not in measured)
     rows, machines = [], Machines()
-    for setting, record in zip(settings.values(), records):
+    for setting, record in measured.values():
         report = record["report"]
         (validation,) = report["perplexity"].values()
         rows.append({**asdict(setting), "machine": machines.of(record), "steps": report["steps"],
                      "validation": validation["after"]["perplexity"], "train_seconds": report["train_seconds"],
                      "tokens_per_second": report["tokens_per_second"]})
     command = shlex.join(["python", "bench/recover_settings.py", *sys.argv[1:]])
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machines": machines.legend(), "rows": rows}, indent=2) + "\n")
-    args.out.write_text(render(rows, machines.legend(), command, args.tokens))
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machines": machines.legend(), "rows": rows,
+                                                         "missing": list(missing)}, indent=2) + "\n")
+    args.out.write_text(render(rows, machines.legend(), command, args.tokens, missing))
 
 
 if __name__ == "__main__":

@@ -509,6 +509,35 @@ def test_recover_settings_reuse_a_stored_result_only_when_measured_the_same_way(
         stored_result(path, "lr3e-4-batch1", other, recompute_stale=False)
 
 
+def test_recover_settings_page_from_stored_results_names_the_settings_it_lacks(tmp_path, monkeypatch):
+    import recover_settings
+
+    work, records, out = tmp_path / "work", tmp_path / "records", tmp_path / "page.md"
+    records.mkdir()
+
+    def store(text, validation, pruned_sha256="aaaa"):
+        setting = recover_settings.Setting.parse(text)
+        record = recover_settings.expected_record(recover_settings.recover_options(1000, setting, work / "train.txt", work / "valid.txt"))
+        record["provenance"]["pruned_sha256"] = pruned_sha256
+        record["report"] = {"perplexity": {"valid": {"after": {"perplexity": validation}}}, "steps": 3, "train_seconds": 10.0,
+                            "tokens_per_second": 100.0}
+        (records / f"{setting.name}-1000.json").write_text(json.dumps(record))
+
+    store("3e-4:4", 40.0)
+    store("1e-3:4", 38.0)
+    monkeypatch.setattr(sys, "argv", ["recover_settings.py", "--out", str(out), "--tokens", "1000", "--settings", "3e-4:4,3e-4:1,1e-3:4",
+                                      "--work", str(work), "--records", str(records), "--stored-only"])
+    recover_settings.main()
+    text = out.read_text()
+    assert "**Incomplete: 2 of 3 settings measured.** Not yet measured: lr3e-4-batch1-1000." in text
+    assert "| 1e-3 | 4 | 256 | 1 | 0.999 | M1 | 3 | 38.00 **(best)** | -5.0% | 10 | 100 |" in text
+    assert "Best so far: lr 1e-3, batch 4" in text
+    assert json.loads(out.with_suffix(".json").read_text())["missing"] == ["lr3e-4-batch1-1000"]
+    store("3e-4:4", 40.0, pruned_sha256="bbbb")  # the default recovered other pruned weights than the rest
+    with pytest.raises(SystemExit, match="every stored setting from one pruned model"):
+        recover_settings.main()
+
+
 def test_recover_runs_are_reused_without_pruning_when_all_started_from_one_pruned_model(tmp_path, monkeypatch):
     import recover
 
