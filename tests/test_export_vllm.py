@@ -57,6 +57,30 @@ def test_large_models_are_sharded(pruned_dir, tmp_path):
     assert len(shards) > 1 and "model.safetensors.index.json" in manifest["files"]
 
 
+def test_zero_masks_are_freed_before_the_vllm_check_reloads_the_weights(pruned_dir, tmp_path, monkeypatch):
+    """At 1.5B parameters the source's and the export's masks are 0.2 GB each: the vLLM check's float32 reload of
+    the whole model must not find them still alive."""
+    import weakref
+
+    import exporters.vllm_checkpoint as vllm_checkpoint
+
+    masks, zero_masks = [], vllm_checkpoint._zero_masks
+
+    def tracked_zero_masks(linears):
+        found = zero_masks(linears)
+        masks.extend(weakref.ref(mask) for mask in found.values())
+        return found
+
+    def check(directory, tokenizer):
+        alive = sum(mask() is not None for mask in masks)
+        return {"status": "passed" if alive == 0 else "failed", "reason": f"{alive} of {len(masks)} zero masks alive"}
+
+    monkeypatch.setattr(vllm_checkpoint, "_zero_masks", tracked_zero_masks)
+    monkeypatch.setattr(vllm_checkpoint, "check_on_vllm", check)
+    manifest = export_vllm(VllmExport(tmp_path / "out", str(pruned_dir)))
+    assert masks and manifest["checks"]["vllm"]["status"] == "passed"
+
+
 def with_config(model_dir, **extra):
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, **extra}))
