@@ -730,10 +730,11 @@ def test_recover_goal_judges_each_recipe_at_the_goal_budget_in_and_out_of_domain
     import recover
 
     rows = [recover_row("wanda-permute-2of4", 10_000, 60.0, 95.0), recover_row("wanda-permute-2of4", 100_000, 43.2, 68.0),
-            recover_row("wanda-permute-2of4", 100_000, 30.0, 40.0, variant="bf16"),  # not the base variant: not judged
+            recover_row("wanda-permute-2of4", 100_000, 30.0, 40.0, variant="bf16"),  # a variant at the goal's budget: judged too
             recover_row("sparsegpt-2of4", 100_000, 39.9, 250.0), recover_row("sparsegpt-refine-2of4", 100_000, 29.9, 50.0, mask_identical=False)]
-    default, sparsegpt, best, mask = recover.goal_lines(rows)[2:]
+    default, variant, sparsegpt, best, mask = recover.goal_lines(rows)[2:]
     assert default.startswith("- wanda-permute-2of4 (the default recipe, the goal) after 100096 tokens: wiki 43.20, 2.16x dense")
+    assert variant.startswith("- wanda-permute-2of4 (the default recipe, the goal), bf16 after 100096 tokens: wiki 30.00, 1.50x dense")
     assert ": **not met**." in default and default.endswith("comparable.")  # 140/43.2 = 3.24 in domain, 270/68 = 3.97 out
     assert "1.99x dense" in sparsegpt and ": **met**." in sparsegpt and "**not comparable**" in sparsegpt  # 270/250 = 1.08
     assert "1.49x dense" in best and "**met**, and the moonshot" in best
