@@ -254,13 +254,13 @@ def main() -> None:
     parser.add_argument("--recompute-stale", action="store_true")
     args = parser.parse_args()
     started = time.time()
-    args.work.mkdir(parents=True, exist_ok=True)
-    args.records.mkdir(parents=True, exist_ok=True)
     budgets = [int(b) for b in args.budgets.split(",")]
     variants = [(name, int(tokens or args.variant_budget)) for name, _, tokens in
                 (v.partition("@") for v in args.variants.split(",") if v)]
     if unknown := [name for name, _ in variants if name not in VARIANTS]:
         parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.records.mkdir(parents=True, exist_ok=True)
     rows, machines = [], Machines()
     for recipe in args.recipes.split(","):
         runs = [Run(recipe, "base", tokens, reference=i == 0) for i, tokens in enumerate(budgets)]

@@ -147,7 +147,6 @@ def main() -> None:
     if args.stored_only and args.recompute_stale:
         parser.error("--stored-only measures nothing: it does not go with --recompute-stale")
     args.work.mkdir(parents=True, exist_ok=True)
-    args.records.mkdir(parents=True, exist_ok=True)
     train, valid = split_calibration(args.work)
     settings = {f"{setting.name}-{args.tokens}": setting for setting in map(Setting.parse, args.settings.split(","))}
     options = {name: recover_options(args.tokens, setting, train, valid) for name, setting in settings.items()}
@@ -158,6 +157,7 @@ def main() -> None:
             sys.exit("Error: --stored-only needs the default setting stored, and every stored setting from one pruned "
                      f"model, in {args.records}")
     else:
+        args.records.mkdir(parents=True, exist_ok=True)
         records = dict(zip(expected, runs_from_one_pruned_model(
             RECIPE, args.pruned_work, expected, lambda pruned, name: recover(pruned, args.work / name, options[name]),
             args.resume, args.recompute_stale)))
