@@ -52,7 +52,9 @@ DEFAULT = "wanda-permute-2of4"  # the goal's recipe: what `wanda-serve prune` do
 PRUNE_SHARED = {"--calib": "wiki", "--nsamples": "64", "--seqlen": "512", "--seed": "0", "--dtype": "float32"}
 VARIANTS = {"base": {}, "squarehead": {"--hidden-weight": "1.0"}, "bf16": {"--dtype": "bfloat16"},
             # the lowest validation perplexity of docs/recover_settings.md, chosen on calibration text
-            "batch1-seqlen128-beta2-0.95": {"--batch-size": "1", "--seqlen": "128", "--adam-beta2": "0.95"}}
+            "batch1-seqlen128-beta2-0.95": {"--batch-size": "1", "--seqlen": "128", "--adam-beta2": "0.95"},
+            # recover's default before it froze them: in domain and out of domain, what training them too does
+            "train-embeddings": {"--train-embeddings": None}}
 # The goal: the default recipe recovered within GOAL_TOKENS at most GOAL x dense wiki perplexity (moonshot:
 # MOONSHOT x); out of domain it should improve on the un-recovered model by a comparable factor, read as at
 # least OUT_OF_DOMAIN_SHARE of the in-domain factor.
@@ -243,7 +245,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--budgets", default="10000,25000,50000,100000,200000")
-    parser.add_argument("--variants", default=f"squarehead,bf16,batch1-seqlen128-beta2-0.95@{GOAL_TOKENS}",
+    parser.add_argument("--variants", default=f"squarehead,bf16,batch1-seqlen128-beta2-0.95@{GOAL_TOKENS},train-embeddings@{GOAL_TOKENS}",
                         help=f"besides base: VARIANT[@TOKENS], comma-separated, from {', '.join(VARIANTS)}; "
                              "TOKENS defaults to --variant-budget")
     parser.add_argument("--variant-budget", type=int, default=25000)

@@ -41,26 +41,36 @@ SHARED = {"--warmup": "0.05", "--seed": "0", "--out-of-domain": "none", "--eval-
 
 @dataclass(frozen=True)
 class Setting:
-    """One row: LR:BATCH[:SEQLEN[:TEMPERATURE[:BETA2]]] on the command line; omitted or empty fields are recover's defaults."""
+    """One row: LR:BATCH[:SEQLEN[:TEMPERATURE[:BETA2[:EMBEDDINGS]]]] on the command line, EMBEDDINGS `trained` or
+    `frozen`; omitted or empty fields are recover's defaults."""
 
     lr: str
     batch: int
     seqlen: int = RecoverJob.seqlen
     temperature: float = RecoverJob.temperature
     beta2: float = RecoverJob.adam_beta2
+    train_embeddings: bool = RecoverJob.train_embeddings
 
     @classmethod
     def parse(cls, text: str) -> Setting:
         lr, batch, *rest = text.split(":")
-        seqlen, temperature, beta2 = (rest + [None] * 3)[:3]
-        return cls(lr, int(batch), int(seqlen or cls.seqlen), float(temperature or cls.temperature), float(beta2 or cls.beta2))
+        seqlen, temperature, beta2, embeddings = (rest + [None] * 4)[:4]
+        if embeddings not in (None, "", "trained", "frozen"):
+            raise ValueError(f"{text}: EMBEDDINGS is trained or frozen, got {embeddings}")
+        return cls(lr, int(batch), int(seqlen or cls.seqlen), float(temperature or cls.temperature), float(beta2 or cls.beta2),
+                   embeddings == "trained" if embeddings else cls.train_embeddings)
+
+    @property
+    def embeddings(self) -> str:
+        return "trained" if self.train_embeddings else "frozen"
 
     @property
     def name(self) -> str:
         # The fields at recover's default stay out of the name, so results stored before they were options still match.
         extra = (f"-seqlen{self.seqlen}" * (self.seqlen != RecoverJob.seqlen)
                  + f"-t{self.temperature:g}" * (self.temperature != RecoverJob.temperature)
-                 + f"-beta2{self.beta2:g}" * (self.beta2 != RecoverJob.adam_beta2))
+                 + f"-beta2{self.beta2:g}" * (self.beta2 != RecoverJob.adam_beta2)
+                 + f"-embeddings-{self.embeddings}" * (self.train_embeddings != RecoverJob.train_embeddings))
         return f"lr{self.lr}-batch{self.batch}{extra}"
 
 
@@ -81,7 +91,7 @@ def split_calibration(work: Path) -> tuple[Path, Path]:
 def recover_options(tokens: int, setting: Setting, train: Path, valid: Path) -> dict[str, str | None]:
     return {"--tokens": str(tokens), "--lr": setting.lr, "--batch-size": str(setting.batch), "--data": str(train),
             "--eval-data": str(valid), "--seqlen": str(setting.seqlen), "--temperature": str(setting.temperature),
-            "--adam-beta2": str(setting.beta2), **SHARED}
+            "--adam-beta2": str(setting.beta2), f"--{'train' if setting.train_embeddings else 'freeze'}-embeddings": None, **SHARED}
 
 
 def expected_record(options: dict[str, str | None]) -> dict:
@@ -106,17 +116,20 @@ def render(rows: list[dict], machines: dict[str, str], command: str, tokens: int
         f"Wikipedia calibration region; validation perplexity on its last {VALIDATION_SHARE:.0%} (never on the held-out "
         "evaluation region), in windows of 1024 tokens. Batch: windows of `seqlen` tokens per optimizer step, so a smaller "
         "batch of the same windows takes more steps. Temperature: of both distributions in the KL. "
-        "Beta2: AdamW's second-moment decay. "
+        "Beta2: AdamW's second-moment decay. Embeddings: the token embeddings and the output head trained with the "
+        "rest, or frozen at the teacher's values. "
         "The first row is recover's default. Machine: where the setting trained:",
         "",
         *(f"- {label}: {description}" for label, description in machines.items()),
         "",
-        "| lr | batch | seqlen | temperature | beta2 | machine | steps | validation perplexity | vs default | train s | tokens/s |",
-        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| lr | batch | seqlen | temperature | beta2 | embeddings | machine | steps | validation perplexity | vs default | train s "
+        "| tokens/s |",
+        "|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mark = " **(best)**" if r is best else ""
-        lines.append(f"| {r['lr']} | {r['batch']} | {r['seqlen']} | {r['temperature']:g} | {r['beta2']:g} | {r['machine']} | {r['steps']} | "
+        lines.append(f"| {r['lr']} | {r['batch']} | {r['seqlen']} | {r['temperature']:g} | {r['beta2']:g} | {r['embeddings']} | "
+                     f"{r['machine']} | {r['steps']} | "
                      f"{r['validation']:.2f}{mark} | {r['validation'] / default['validation'] - 1:+.1%} | "
                      f"{r['train_seconds']:.0f} | {r['tokens_per_second']:.0f} |")
     time_ratio = (f"at {best['train_seconds'] / default['train_seconds']:.2f}× its training time on this CPU"
@@ -127,15 +140,17 @@ def render(rows: list[dict], machines: dict[str, str], command: str, tokens: int
 
 
 def describe(row: dict) -> str:
-    return f"lr {row['lr']}, batch {row['batch']}, seqlen {row['seqlen']}, temperature {row['temperature']:g}, beta2 {row['beta2']:g}"
+    return (f"lr {row['lr']}, batch {row['batch']}, seqlen {row['seqlen']}, temperature {row['temperature']:g}, beta2 {row['beta2']:g}, "
+            f"embeddings {row['embeddings']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokens", type=int, default=100_000, help="the budget the settings are chosen for")
-    parser.add_argument("--settings", default="3e-4:4,3e-4:1,3e-4:4:::0.95,3e-4:1:::0.95,3e-4:1:128::0.95,1e-3:4,1e-3:1,1e-4:1,3e-4:1:1024,3e-4:2:512,3e-4:4:256:2",
-                        help="LR:BATCH[:SEQLEN[:TEMPERATURE[:BETA2]]], comma-separated; the first is recover's default")
+    parser.add_argument("--settings", default="3e-4:4,3e-4:4::::trained,3e-4:1,3e-4:4:::0.95,3e-4:1:::0.95,3e-4:1:128::0.95,"
+                                              "3e-4:1:128::0.95:trained,1e-3:4,1e-3:1,1e-4:1,3e-4:1:1024,3e-4:2:512,3e-4:4:256:2",
+                        help="LR:BATCH[:SEQLEN[:TEMPERATURE[:BETA2[:EMBEDDINGS]]]], comma-separated; the first is recover's default")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-recover-settings"), help="the split text, recovered models")
     parser.add_argument("--records", type=Path, default=Path("docs/recover_settings"), help="each setting's stored result")
     parser.add_argument("--pruned-work", type=Path, default=Path("runs/bench-recover"), help="where bench/recover.py prunes")
@@ -167,7 +182,7 @@ def main() -> None:
     for setting, record in measured.values():
         report = record["report"]
         (validation,) = report["perplexity"].values()
-        rows.append({**asdict(setting), "machine": machines.of(record), "steps": report["steps"],
+        rows.append({**asdict(setting), "embeddings": setting.embeddings, "machine": machines.of(record), "steps": report["steps"],
                      "validation": validation["after"]["perplexity"], "train_seconds": report["train_seconds"],
                      "tokens_per_second": report["tokens_per_second"]})
     command = shlex.join(["python", "bench/recover_settings.py", *sys.argv[1:]])

@@ -507,6 +507,11 @@ def test_recover_settings_reuse_a_stored_result_only_when_measured_the_same_way(
     other = recover_settings.expected_record(recover_settings.recover_options(100_000, recover_settings.Setting.parse("1e-3:1"), train, valid))
     with pytest.raises(SystemExit, match="recover --lr: stored 3e-4, now 1e-3"):
         stored_result(path, "lr3e-4-batch1", other, recompute_stale=False)
+    trained = recover_settings.Setting.parse("3e-4:1:128::0.95:trained")
+    assert trained.name == "lr3e-4-batch1-seqlen128-beta20.95-embeddings-trained"
+    options = recover_settings.recover_options(100_000, trained, train, valid)
+    assert "--train-embeddings" in options and "--freeze-embeddings" not in options
+    assert "--freeze-embeddings" in recover_settings.recover_options(100_000, recover_settings.Setting.parse("3e-4:1"), train, valid)
 
 
 def test_recover_settings_page_from_stored_results_names_the_settings_it_lacks(tmp_path, monkeypatch):
@@ -530,7 +535,7 @@ def test_recover_settings_page_from_stored_results_names_the_settings_it_lacks(t
     recover_settings.main()
     text = out.read_text()
     assert "**Incomplete: 2 of 3 settings measured.** Not yet measured: lr3e-4-batch1-1000." in text
-    assert "| 1e-3 | 4 | 256 | 1 | 0.999 | M1 | 3 | 38.00 **(best)** | -5.0% | 10 | 100 |" in text
+    assert "| 1e-3 | 4 | 256 | 1 | 0.999 | frozen | M1 | 3 | 38.00 **(best)** | -5.0% | 10 | 100 |" in text
     assert "Best so far: lr 1e-3, batch 4" in text
     assert json.loads(out.with_suffix(".json").read_text())["missing"] == ["lr3e-4-batch1-1000"]
     store("3e-4:4", 40.0, pruned_sha256="bbbb")  # the default recovered other pruned weights than the rest

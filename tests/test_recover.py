@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TEXT, tiny_model
+from conftest import TEXT, pruned_model_dir, tiny_model
 from wanda_serve.cli import cli
 from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
@@ -121,6 +121,37 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(pruned, tmp_path):
     assert process.returncode == 1 and len(errors) == 1 and "Traceback" not in stderr, stderr
     assert errors[0].startswith("interrupted at step ") and "--resume" in errors[0]
     assert not out.exists() and list((tmp_path / "rec.checkpoints").glob("checkpoint-*"))
+
+
+def embeddings_and_head(model_dir: Path) -> list[torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # embeddings tied to the output head, and not
+def test_the_embeddings_keep_the_teachers_values_unless_trained(arch, tmp_path, tiny_tokenizer):
+    teacher = tmp_path / "dense"
+    tiny_model(arch).save_pretrained(teacher)
+    tiny_tokenizer.save_pretrained(teacher)
+    pruned = pruned_model_dir(tmp_path / "pruned", arch, tiny_tokenizer)
+    (tmp_path / "text.txt").write_text(TEXT)
+    # Gradient checkpointing: the blocks must still get gradients when their input (the embeddings) needs none.
+    frozen = run_recover(job(pruned, tmp_path / "frozen", teacher=str(teacher), tokens=256, gradient_checkpointing=True))
+    result = CliRunner().invoke(cli, ["recover", str(pruned), "--out", str(tmp_path / "trained"), "--teacher", str(teacher),
+                                      "--data", str(tmp_path / "text.txt"), "--tokens", "256", "--seqlen", "64", "--batch-size", "2",
+                                      "--lr", "1e-3", "--no-eval", "--train-embeddings"])
+    assert result.exit_code == 0, result.output
+    trained = json.loads((tmp_path / "trained" / "recover_report.json").read_text())
+
+    before = embeddings_and_head(pruned)
+    assert all(torch.equal(a, b) for a, b in zip(before, embeddings_and_head(tmp_path / "frozen")))
+    assert not any(torch.equal(a, b) for a, b in zip(before, embeddings_and_head(tmp_path / "trained")))
+    blocks_before, blocks_after = block_linears(AutoModelForCausalLM.from_pretrained(pruned)), block_linears(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "frozen"))
+    assert not any(torch.equal(blocks_before[name].weight, blocks_after[name].weight) for name in blocks_before)
+    embedding_parameters = sum(w.numel() for w in {id(w): w for w in before}.values())  # one tensor where tied
+    assert trained["trained_parameters"] - frozen["trained_parameters"] == embedding_parameters
+    assert (trained["settings"]["train_embeddings"], frozen["settings"]["train_embeddings"]) == (True, False)
 
 
 @pytest.mark.parametrize("teacher_arch, expected", [("opt", "is a opt model"), ("vocab", "another vocabulary")])

@@ -149,6 +149,8 @@ def prune(model, out, recipe, method, structure, reconstruct, permute, block_ord
               help="Softmax temperature of teacher and student in the KL.")
 @click.option("--hidden-weight", default=0.0, show_default=True, type=click.FloatRange(0),
               help="Weight of a per-layer hidden-state term (SquareHead); 0: logits only.")
+@click.option("--train-embeddings/--freeze-embeddings", default=RecoverJob.train_embeddings, show_default=True,
+              help="Also train the token embeddings and the output head (pruning left them dense and equal to the teacher's).")
 @click.option("--data", default="wiki", show_default=True,
               help="Training text, as for prune --calib: its calibration region only, never the evaluation region.")
 @device_option
@@ -167,9 +169,9 @@ def prune(model, out, recipe, method, structure, reconstruct, permute, block_ord
               help="Also measure PRUNED before recovery and the teacher (--no-reference: only the recovered model).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @user_errors_as_one_line
-def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, adam_beta2, temperature, hidden_weight, data, device, dtype, seed,
-            checkpoint_every, resume, gradient_checkpointing, eval_data, out_of_domain, eval_seqlen, eval_windows, no_eval, reference,
-            overwrite):
+def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, adam_beta2, temperature, hidden_weight, train_embeddings, data,
+            device, dtype, seed, checkpoint_every, resume, gradient_checkpointing, eval_data, out_of_domain, eval_seqlen, eval_windows,
+            no_eval, reference, overwrite):
     """Distil PRUNED back toward its dense model, the sparsity mask kept exactly.
 
     \b
@@ -187,7 +189,8 @@ def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, adam_b
     evaluation = None if no_eval else EvalOptions(eval_data, eval_seqlen, eval_windows)
     report = run_recover(RecoverJob(
         out=out, pruned=str(pruned), teacher=teacher, tokens=tokens, seqlen=seqlen, batch_size=batch_size, lr=lr, warmup=warmup,
-        adam_beta2=adam_beta2, temperature=temperature, hidden_weight=hidden_weight, data=data, device=device, dtype=dtype, seed=seed,
+        adam_beta2=adam_beta2, temperature=temperature, hidden_weight=hidden_weight, train_embeddings=train_embeddings, data=data,
+        device=device, dtype=dtype, seed=seed,
         checkpoint_every=checkpoint_every, resume=resume, gradient_checkpointing=gradient_checkpointing, evaluation=evaluation,
         out_of_domain=None if out_of_domain == "none" else out_of_domain, reference=reference, overwrite=overwrite,
     ))
