@@ -15,7 +15,8 @@ The pruned model and the teacher are measured once per recipe, by its first run 
 of the pruned weights it started from, the version of the pruning code, and the provenance of the
 code that trains and evaluates (as bench/prune_methods.py records it); --resume reuses only results
 measured the same way. The records are committed: the whole run takes longer than one working
-session, and they let the next session go on where this one stopped, on whatever machine it has.
+session, and they let the next session go on where this one stopped, on whatever machine it has;
+--stored-only writes the page from them alone, naming the runs still to measure.
 A recipe whose runs are all stored, from one pruned model, is reused without pruning. Otherwise the
 recipe is pruned here (kept in --work, pruned again when it is gone or its options or the pruning
 code changed), and a stored run stands only if it started from the same bytes: the CPU's kernels
@@ -126,6 +127,16 @@ def stored_from_one_pruned_model(expected: dict[Path, dict]) -> dict[Path, dict]
     return records if len(records) == len(expected) and len(pruned_hashes(records)) == 1 else None
 
 
+def stored_from_reference(expected: dict[Path, dict]) -> dict[Path, dict]:
+    """The stored records measured as expected that started from the same pruned weights as the first run's, which
+    measured the model before recovery and the teacher; none without it."""
+    records = stored_as_expected(expected)
+    if (reference := records.get(next(iter(expected)))) is None:
+        return {}
+    return {path: record for path, record in records.items()
+            if record["provenance"]["pruned_sha256"] == reference["provenance"]["pruned_sha256"]}
+
+
 def runs_from_one_pruned_model(recipe: str, work: Path, expected: dict[Path, dict], measure: Callable[[Path, str], dict],
                                resume: bool, recompute_stale: bool) -> list[dict]:
     """The record of each run in `expected` (path -> what decides it, but the pruned weights' hash): all stored ones
@@ -169,13 +180,20 @@ def share(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"  # results stored before recover reported its CPU time
 
 
-def render(rows: list[dict], machines: dict[str, str], command: str, seconds: float, out: Path) -> str:
+def render(rows: list[dict], machines: dict[str, str], command: str, seconds: float | None, out: Path,
+           missing: tuple[str, ...] = ()) -> str:
+    """The table, the plot's link and the goal's verdict. `seconds`: the invocation's, None when it measured nothing
+    (--stored-only); `missing`: the runs not measured yet."""
     teacher = rows[0]
+    took = "" if seconds is None else f" in {seconds / 60:.0f} minutes"
+    incomplete = [f"**Incomplete: {len(rows)} of {len(rows) + len(missing)} runs measured.** Not yet measured: "
+                  f"{', '.join(missing)}. `--resume` measures them.", ""] if missing else []
     lines = [
         "# Recovery: perplexity against the distillation budget",
         "",
-        f"Written by `{command}` in {seconds / 60:.0f} minutes; raw numbers in {out.with_suffix('.json').name}.",
+        f"Written by `{command}`{took}; raw numbers in {out.with_suffix('.json').name}.",
         "",
+        *incomplete,
         f"Embedded SmolLM2-135M-Instruct, dense teacher: wiki {teacher['wiki_teacher']:.2f}, news {teacher['news_teacher']:.2f}. "
         "Training text: the Wikipedia calibration region; wiki is its held-out region (in domain), news the held-out half "
         "of the Lee news corpus (out of domain). 0 tokens: the pruned model before recovery.",
@@ -254,30 +272,45 @@ def main() -> None:
     parser.add_argument("--records", type=Path, default=Path("docs/recover_benchmark"), help="each run's stored result")
     parser.add_argument("--resume", action="store_true", help="reuse results stored in --records, if measured the same way")
     parser.add_argument("--recompute-stale", action="store_true")
+    parser.add_argument("--stored-only", action="store_true",
+                        help="measure nothing: write the page from the stored results, naming the runs they lack; a recipe "
+                             "shows only with its first budget's run, which measures the model before recovery and the teacher")
     args = parser.parse_args()
+    if args.stored_only and args.recompute_stale:
+        parser.error("--stored-only measures nothing: it does not go with --recompute-stale")
     started = time.time()
     budgets = [int(b) for b in args.budgets.split(",")]
     variants = [(name, int(tokens or args.variant_budget)) for name, _, tokens in
                 (v.partition("@") for v in args.variants.split(",") if v)]
     if unknown := [name for name, _ in variants if name not in VARIANTS]:
         parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    args.work.mkdir(parents=True, exist_ok=True)
-    args.records.mkdir(parents=True, exist_ok=True)
-    rows, machines = [], Machines()
+    if not args.stored_only:
+        args.work.mkdir(parents=True, exist_ok=True)
+        args.records.mkdir(parents=True, exist_ok=True)
+    rows, machines, missing = [], Machines(), []
     for recipe in args.recipes.split(","):
         runs = [Run(recipe, "base", tokens, reference=i == 0) for i, tokens in enumerate(budgets)]
         runs += [Run(recipe, variant, tokens, reference=False) for variant, tokens in variants]
         options = {run.name: recover_options(run, args.eval_windows) for run in runs}
         expected = {args.records / f"{name}.json": {"options": {"prune": prune_options(RECIPES[recipe]), "recover": given},
                                                      "provenance": run_provenance()} for name, given in options.items()}
-        records = runs_from_one_pruned_model(recipe, args.work, expected,
-                                             lambda pruned, name: recover(pruned, args.work / name, options[name]),
-                                             args.resume, args.recompute_stale)
-        rows += [row(run, record, records[0]["report"], machines) for run, record in zip(runs, records)]
+        if args.stored_only:
+            stored = stored_from_reference(expected)
+            missing += [run.name for run, path in zip(runs, expected) if path not in stored]
+            measured = [(run, stored[path]) for run, path in zip(runs, expected) if path in stored]
+        else:
+            measured = list(zip(runs, runs_from_one_pruned_model(
+                recipe, args.work, expected, lambda pruned, name: recover(pruned, args.work / name, options[name]),
+                args.resume, args.recompute_stale)))
+        rows += [row(run, record, measured[0][1]["report"], machines) for run, record in measured]
+    if not rows:
+        sys.exit(f"Error: --stored-only needs at least one recipe's first run stored in {args.records}")
     command = shlex.join(["python", "bench/recover.py", *sys.argv[1:]])
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machines": machines.legend(), "rows": rows}, indent=2) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machines": machines.legend(), "rows": rows,
+                                                         "missing": missing}, indent=2) + "\n")
     plot(rows, args.out.with_suffix(".png"))
-    args.out.write_text(render(rows, machines.legend(), command, time.time() - started, args.out))
+    args.out.write_text(render(rows, machines.legend(), command, None if args.stored_only else time.time() - started, args.out,
+                               tuple(missing)))
 
 
 if __name__ == "__main__":

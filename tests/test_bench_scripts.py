@@ -747,6 +747,44 @@ def test_recover_goal_judges_each_recipe_at_the_goal_budget_in_and_out_of_domain
     assert recover.goal_lines(rows[:1])[2] == "- No recipe was measured at 100000 tokens; the goal is not judged."
 
 
+def test_recover_page_from_stored_results_names_the_runs_it_lacks(tmp_path, monkeypatch):
+    import recover
+
+    records, out = tmp_path / "records", tmp_path / "page.md"
+    records.mkdir()
+
+    def store(recipe, tokens, wiki, reference=False, pruned_sha256="aaaa"):
+        run = recover.Run(recipe, "base", tokens, reference)
+        perplexity = {"after": {"perplexity": wiki}, "before": {"perplexity": 140.0}, "teacher": {"perplexity": 20.0}}
+        record = {"options": {"prune": recover.prune_options(recover.RECIPES[recipe]), "recover": recover.recover_options(run, None)},
+                  "provenance": recover.run_provenance() | {"pruned_sha256": pruned_sha256},
+                  "report": {"perplexity": {"wiki": perplexity, "news": perplexity}, "tokens": tokens, "train_seconds": 10.0,
+                             "tokens_per_second": 100.0, "memory": {"peak_rss_mib": 5000.0}, "mask_check": {"passed": True}}}
+        (records / f"{run.name}.json").write_text(json.dumps(record))
+
+    store("wanda-permute-2of4", 1000, 60.0, reference=True)
+    store("wanda-permute-2of4", 3000, 45.0, pruned_sha256="bbbb")  # from other pruned weights than the reference's: not shown
+    store("sparsegpt-2of4", 3000, 40.0)  # its recipe's first run, which measured the model before recovery, is missing
+    argv = ["recover.py", "--out", str(out), "--recipes", "wanda-permute-2of4,sparsegpt-2of4", "--budgets", "1000,3000",
+            "--variants", "", "--records", str(records), "--work", str(tmp_path / "work")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--stored-only"])
+    recover.main()
+    text = out.read_text()
+    assert "**Incomplete: 1 of 4 runs measured.** Not yet measured: wanda-permute-2of4-base-3000, sparsegpt-2of4-base-1000, " \
+           "sparsegpt-2of4-base-3000." in text
+    assert "| wanda-permute-2of4 | base | 1000 | M1 | 60.00 | 3.00 |" in text and "sparsegpt-2of4 |" not in text
+    assert " minutes;" not in text.splitlines()[2] and not (tmp_path / "work").exists()  # measured nothing, took no time
+    store("wanda-permute-2of4", 3000, 45.0)
+    recover.main()
+    assert "Incomplete" not in out.read_text().split("sparsegpt")[0] and "| wanda-permute-2of4 | base | 3000 | M1 | 45.00 |" in out.read_text()
+    (records / "wanda-permute-2of4-base-1000.json").unlink()
+    with pytest.raises(SystemExit, match="needs at least one recipe's first run stored"):
+        recover.main()
+    monkeypatch.setattr(sys, "argv", [*argv, "--stored-only", "--recompute-stale"])
+    with pytest.raises(SystemExit):
+        recover.main()
+
+
 def test_recover_prunes_with_the_pruning_benchmarks_recipes():
     import recover
 
