@@ -127,8 +127,10 @@ class Settings:
         return {"--data": data or self.eval_data, "--eval-seqlen": str(self.eval_seqlen), **windows, "--device": self.device}
 
     def recorded_options(self, recipe: Recipe | None) -> dict[str, dict]:
-        """Every option of every command that measures the recipe (None: the dense model), as results record them."""
-        return {**({"prune": self.prune_options(recipe)} if recipe else {}), "eval": self.eval_options(),
+        """Every option of every command that measures the recipe (None: the dense model), as results record them.
+        The model only when it is not the embedded one, which rows measured before it was recorded were measured on."""
+        return {**({"model": {"name": self.model}} if self.model else {}),
+                **({"prune": self.prune_options(recipe)} if recipe else {}), "eval": self.eval_options(),
                 "eval_out_of_domain": self.eval_options(self.out_of_domain)}
 
     def prune_options(self, recipe: Recipe) -> dict[str, str | None]:
@@ -325,7 +327,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=None, help="default: every window of the held-out region")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-prune"), help="pruned checkpoints and evaluation outputs")
-    parser.add_argument("--out", type=Path, default=Path("docs/prune_benchmark.md"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: docs/prune_benchmark.md, or docs/prune_benchmark_MODEL.md with --model")
     parser.add_argument("--keep", action="store_true", help="keep the pruned checkpoints")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the rows of OUT's JSON that were measured with the same options, code version and machine")
@@ -335,6 +338,7 @@ def main() -> None:
     if args.recompute_stale and not args.resume:
         parser.error("--recompute-stale goes with --resume")
 
+    args.out = args.out or Path(f"docs/prune_benchmark{f'_{Path(args.model).name}' if args.model else ''}.md")
     settings = Settings(model=args.model, nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
                         eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -116,6 +116,12 @@ def test_resume_refuses_a_result_measured_with_other_options(tmp_path):
                               "prune --nsamples: stored 16, now 64. Use --recompute-stale")
 
 
+def test_resume_refuses_a_result_measured_on_another_model(tmp_path):
+    path = stored(tmp_path, RECIPE, Settings(), PROVENANCE)  # the embedded model, which rows do not name
+    with pytest.raises(SystemExit, match="model name: stored \\(absent\\), now qwen2.5-coder-1.5b"):
+        stored_result(path, RECIPE.name, expected(Settings(model="qwen2.5-coder-1.5b")), recompute_stale=False)
+
+
 def test_resume_refuses_a_result_of_other_code_or_without_provenance(tmp_path):
     path = stored(tmp_path, RECIPE, Settings(), PROVENANCE | {"code_version": "fedcba9876543210"})
     with pytest.raises(SystemExit, match="code_version: stored fedcba9876543210, now 0123456789abcdef"):
