@@ -91,6 +91,13 @@ CASES = [
     Case("prune-out-dot-in-empty-dir", ["prune", MODEL, "--out", ".", *SMALL], 1, "output .", lambda root: (root / "empty").mkdir(), cwd="empty"),
     Case("recover-out-dot-in-empty-dir", ["recover", MODEL, "--out", ".", "--data", TEXTFILE, "--tokens", "64", "--seqlen", "16"],
          1, "output .", lambda root: (root / "empty").mkdir(), cwd="empty"),
+    # --overwrite replaces --out whole: an --out that is the input, or holds it, would delete the model being read
+    Case("prune-out-is-the-model", ["prune", MODEL, "--out", MODEL, "--overwrite", *SMALL], 1, "--out"),
+    Case("prune-out-holds-the-model", ["prune", MODEL, "--out", "{root}", "--overwrite", *SMALL], 1, "--out"),
+    Case("recover-out-is-the-pruned-model", ["recover", MODEL, "--out", MODEL, "--overwrite", "--data", TEXTFILE, "--tokens", "64",
+                                             "--seqlen", "16"], 1, "--out"),
+    Case("export-vllm-out-is-the-model", ["export", "vllm", MODEL, "--out", MODEL, "--overwrite", "--no-vllm-check"], 1, "--out"),
+    Case("run-out-holds-the-model", ["run", MODEL, "--out", "{root}", "--overwrite"], 1, "--out"),
     Case("prune-out-existing-without-overwrite", ["prune", MODEL, "--out", "{root}/existing", *SMALL], 1, "existing"),
     # prune: options
     Case("prune-structure-banana", ["prune", MODEL, "--out", "{root}/o", "--structure", "banana"], 2, "--structure"),

@@ -22,7 +22,7 @@ from wanda_serve.artifacts import check_output_file, write_file_atomically
 from wanda_serve.cli_export import export
 from wanda_serve.cli_options import (
     DEBUG_ENV, ChoiceListType, HiddenAliasOption, bench_options, bench_settings, device_option, eval_options, pruning_options,
-    Recipe, recipe_option, server_options, user_errors_as_one_line, with_recipe,
+    Recipe, check_out_apart, recipe_option, server_options, user_errors_as_one_line, with_recipe,
 )
 from wanda_serve.contract import EvalOptions
 from wanda_serve.engine import Owl, Refine
@@ -117,6 +117,7 @@ def prune(model, out, recipe, method, structure, reconstruct, permute, block_ord
     Ctrl-C finishes the block being pruned, saves a checkpoint and stops; the same
     command with --resume goes on from it (a second Ctrl-C stops at once).
     """
+    check_out_apart(out, model)
     chosen = with_recipe(recipe, Recipe(method, permute, reconstruct, block_order, refine))
     job = PruneJob(
         out=out, model=model, method=chosen.method, structure=structure, reconstruct=chosen.reconstruct, permute=chosen.permute,
@@ -186,6 +187,7 @@ def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, adam_b
       wanda-serve recover runs/wanda-2of4 --out runs/wanda-2of4-recovered --tokens 100000
       wanda-serve recover runs/wanda-2of4 --out runs/wanda-2of4-recovered --tokens 100000 --resume
     """
+    check_out_apart(out, pruned, teacher)
     evaluation = None if no_eval else EvalOptions(eval_data, eval_seqlen, eval_windows)
     report = run_recover(RecoverJob(
         out=out, pruned=str(pruned), teacher=teacher, tokens=tokens, seqlen=seqlen, batch_size=batch_size, lr=lr, warmup=warmup,
@@ -393,6 +395,7 @@ def run_command(model, out, recipe, method, structure, nsamples, seqlen, eval_se
                      permute=chosen.permute, reconstruct=chosen.reconstruct, block_order=chosen.block_order,
                      refine=Refine(chosen.refine) if chosen.refine else None,
                      evaluation=EvalOptions("wiki", eval_seqlen, eval_windows))
+    check_out_apart(out, model)
     job = MainJob(out=out, prune=prune, export_dtype=export_dtype,
                   bench=bench_settings(kwargs), overwrite=overwrite, recover_tokens=None if no_recover else recover_tokens,
                   edge_exports=edge_exports)

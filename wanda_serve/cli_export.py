@@ -11,7 +11,7 @@ from exporters.gguf_export import GgufExport, export_gguf, logits_tolerance_text
 from exporters.onnx_export import OnnxExport, export_onnx
 from exporters.ort_genai import ACCURACY_LEVELS, INT8_LAYERS, OrtGenaiExport, export_ort_genai
 from exporters.vllm_checkpoint import VllmExport, export_vllm
-from wanda_serve.cli_options import ByteSizeType, eval_options, user_errors_as_one_line
+from wanda_serve.cli_options import ByteSizeType, check_out_apart, eval_options, user_errors_as_one_line
 from wanda_serve.contract import EvalOptions
 
 
@@ -43,6 +43,7 @@ def export_vllm_command(model, out, dtype, max_shard_size, no_vllm_check, overwr
       wanda-serve export vllm runs/wanda-2of4 --out runs/wanda-2of4-vllm
       vllm serve runs/wanda-2of4-vllm
     """
+    check_out_apart(out, model)
     manifest = export_vllm(VllmExport(out, model, dtype, max_shard_size, overwrite, vllm_check=not no_vllm_check))
     for item in manifest["stripped_metadata"]:
         click.echo(f"removed {item} from the config (current vLLM refuses it)")
@@ -79,6 +80,7 @@ def export_gguf_command(model, out, gguf_type, overwrite):
       wanda-serve export gguf runs/wanda-2of4 --out runs/wanda-2of4.gguf --type q8_0
       llama-cli -m runs/wanda-2of4.gguf -p "The capital of France is"
     """
+    check_out_apart(out, model)
     manifest = export_gguf(GgufExport(out, model, gguf_type, overwrite))
     checks = manifest["checks"]
     click.echo(f"wrote {out}  ({gguf_type}, {manifest['file']['bytes'] / 1e6:.1f} MB, {manifest['architecture']['gguf']} "
@@ -121,6 +123,7 @@ def export_onnx_command(model, out, dtype, quantize, measure_perplexity, eval_da
       wanda-serve generate-onnx runs/wanda-2of4-onnx "The capital of France is"
     """
     evaluation = EvalOptions(eval_data, eval_seqlen, eval_windows) if measure_perplexity else None
+    check_out_apart(out, model)
     manifest = export_onnx(OnnxExport(out, model, dtype, tuple(quantize), evaluation, overwrite))
     click.echo(f"wrote {out}  (export {manifest['export_seconds']:.1f} s, pruned zeros kept: {'yes' if manifest['zeros']['kept'] else 'no'})")
     reference = manifest["pytorch_reference"]
@@ -165,6 +168,7 @@ def export_ort_genai_command(model, out, precision, execution_provider, accuracy
       wanda-serve export ort-genai runs/wanda-2of4 --out runs/wanda-2of4-genai-fp32 --precision fp32
     """
     level = None if accuracy_level is None else int(accuracy_level)
+    check_out_apart(out, model)
     manifest = export_ort_genai(OrtGenaiExport(out, model, precision, execution_provider, accuracy_level=level,
                                                int8_layers=int8_layers, overwrite=overwrite))
     builder, zeros, checks = manifest["builder"], manifest["zeros"], manifest["checks"]

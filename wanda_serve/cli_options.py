@@ -13,6 +13,7 @@ import functools
 import os
 import re
 import shlex
+from pathlib import Path
 from typing import Callable
 
 import click
@@ -32,6 +33,19 @@ DEBUG_ENV = "WANDA_SERVE_DEBUG"
 # The machine refused a write (disk full, quota, read-only file system, permissions): the user's to fix
 # wherever in a command it happens, so it is reported like any other user error.
 REFUSED_BY_THE_MACHINE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def check_out_apart(out: Path, *inputs: str | Path | None) -> None:
+    """Refuse an --out that is one of the command's inputs or a directory holding one: --overwrite replaces --out
+    whole, so it would delete the model the command reads. Checked before anything loads. An input that is not a
+    path here (a short model name, or missing: the loader says so) cannot be inside --out."""
+    target = out.resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        if source == target or target in source.parents:
+            raise WandaServeError(f"--out {out} is the input {given} or holds it; --overwrite would delete it: name another directory")
 
 
 def _debugging() -> bool:
