@@ -12,6 +12,7 @@ from conftest import tiny_model
 from wanda_serve.checkpoint import InterruptFlag, PruneCheckpoint, PruneInterrupted
 from wanda_serve.cli import cli
 from wanda_serve.engine import Owl, PruneOptions, Refine, prune_model
+from wanda_serve.errors import WandaServeError
 from wanda_serve.methods import get_method
 from wanda_serve.structure import Structure
 from test_engine import batches
@@ -99,3 +100,18 @@ def test_cli_interrupt_leaves_no_output_and_resume_needs_the_same_options(tiny_m
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(actual[name], expected[name]), name
+
+
+@pytest.mark.parametrize("damaged", ["block-0.safetensors", "hidden-1.safetensors"])
+def test_a_damaged_checkpoint_is_refused_with_one_message(damaged, tmp_path):
+    """A checkpoint cut short (a full disk, a kill while writing) must stop --resume with the fix, not a traceback."""
+    method, structure = get_method("wanda"), Structure(n=2, m=4)
+    first = PruneCheckpoint(tmp_path / "checkpoints", {}, every_seconds=3600, resume=False)
+    first.interrupt.raised = True
+    with pytest.raises(PruneInterrupted):
+        prune_model(tiny_model("llama"), batches(), method, structure, progress=False, checkpoint=first)
+    path = tmp_path / "checkpoints" / damaged
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(WandaServeError, match=r"--resume: the checkpoint in .* is damaged .*remove the directory"):
+        prune_model(tiny_model("llama"), batches(), method, structure, progress=False,
+                    checkpoint=PruneCheckpoint(tmp_path / "checkpoints", {}, every_seconds=3600, resume=True))

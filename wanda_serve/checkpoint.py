@@ -20,6 +20,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -106,9 +107,14 @@ class PruneCheckpoint:
         state = self.stored
         if state is None:
             return None
-        for index in range(state["next_block"]):
-            blocks[index].load_state_dict(load_file(self.directory / _block_name(index)))
-        hidden = load_file(self.directory / state["hidden"])
+        try:
+            for index in range(state["next_block"]):
+                blocks[index].load_state_dict(load_file(self.directory / _block_name(index)))
+            hidden = load_file(self.directory / state["hidden"])
+        except (OSError, SafetensorError, RuntimeError, KeyError) as e:
+            # A file cut short (a full disk, a process killed while writing) or removed: resuming from it cannot work.
+            raise WandaServeError(f"--resume: the checkpoint in {self.directory} is damaged ({str(e).splitlines()[0]}); "
+                                  "remove the directory to start over") from e
         self._blocks_saved = state["next_block"]
         return Restored(state["next_block"], [hidden[str(i)] for i in range(len(hidden))], state["record"], state["job"])
 
