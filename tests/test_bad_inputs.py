@@ -128,6 +128,9 @@ CASES = [
     Case("eval-json-is-a-directory", ["eval", MODEL, *EVAL, "--json", "{root}/existing"], 1, "--json"),
     Case("eval-json-exists", ["eval", MODEL, *EVAL, "--json", TEXTFILE], 1, "--json"),
     Case("eval-json-in-proc", ["eval", MODEL, *EVAL, "--json", "/proc/wanda-serve.json"], 1, "/proc/wanda-serve.json"),
+    # checked before the model loads: a missing model would otherwise be reported first (and a real one evaluated)
+    Case("eval-json-under-a-file", ["eval", "{root}/nope", *EVAL, "--json", "{root}/text.txt/x.json"], 1, "--json"),
+    Case("eval-json-in-proc-before-the-model", ["eval", "{root}/nope", *EVAL, "--json", "/proc/wanda-serve.json"], 1, "--json"),
     Case("eval-data-binary", ["eval", MODEL, *EVAL, "--data", "{root}/blob.txt"], 1, "blob.txt", _write("blob.txt", GARBAGE)),
     Case("eval-text-too-short", ["eval", MODEL, *EVAL, "--data", "{root}/short.txt"], 1, "short.txt", _write("short.txt", "tiny")),
     # export

@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -205,6 +206,20 @@ def recover(pruned, out, teacher, tokens, seqlen, batch_size, lr, warmup, adam_b
         click.echo(f"perplexity on {name}: {reference_line}recovered {ppl['after']['perplexity']:.3f}")
 
 
+def check_writable_file(path: Path, overwrite: bool, option: str) -> None:
+    """That `path` can be written, by creating (and removing) a temporary file in the nearest directory that
+    exists: a read-only, full or pseudo file system says so now, not after the work."""
+    check_output_file(path, overwrite, option=option)
+    ancestor = next(parent for parent in path.absolute().parents if parent.exists())
+    if not ancestor.is_dir():
+        raise WandaServeError(f"{option} {path}: {ancestor} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise WandaServeError(f"{option} {path} cannot be written: {e.strerror} in {ancestor}") from e
+
+
 @cli.command("eval")
 @click.argument("model", required=False)
 @click.option("--data", default="wiki", show_default=True, help="Evaluation text: wiki, news or code (embedded: their held-out regions), c4, wikitext2, a .txt or .jsonl file.")
@@ -226,7 +241,7 @@ def eval_command(model, data, eval_seqlen, eval_windows, device, structure, json
       wanda-serve eval runs/wanda-2of4 --json runs/wanda-2of4-eval.json
     """
     if json_path:  # checked before the evaluation, so that a long run is not lost on a name
-        check_output_file(json_path, overwrite, option="--json")
+        check_writable_file(json_path, overwrite, option="--json")
     result = run_eval(model, EvalOptions(data, eval_seqlen, eval_windows), device, structure)
     ppl, audit = result["perplexity"], result["sparsity"]
     click.echo(f"{result['model']}: perplexity {ppl['perplexity']:.3f} on {ppl['data']} ({ppl['windows']} x {ppl['seqlen']} tokens)")
