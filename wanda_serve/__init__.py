@@ -4,12 +4,19 @@
     prune_model(model, calibration_batches, get_method("wanda"), Structure.parse("2:4"))
 """
 
-from wanda_serve.engine import Owl, PruneOptions, Refine, block_linears, find_decoder_blocks, prune_model
-from wanda_serve.errors import WandaServeError
-from wanda_serve.methods import METHODS, get_method
-from wanda_serve.structure import Structure, audit_linears, prune_mask
+import importlib
 
-__all__ = [
-    "METHODS", "Owl", "PruneOptions", "Refine", "Structure", "WandaServeError", "audit_linears", "block_linears",
-    "find_decoder_blocks", "get_method", "prune_mask", "prune_model",
-]
+# Resolved on first use, so that importing the package does not import torch: the command line
+# (wanda_serve/__main__.py) starts before torch loads and can stop cleanly if Ctrl-C comes meanwhile.
+_MODULE_OF = {
+    "Owl": "engine", "PruneOptions": "engine", "Refine": "engine", "block_linears": "engine",
+    "find_decoder_blocks": "engine", "prune_model": "engine", "WandaServeError": "errors", "METHODS": "methods",
+    "get_method": "methods", "Structure": "structure", "audit_linears": "structure", "prune_mask": "structure",
+}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
