@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,9 +134,12 @@ CASES = [
     Case("eval-json-under-a-file", ["eval", "{root}/nope", *EVAL, "--json", "{root}/text.txt/x.json"], 1, "--json"),
     Case("eval-json-in-proc-before-the-model", ["eval", "{root}/nope", *EVAL, "--json", "/proc/wanda-serve.json"], 1, "--json"),
     Case("eval-data-binary", ["eval", MODEL, *EVAL, "--data", "{root}/blob.txt"], 1, "blob.txt", _write("blob.txt", GARBAGE)),
+    Case("eval-structure-ratio", ["eval", MODEL, *EVAL, "--structure", "0.5"], 2, "--structure"),
     Case("eval-text-too-short", ["eval", MODEL, *EVAL, "--data", "{root}/short.txt"], 1, "short.txt", _write("short.txt", "tiny")),
     # export
     Case("export-vllm-shard-size-banana", ["export", "vllm", MODEL, "--out", "{root}/o", "--max-shard-size", "banana"], 2,
+         "--max-shard-size"),
+    Case("export-vllm-shard-size-under-a-byte", ["export", "vllm", MODEL, "--out", "{root}/o", "--max-shard-size", "0.5"], 2,
          "--max-shard-size"),
     Case("export-vllm-corrupt-prune-report", ["export", "vllm", MODEL, "--out", "{root}/o", "--no-vllm-check"], 1,
          "prune_report.json", _write("model/prune_report.json", "{not json")),
@@ -145,16 +150,20 @@ CASES = [
     # generate-onnx
     Case("generate-onnx-corrupt-graph", ["generate-onnx", "{root}/onnx", "hi"], 1, "model.onnx", _onnx_dir(GARBAGE)),
     Case("generate-onnx-top-p-0", ["generate-onnx", "{root}/onnx", "hi", "--temperature", "0.7", "--top-p", "0"], 2, "--top-p"),
+    # an empty prompt is refused before the graph loads (the graph here would be refused too)
+    Case("generate-onnx-empty-prompt", ["generate-onnx", "{root}/onnx", ""], 1, "PROMPT", _onnx_dir(GARBAGE)),
     Case("generate-onnx-missing-dir", ["generate-onnx", "{root}/nope", "hi"], 1, "nope"),
     Case("generate-onnx-missing-variant", ["generate-onnx", "{root}/onnx", "hi", "--variant", "model.int4.onnx"], 1,
          "model.int4.onnx", _onnx_dir(GARBAGE)),
     # serve
     Case("serve-vllm-args-unbalanced-quote", ["serve", MODEL, "--vllm-args", '"x'], 2, "--vllm-args"),
+    Case("serve-max-model-len-0", ["serve", MODEL, "--max-model-len", "0"], 2, "--max-model-len"),
     Case("serve-not-a-model-dir", ["serve", "{root}/existing"], 1, "existing"),
     Case("serve-no-vllm", ["serve", MODEL], 1, "vLLM", env={"WANDA_SERVE_VLLM_PYTHON": "/nonexistent/python"}),
     # bench
     Case("bench-tokenizer-missing", ["bench", *BENCH, "--tokenizer", "{root}/no-tokenizer-here"], 1, "no-tokenizer-here"),
     Case("bench-dense-without-tokenizer", ["bench", *BENCH], 1, "--tokenizer", _no_tokenizer),
+    Case("bench-gpu-hour-price-negative", ["bench", *BENCH, "--gpu-hour-price", "-1"], 2, "--gpu-hour-price"),
     Case("bench-concurrency-words", ["bench", *BENCH, "--concurrency", "a,b"], 2, "--concurrency"),
     # --sparse: --pruned's old spelling
     Case("bench-dense-missing", ["bench", "--dense", "{root}/nope", "--sparse", MODEL, "--out", "{root}/bench"], 1, "--dense"),
@@ -241,3 +250,15 @@ def test_debug_shows_the_chained_traceback(tiny_model_dir, tmp_path):
         assert done.returncode == 1
         assert "Traceback" in done.stderr and "UnicodeDecodeError" in done.stderr, done.stderr
         assert "The above exception was the direct cause" in done.stderr and "is not UTF-8 text" in done.stderr
+
+
+def test_ctrl_c_while_torch_loads_ends_with_one_line():
+    """Ctrl-C in the seconds before the command has started (imports) is as quiet as Ctrl-C during the work."""
+    process = subprocess.Popen([WANDA_SERVE, "eval", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{process.pid}/maps")
+    # torch's shared library is mapped: torch, then transformers, still have a second or more of Python to import
+    while process.poll() is None and "libtorch" not in maps.read_text():
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert (process.returncode, stderr.strip(), stdout) == (1, "Error: interrupted; nothing was written", "")

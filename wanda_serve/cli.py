@@ -23,7 +23,7 @@ from wanda_serve.artifacts import check_output_file, write_file_atomically
 from wanda_serve.cli_export import export
 from wanda_serve.cli_options import (
     DEBUG_ENV, ChoiceListType, HiddenAliasOption, bench_options, bench_settings, device_option, eval_options, pruning_options,
-    Recipe, check_out_apart, recipe_option, server_options, user_errors_as_one_line, with_recipe,
+    Recipe, StructureType, check_out_apart, recipe_option, server_options, user_errors_as_one_line, with_recipe,
 )
 from wanda_serve.contract import EvalOptions
 from wanda_serve.engine import Owl, Refine
@@ -225,7 +225,8 @@ def check_writable_file(path: Path, overwrite: bool, option: str) -> None:
 @click.option("--data", default="wiki", show_default=True, help="Evaluation text: wiki, news or code (embedded: their held-out regions), c4, wikitext2, a .txt or .jsonl file.")
 @eval_options
 @device_option
-@click.option("--structure", default=None, help="Also audit this N:M pattern (2:4 and 4:8 are always audited).")
+@click.option("--structure", default=None, type=StructureType(nm_only=True),
+              help="Also audit this N:M pattern (2:4 and 4:8 are always audited).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full result as JSON here.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
 @user_errors_as_one_line
@@ -275,7 +276,6 @@ def generate_onnx(directory, prompt, variant, max_new_tokens, temperature, top_p
       wanda-serve generate-onnx runs/wanda-2of4-onnx "The capital of France is"
       wanda-serve generate-onnx runs/wanda-2of4-onnx "Tell me a joke" --chat --temperature 0.7 --top-p 0.9
     """
-    runner = OnnxCausalLM(directory / variant, provider)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as e:
@@ -287,6 +287,9 @@ def generate_onnx(directory, prompt, variant, max_new_tokens, temperature, top_p
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     else:
         ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        raise WandaServeError("PROMPT is empty: give the text to continue")
+    runner = OnnxCausalLM(directory / variant, provider)
     stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
     generated = runner.generate(ids, max_new_tokens, temperature, top_p, seed, stop)
     click.echo(tokenizer.decode(generated, skip_special_tokens=True))

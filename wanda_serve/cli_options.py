@@ -82,15 +82,22 @@ def user_errors_as_one_line(command):
 
 
 class StructureType(click.ParamType):
-    """N:M or a ratio, checked at the option (the job parses it again from the same text)."""
+    """N:M or a ratio (only N:M where a ratio means nothing), checked at the option (the job parses it again
+    from the same text)."""
 
     name = "structure"
 
+    def __init__(self, nm_only: bool = False):
+        self.nm_only = nm_only
+
     def convert(self, value, param, ctx):
         try:
-            return str(Structure.parse(str(value)))
+            structure = Structure.parse(str(value))
         except WandaServeError as e:
             self.fail(str(e), param, ctx)
+        if self.nm_only and not structure.is_nm:
+            self.fail(f"{value!r} is a ratio; give an N:M pattern, e.g. 2:8", param, ctx)
+        return str(structure)
 
 
 class ByteSizeType(click.ParamType):
@@ -104,9 +111,10 @@ class ByteSizeType(click.ParamType):
             return value
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
         unit = match[2].upper() if match else None
-        if unit not in self.UNITS or float(match[1]) <= 0:
+        size = int(float(match[1]) * self.UNITS[unit]) if unit in self.UNITS else 0
+        if size < 1:
             self.fail(f"{value!r} is not a size: give e.g. 4GB, 500MB, 2GiB or a number of bytes", param, ctx)
-        return int(float(match[1]) * self.UNITS[unit])
+        return size
 
 
 class ArgvType(click.ParamType):
@@ -225,7 +233,7 @@ server_options = FieldOptions(ServerSettings, {
     "host": field_option("--host", help="Address the server listens on."),
     "dtype": field_option("--serve-dtype", "--dtype", cls=HiddenAliasOption, hidden_aliases=("--dtype",),
                           help="vLLM --dtype: auto, bfloat16, float16, float32."),
-    "max_model_len": field_option("--max-model-len", type=int, help="vLLM --max-model-len (default: the model's)."),
+    "max_model_len": field_option("--max-model-len", type=click.IntRange(1), help="vLLM --max-model-len (default: the model's)."),
     "gpu_memory_utilization": field_option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True),
                                            help="vLLM --gpu-memory-utilization (GPU builds)."),
     "tensor_parallel_size": field_option("--tensor-parallel-size", type=click.IntRange(1), help="GPUs per model (vLLM)."),
@@ -260,7 +268,7 @@ schedule_options = FieldOptions(BenchSettings, {
     "concurrency": field_option("--concurrency", type=ConcurrencyType(), default=",".join(map(str, CONCURRENCY_LEVELS)),
                                 help="Comma-separated max-concurrency levels."),
     "rounds": field_option("--rounds", type=click.IntRange(1), help="Rounds; each runs dense then pruned."),
-    "hour_price": field_option("--gpu-hour-price", type=float,
+    "hour_price": field_option("--gpu-hour-price", type=click.FloatRange(0, min_open=True),
                                help="Dollars per hour of the hardware serving one model: adds $ per million output tokens."),
     "sparse_runtime": field_option("--sparse-runtime", is_flag=True,
                                    help="Add a third column: the pruned model served with the sparse runtime (serve "
