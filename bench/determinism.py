@@ -37,6 +37,7 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).parent))
 from prune_methods import DEFAULT_RECIPE, Settings, argv, provenance, wanda_serve, weights_sha256  # noqa: E402
 
+from wanda_serve.jobs import PruneJob  # noqa: E402
 from wanda_serve.models import resolve_model  # noqa: E402
 
 # ATen's kernel sets, narrowest first; ATEN_CPU_CAPABILITY can only choose one the CPU supports.
@@ -58,7 +59,8 @@ def variants() -> list[Variant]:
         Variant("reference", f"{torch.get_num_threads()} threads (all cores), this CPU's kernels"),
         Variant("again", "the reference, run again in a new process"),
         Variant("1 thread", "OMP_NUM_THREADS=1: one thread", {"OMP_NUM_THREADS": "1"}),
-        Variant("batch size 4", "--batch-size 4: the same samples, 4 per forward pass instead of 8", options={"--batch-size": "4"}),
+        Variant("batch size 4", f"--batch-size 4: the same samples, 4 per forward pass instead of {PruneJob.batch_size}",
+                options={"--batch-size": "4"}),
         *(Variant(f"ATen {capability}", f"ATEN_CPU_CAPABILITY={capability}: ATen's {capability} kernels instead of {current}",
                   {"ATEN_CPU_CAPABILITY": capability}) for capability in reversed(narrower)),
         Variant("MKL portable", "MKL_CBWR=COMPATIBLE: MKL's portable GEMM code path", {"MKL_CBWR": "COMPATIBLE"}),

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from wanda_serve.jobs import PruneJob
+
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "wanda_serve"
 # The modules whose code decides the numbers: calibration and evaluation text, model loading, the
 # engine, the methods, masks and permutations, perplexity, and the job that wires them together.
@@ -114,7 +116,7 @@ class Settings:
     nsamples: int = 64
     seqlen: int = 512
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = PruneJob.batch_size
     dtype: str = "float32"
     device: str = "cpu"
     eval_data: str = "wiki"

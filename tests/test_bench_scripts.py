@@ -14,6 +14,7 @@ sys.path.insert(0, str(BENCH))
 import prune_methods  # noqa: E402
 from determinism import bf16_finding, cross_machine_findings, keep_other_machines_run, mask_difference, other_machines, portable_agreement  # noqa: E402
 from prune_methods import NUMERIC_SOURCES, PACKAGE_DIR, RECIPES, Recipe, Settings, code_version, stored_result  # noqa: E402
+from wanda_serve.jobs import PruneJob  # noqa: E402
 
 
 def test_every_recipe_spells_out_its_permutation_block_order_refinement_and_the_shared_settings():
@@ -344,8 +345,9 @@ def test_scale_page_renders_every_section_goal_and_the_command():
     assert "- large, vllm of dense: 4.00 (1 × the source checkpoint (4.00 GB)) + 0.80 (allowance) = 4.80 GB; measured 5.50 GB, " \
            "**missed by 0.70 GB** (15% over)" in text
     assert "`wanda-serve --help` peaks at 0.41 GB here" in text
-    # A batch of 8 windows of 512 tokens through an MLP 8000 wide: gate, up and their product in float32.
-    assert f"small {3 * 8 * 512 * 4000 * 4 / GB:.2f} GB; large {3 * 8 * 512 * 8000 * 4 / GB:.2f} GB of it" in text
+    # A batch of windows of 512 tokens through an MLP 8000 wide: gate, up and their product in float32.
+    batch = PruneJob.batch_size
+    assert f"small {3 * batch * 512 * 4000 * 4 / GB:.2f} GB; large {3 * batch * 512 * 8000 * 4 / GB:.2f} GB of it" in text
     assert "\n| parameters |" not in text  # shown in the sentence above the growth table
     assert "Parameters grow 10.0× (100M → 1,000M)." in text
     assert "| prune wanda + permutation (float32): total | 50 s | 600 s | M1 | 12.0× | 1.20 |" in text

@@ -23,7 +23,7 @@ def test_jsonl_samples_in_file_order_truncated_to_seqlen(tmp_path, tiny_tokenize
     path = tmp_path / "samples.jsonl"
     path.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)) + "\n")
     corpus = load_corpus(str(path))
-    batches = calibration_batches(corpus, tiny_tokenizer, nsamples=4, seqlen=20, seed=0)
+    batches = calibration_batches(corpus, tiny_tokenizer, nsamples=4, seqlen=20, seed=0, batch_size=8)
     samples = [row for batch in batches for row in batch]
     expected = [tiny_tokenizer(t)["input_ids"][:20] for t in texts]
     assert [s.tolist() for s in samples] == expected
@@ -33,10 +33,10 @@ def test_jsonl_samples_in_file_order_truncated_to_seqlen(tmp_path, tiny_tokenize
 def test_jsonl_subset_and_errors(tmp_path, tiny_tokenizer):
     path = tmp_path / "samples.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"sample {i}"}) for i in range(5)))
-    batches = calibration_batches(load_corpus(str(path)), tiny_tokenizer, nsamples=3, seqlen=8, seed=0)
+    batches = calibration_batches(load_corpus(str(path)), tiny_tokenizer, nsamples=3, seqlen=8, seed=0, batch_size=8)
     assert sum(b.shape[0] for b in batches) == 3
     with pytest.raises(WandaServeError, match="holds 5 samples, fewer than --nsamples 6"):
-        calibration_batches(load_corpus(str(path)), tiny_tokenizer, nsamples=6, seqlen=8, seed=0)
+        calibration_batches(load_corpus(str(path)), tiny_tokenizer, nsamples=6, seqlen=8, seed=0, batch_size=8)
     path.write_text('{"text": "fine"}\n{"body": "no text"}\n')
     with pytest.raises(WandaServeError, match=r"samples.jsonl:2: each line must be a JSON object with a 'text' field"):
         load_corpus(str(path))

@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -118,6 +120,30 @@ def test_freed_memory_is_handed_back_after_the_capture_and_each_block(monkeypatc
     model = tiny_model("qwen2")
     prune_model(model, batches(), get_method("wanda"), Structure(n=2, m=4), progress=False)
     assert trims == [0] * (1 + len(find_decoder_blocks(model)))  # after the capture, then after each block
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibration_activations_are_held_once(method):
+    """The statistics pass (its outputs are never read) and the pass to the next block's inputs each hold one set
+    of activations, the block's inputs turning into its outputs, not a second set beside the first: on a large
+    model each set is hundreds of MB."""
+    model = tiny_model("llama")
+    calibration = batches(count=4)
+    alive, most_alive = {}, []  # id -> weakref of each block input and output seen; the most alive at a block call
+
+    def before(block, args, kwargs):
+        alive[id(args[0])] = weakref.ref(args[0])
+        most_alive.append(sum(ref() is not None for ref in alive.values()))
+
+    def after(block, args, kwargs, output):
+        output = output[0] if isinstance(output, tuple) else output
+        alive[id(output)] = weakref.ref(output)
+
+    for block in find_decoder_blocks(model):
+        block.register_forward_pre_hook(before, with_kwargs=True)
+        block.register_forward_hook(after, with_kwargs=True)
+    prune_model(model, calibration, get_method(method), Structure(n=2, m=4), PruneOptions(permute=False), progress=False)
+    assert max(most_alive) == len(calibration)
 
 
 def test_m_that_does_not_divide_the_width_is_refused_before_pruning():

@@ -85,7 +85,8 @@ def cli(verbose, debug):
               help="OWL's M: an outlier is a score above M × the block's mean.")
 @click.option("--calib", default="wiki", show_default=True, help="Calibration text: wiki, news or code (embedded), c4, wikitext2, a .txt or .jsonl file.")
 @click.option("--seed", default=0, show_default=True, help="Seed for drawing calibration windows.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Calibration samples per forward pass.")
+@click.option("--batch-size", default=PruneJob.batch_size, show_default=True, type=click.IntRange(1),
+              help="Calibration samples per forward pass (more: more memory).")
 @device_option
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--eval-data", default="wiki", show_default=True, help="Evaluation text (same choices as --calib).")

@@ -194,7 +194,7 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def calibration_batches(
-    corpus: Corpus, tokenizer, nsamples: int, seqlen: int, seed: int, batch_size: int = 8
+    corpus: Corpus, tokenizer, nsamples: int, seqlen: int, seed: int, batch_size: int
 ) -> list[torch.Tensor]:
     """`nsamples` samples of at most `seqlen` tokens, seeded, grouped into batches of equal length."""
     if nsamples < 1 or seqlen < 2:

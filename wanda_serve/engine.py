@@ -279,8 +279,10 @@ class _StageInputsCollected(Exception):
 
 
 def block_statistics(block, linears: dict[str, nn.Linear], statistic: type, calls: list[BlockCall],
-                     hidden: list[torch.Tensor], device, stop_after: str | None = None) -> tuple[dict, list | None]:
-    """Run the block with a hook on each linear layer feeding `statistic`: the statistics and the block's outputs.
+                     hidden: list[torch.Tensor], device, stop_after: str | None = None,
+                     keep_outputs: bool = True) -> tuple[dict, list | None]:
+    """Run the block with a hook on each linear layer feeding `statistic`: the statistics and the block's outputs
+    (None without `keep_outputs`: a pass over dense weights whose outputs nobody reads should not hold them all).
 
     With `stop_after`, each call stops once that layer has run (the rest of the block is not needed): no outputs.
     """
@@ -295,7 +297,7 @@ def block_statistics(block, linears: dict[str, nn.Linear], statistic: type, call
 
     handles = [linear.register_forward_hook(collect(name)) for name, linear in linears.items()]
     try:
-        if stop_after is None:
+        if stop_after is None and keep_outputs:
             return stats, run_block(block, calls, hidden)
         for call, h in zip(calls, hidden):
             try:
@@ -330,6 +332,13 @@ def release_freed_memory() -> None:
 def run_block(block, calls: list[BlockCall], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
     """The block's outputs for each calibration call, given its hidden-state inputs."""
     return [call.run(block, h) for call, h in zip(calls, hidden)]
+
+
+def advance(block, calls: list[BlockCall], hidden: list[torch.Tensor]) -> None:
+    """Replace each call's hidden states by the block's outputs, one call at a time: the calibration activations
+    are held once plus one call's, where a new list beside the old held them twice (0.2 GB on the 1.5B model)."""
+    for index, call in enumerate(calls):
+        hidden[index] = call.run(block, hidden[index])
 
 
 @dataclass(frozen=True)
@@ -517,7 +526,7 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: Method, s
         del stats  # a Hessian method's statistics are the largest thing a block holds, and no longer needed
         if refine is None:
             with record.timing("forward", device):
-                hidden = run_block(block, calls, hidden)  # what the next block sees
+                advance(block, calls, hidden)  # to what the next block sees
         else:
             # Each set of outputs is held only as long as it is needed: the calibration activations are the
             # prune's largest cost after the weights.
@@ -556,5 +565,5 @@ def _stage_statistics(block, linears: dict[str, nn.Linear], method: Method, call
         return {}
     with record.timing("forward", device):
         stats, _ = block_statistics(block, linears, method.statistic, calls, hidden, device,
-                                    stop_after=list(linears)[-1] if stop else None)
+                                    stop_after=list(linears)[-1] if stop else None, keep_outputs=False)
     return stats
