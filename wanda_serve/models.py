@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shutil
+import struct
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -156,7 +157,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
         model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, quantization_config=GgufConfig(dequantize=True), dtype=dtype
         )
-    except LOAD_ERRORS as e:
+    except (*LOAD_ERRORS, struct.error) as e:  # struct.error: a file cut short inside its header
         raise WandaServeError(f"could not load GGUF file {path}: {_first_line(e)}") from e
     return model, tokenizer
 
