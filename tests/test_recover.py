@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from conftest import TEXT, pruned_model_dir, tiny_model
 from wanda_serve.cli import cli
 from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
+from wanda_serve.jobs import PruneJob, run_prune
 from wanda_serve.recover import KeepMask, RecoverJob, RecoveryInterrupted, StopOnInterrupt, distillation_loss, run_recover
 from wanda_serve.structure import audit_linears
 
@@ -51,6 +53,15 @@ def test_recovery_lowers_the_kl_and_keeps_every_zero(pruned, tiny_model_dir, tmp
     assert report["teacher"] == str(tiny_model_dir)  # from the prune report
     assert report["steps"] == 32 and report["tokens"] == 4096 and len(report["loss_curve"]) == 32
     assert not (tmp_path / "rec.checkpoints").exists()
+
+
+def test_a_teacher_the_prune_named_by_a_relative_path_is_found_from_elsewhere(tiny_model_dir, tmp_path, monkeypatch):
+    shutil.copytree(tiny_model_dir, tmp_path / "dense")
+    (tmp_path / "text.txt").write_text(TEXT)
+    monkeypatch.chdir(tmp_path)
+    run_prune(PruneJob(out=Path("pruned"), model="dense", calib="text.txt", nsamples=2, seqlen=16, progress=False))
+    monkeypatch.chdir(tmp_path / "pruned")
+    assert run_recover(job(tmp_path / "pruned", tmp_path / "rec"))["teacher"] == str(tmp_path / "dense")
 
 
 def test_the_mask_holds_after_every_step(pruned, tmp_path, monkeypatch):
@@ -103,6 +114,25 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(pruned, tmp_pat
     straight = AutoModelForCausalLM.from_pretrained(tmp_path / "straight").state_dict()
     resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed").state_dict()
     assert all(torch.allclose(straight[k], resumed[k], rtol=0, atol=1e-6) for k in straight)
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_a_damaged_checkpoint_is_refused_before_training(pruned, tmp_path, monkeypatch, damaged):
+    stop_at_step = StopOnInterrupt.on_step_end
+
+    def ctrl_c_at_step_4(self, args, state, control, **kwargs):
+        self.interrupt.raised = self.interrupt.raised or state.global_step == 4
+        stop_at_step(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(StopOnInterrupt, "on_step_end", ctrl_c_at_step_4)
+    with pytest.raises(RecoveryInterrupted):
+        run_recover(job(pruned, tmp_path / "rec"))
+    monkeypatch.setattr(StopOnInterrupt, "on_step_end", stop_at_step)
+    path = tmp_path / "rec.checkpoints" / "checkpoint-4" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a save killed halfway
+    with pytest.raises(WandaServeError, match=f"--resume: the checkpoint in .*rec.checkpoints is damaged \\({damaged}: .*remove the"):
+        run_recover(job(pruned, tmp_path / "rec", resume=True))
+    assert not (tmp_path / "rec").exists()
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(pruned, tmp_path):

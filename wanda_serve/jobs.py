@@ -176,6 +176,9 @@ def run_prune(job: PruneJob) -> dict:
             "tie_rule": "stable ascending sort: among equal scores the lower input column is pruned first",
             "model": {
                 "source": loaded.source,
+                # A local directory's absolute path, for those who read the report elsewhere (recover's teacher):
+                # a relative `source` names it only from where the prune ran.
+                "path": str(Path(loaded.source).resolve()) if Path(loaded.source).is_dir() else None,
                 "architecture": type(loaded.model).__name__,
                 "dtype": job.dtype,
                 "parameters": sum(p.numel() for p in loaded.model.parameters()),

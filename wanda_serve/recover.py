@@ -18,12 +18,14 @@ import math
 import os
 import shutil
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
@@ -225,7 +227,8 @@ def _default_teacher(pruned_location: str) -> str:
     report_path = Path(pruned_location) / PRUNE_REPORT_NAME
     if not report_path.is_file():
         raise WandaServeError(f"{pruned_location} has no {PRUNE_REPORT_NAME} naming its dense model; give --teacher")
-    source = read_json_file(report_path).get("model", {}).get("source")
+    model = read_json_file(report_path).get("model", {})
+    source = model.get("path") or model.get("source")
     if not source:
         raise WandaServeError(f"{report_path} does not name the dense model; give --teacher")
     return source
@@ -293,7 +296,28 @@ def _checkpoint_to_resume(job: RecoverJob) -> str | None:
         differ = sorted(k for k in stored.keys() | job.training_settings().keys() if stored.get(k) != job.training_settings().get(k))
         raise WandaServeError(f"--resume: the checkpoints in {directory} were made with other settings ({', '.join(differ)}); "
                               "give the same options, or remove the directory to start over")
+    _check_intact(Path(latest), directory)
     return latest
+
+
+def _check_intact(checkpoint: Path, directory: Path) -> None:
+    """A checkpoint cut short (a killed save, a full disk) is refused with one line before training, not with the
+    traceback of whichever file Trainer reads first: each safetensors header must cover its file, each of torch's
+    zip archives (optimizer, scheduler, random state) must pass its checksums, and its JSON must parse."""
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt"):
+                    pass
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as archive:
+                    if (failed := archive.testzip()) is not None:
+                        raise zipfile.BadZipFile(f"{failed} fails its checksum")
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except (SafetensorError, zipfile.BadZipFile, OSError, ValueError) as e:
+            raise WandaServeError(f"--resume: the checkpoint in {directory} is damaged ({path.name}: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); remove the directory to start over") from e
 
 
 @dataclass(frozen=True)
