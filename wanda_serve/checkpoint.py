@@ -59,6 +59,14 @@ class InterruptFlag:
         signal.signal(signal.SIGINT, self._previous)
 
 
+def damaged_checkpoint(directory: Path, error: Exception, file: str | None = None) -> WandaServeError:
+    """A file of the checkpoint in `directory` cut short (a full disk, a process killed while writing) or removed:
+    resuming from it cannot work (prune's and recover's checkpoints alike)."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return WandaServeError(f"--resume: the checkpoint in {directory} is damaged ({f'{file}: ' if file else ''}{detail}); "
+                           "remove the directory to start over")
+
+
 class PruneInterrupted(WandaServeError):
     """Ctrl-C during a prune: a checkpoint was saved, and the message says how to resume."""
 
@@ -112,9 +120,7 @@ class PruneCheckpoint:
                 blocks[index].load_state_dict(load_file(self.directory / _block_name(index)))
             hidden = load_file(self.directory / state["hidden"])
         except (OSError, SafetensorError, RuntimeError, KeyError) as e:
-            # A file cut short (a full disk, a process killed while writing) or removed: resuming from it cannot work.
-            raise WandaServeError(f"--resume: the checkpoint in {self.directory} is damaged ({str(e).splitlines()[0]}); "
-                                  "remove the directory to start over") from e
+            raise damaged_checkpoint(self.directory, e) from e
         self._blocks_saved = state["next_block"]
         return Restored(state["next_block"], [hidden[str(i)] for i in range(len(hidden))], state["record"], state["job"])
 

@@ -23,7 +23,7 @@ from deploy.bench import BenchSettings
 from deploy.vllm_server import ServerSettings
 from deploy.workload import CONCURRENCY_LEVELS, PROMPT_SOURCES, WorkloadSpec
 from wanda_serve.contract import EvalOptions
-from wanda_serve.errors import WandaServeError
+from wanda_serve.errors import INTERRUPTED, WandaServeError
 from wanda_serve.jobs import PruneJob
 from wanda_serve.methods import METHODS, AlpsConfig
 from wanda_serve.structure import Structure
@@ -71,7 +71,7 @@ def user_errors_as_one_line(command):
         except KeyboardInterrupt as e:
             if _debugging():
                 raise
-            raise click.ClickException("interrupted; nothing was written") from e
+            raise click.ClickException(INTERRUPTED) from e
         except OSError as e:
             if e.errno not in REFUSED_BY_THE_MACHINE or _debugging():
                 raise

@@ -32,7 +32,7 @@ from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCall
 from transformers.trainer_utils import get_last_checkpoint
 
 from wanda_serve.artifacts import atomic_output_dir, check_output_dir, package_versions, read_json_file
-from wanda_serve.checkpoint import InterruptFlag, checkpoint_dir
+from wanda_serve.checkpoint import InterruptFlag, checkpoint_dir, damaged_checkpoint
 from wanda_serve.contract import PRUNE_REPORT_NAME, RECOVER_REPORT_NAME, EvalOptions
 from wanda_serve.data import EMBEDDED_NEWS, EMBEDDED_TEXT, Corpus, calibration_batches, load_corpus
 from wanda_serve.engine import block_linears
@@ -316,8 +316,7 @@ def _check_intact(checkpoint: Path, directory: Path) -> None:
             elif path.suffix == ".json":
                 json.loads(path.read_text())
         except (SafetensorError, zipfile.BadZipFile, OSError, ValueError) as e:
-            raise WandaServeError(f"--resume: the checkpoint in {directory} is damaged ({path.name}: "
-                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); remove the directory to start over") from e
+            raise damaged_checkpoint(directory, e, path.name) from e
 
 
 @dataclass(frozen=True)
