@@ -30,7 +30,7 @@ from wanda_serve.data import evaluation_ids, load_corpus
 from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
 from wanda_serve.evaluate import perplexity, torch_logits_fn
-from wanda_serve.models import DTYPES, load_model
+from wanda_serve.models import DTYPES, check_context, load_model
 
 GRAPH_NAME = "model.onnx"
 QUANTIZATIONS = {"int8": 8, "int4": 4}  # weight bits
@@ -271,6 +271,7 @@ def export_onnx(job: OnnxExport) -> dict:
         torch_reference = TorchReference.of(model, tokenizer)
         reference = {"dtype": job.dtype, "greedy": torch_reference.greedy}
         if job.evaluation:
+            check_context(model, "--eval-seqlen", job.evaluation.seqlen)
             corpus = load_corpus(job.evaluation.data)
             ids = evaluation_ids(corpus, tokenizer)
 

@@ -21,7 +21,7 @@ from wanda_serve.engine import Owl, PruneOptions, Refine, block_linears, check_s
 from wanda_serve.errors import WandaServeError
 from wanda_serve.evaluate import perplexity, torch_logits_fn
 from wanda_serve.methods import get_method
-from wanda_serve.models import load_model, save_model
+from wanda_serve.models import LoadedModel, check_context, load_model, save_model
 from wanda_serve.structure import Structure, audit_linears
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,10 @@ def peak_memory(device: torch.device) -> dict:
 class Evaluation:
     """The evaluation text, tokenized once, and the perplexity of a model on it."""
 
-    def __init__(self, options: EvalOptions, tokenizer, device: torch.device, progress: bool):
+    def __init__(self, options: EvalOptions, loaded: LoadedModel, device: torch.device, progress: bool):
+        check_context(loaded.model, "--eval-seqlen", options.seqlen)
         corpus = load_corpus(options.data)
-        self.name, self.ids = corpus.name, evaluation_ids(corpus, tokenizer)
+        self.name, self.ids = corpus.name, evaluation_ids(corpus, loaded.tokenizer)
         self.options, self.device, self.progress = options, device, progress
 
     def perplexity(self, model) -> dict:
@@ -143,6 +144,7 @@ def run_prune(job: PruneJob) -> dict:
         calibration = {"used": False}
         batches = []
         if method.statistic is not None or job.owl is not None or permute or job.refine is not None:
+            check_context(loaded.model, "--seqlen", job.seqlen)
             corpus = load_corpus(job.calib)
             batches = calibration_batches(corpus, loaded.tokenizer, job.nsamples, job.seqlen, job.seed, job.batch_size)
             calibration = {
@@ -150,7 +152,7 @@ def run_prune(job: PruneJob) -> dict:
                 "seed": job.seed, "tokens": sum(b.numel() for b in batches),
             }
 
-        evaluation = Evaluation(job.evaluation, loaded.tokenizer, device, job.progress) if job.evaluation else None
+        evaluation = Evaluation(job.evaluation, loaded, device, job.progress) if job.evaluation else None
         if resumed is not None:
             before = resumed["job"]["dense_perplexity"]
         else:
@@ -209,7 +211,7 @@ def run_eval(model: str | None, options: EvalOptions, device: str = "cpu", struc
     audit = audit_linears(block_linears(loaded.model), Structure.parse(structure) if structure else None)
     return {
         "model": loaded.source,
-        "perplexity": Evaluation(options, loaded.tokenizer, device, progress).perplexity(loaded.model),
+        "perplexity": Evaluation(options, loaded, device, progress).perplexity(loaded.model),
         "sparsity": audit,
         "eval_options": asdict(options),
         "versions": package_versions(),

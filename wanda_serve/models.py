@@ -174,6 +174,14 @@ def _check_architecture(config, name: str) -> None:
         )
 
 
+def check_context(model: PreTrainedModel, option: str, tokens: int) -> None:
+    """Refuse windows longer than the model's positions: learned position embeddings (OPT, GPT-2) fail past them
+    with an IndexError deep in the forward pass, and rotary ones run silently outside the range they were trained on."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and tokens > context:
+        raise WandaServeError(f"{option} {tokens} is longer than the model's context: max_position_embeddings is {context}")
+
+
 def resolve_model(spec: str | None) -> str:
     """A loadable location for `spec`: a packaged model's cache, a local path, or a hub id.
 

@@ -38,7 +38,7 @@ from wanda_serve.data import EMBEDDED_NEWS, EMBEDDED_TEXT, Corpus, calibration_b
 from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
 from wanda_serve.jobs import Evaluation, peak_memory, resolve_device
-from wanda_serve.models import load_model, save_model
+from wanda_serve.models import check_context, load_model, save_model
 from wanda_serve.structure import KeptZeros, audit_linears
 
 
@@ -365,6 +365,7 @@ def run_recover(job: RecoverJob) -> dict | None:
     resume_from = _checkpoint_to_resume(job)
     with atomic_output_dir(job.out, job.overwrite) if launch.main else nullcontext() as tmp:
         student = load_model(job.pruned)
+        check_context(student.model, "--seqlen", job.seqlen)
         linears = block_linears(student.model)
         audit_before = audit_linears(linears)
         if audit_before["overall_sparsity"] == 0:
@@ -375,7 +376,7 @@ def run_recover(job: RecoverJob) -> dict | None:
         corpus = load_corpus(job.data)
         windows = _training_windows(corpus, student.tokenizer, job)
 
-        evaluations = [Evaluation(options, student.tokenizer, device, job.progress)
+        evaluations = [Evaluation(options, student, device, job.progress)
                        for options in ([job.evaluation] if job.evaluation else [])
                        + ([EvalOptions(job.out_of_domain, job.evaluation.seqlen, job.evaluation.max_windows)]
                           if job.evaluation and job.out_of_domain else [])]
