@@ -266,7 +266,7 @@ def test_bad_input_gives_one_error_line_and_changes_nothing(case, outcomes):
 
 def test_debug_shows_the_chained_traceback(tiny_model_dir, tmp_path):
     (tmp_path / "blob.txt").write_bytes(GARBAGE)
-    argv = ["eval", str(tiny_model_dir), "--data", str(tmp_path / "blob.txt")]
+    argv = ["eval", str(tiny_model_dir), "--eval-seqlen", "64", "--data", str(tmp_path / "blob.txt")]
     for debug_argv, debug_env in [(["--debug"], {}), ([], {"WANDA_SERVE_DEBUG": "1"})]:
         done = subprocess.run([WANDA_SERVE, *debug_argv, *argv], env=dict(os.environ, **debug_env), capture_output=True, text=True,
                               timeout=300)

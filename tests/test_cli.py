@@ -135,7 +135,7 @@ def test_calibration_text_too_short(tiny_model_dir, tmp_path):
 
 
 def test_missing_calibration_file(tiny_model_dir, tmp_path):
-    result = run("prune", tiny_model_dir, "--out", tmp_path / "o", "--calib", tmp_path / "nope.txt", "--no-eval")
+    result = run("prune", tiny_model_dir, "--out", tmp_path / "o", "--calib", tmp_path / "nope.txt", "--seqlen", "16", "--no-eval")
     assert_one_error_line(result, f"no such text file: {tmp_path / 'nope.txt'} (or use wiki, news, c4, wikitext2)")
 
 
