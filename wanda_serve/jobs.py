@@ -19,7 +19,7 @@ from wanda_serve.contract import PRUNE_REPORT_NAME, EvalOptions
 from wanda_serve.data import calibration_batches, evaluation_ids, load_corpus
 from wanda_serve.engine import Owl, PruneOptions, Refine, block_linears, check_structure_fits, prune_model
 from wanda_serve.errors import WandaServeError
-from wanda_serve.evaluate import perplexity, torch_logits_fn
+from wanda_serve.evaluate import LogitsFn, perplexity, torch_logits_fn
 from wanda_serve.methods import get_method
 from wanda_serve.models import LoadedModel, check_context, load_model, save_model
 from wanda_serve.structure import Structure, audit_linears
@@ -99,9 +99,13 @@ class Evaluation:
         self.options, self.device, self.progress = options, device, progress
 
     def perplexity(self, model) -> dict:
-        result = perplexity(torch_logits_fn(model, self.device), self.ids, self.options.seqlen, self.options.max_windows,
-                            self.progress, self.name)
+        result = self.measure(torch_logits_fn(model, self.device))
         model.to("cpu")
+        return result
+
+    def measure(self, logits_fn: LogitsFn) -> dict:
+        """The perplexity of any runtime's logits (PyTorch, onnxruntime) on the evaluation text."""
+        result = perplexity(logits_fn, self.ids, self.options.seqlen, self.options.max_windows, self.progress, self.name)
         return {"data": self.name, **result.to_dict()}
 
 
