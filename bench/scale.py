@@ -152,12 +152,13 @@ class Steps:
 
     `pinned`: steps the other model measured on this machine; their results are reused only if measured here too.
     Not `measuring`: only stored results are returned, and None for a step that would have to be measured.
+    `only`: the steps measured if need be; the others, like all of them when not `measuring`, only from stored results.
     """
 
     def __init__(self, work: Path, records: Path, resume: bool, recompute_stale: bool, keep: bool,
-                 pinned: frozenset[str] = frozenset(), measuring: bool = True):
+                 pinned: frozenset[str] = frozenset(), measuring: bool = True, only: frozenset[str] | None = None):
         self.work, self.records, self.resume, self.recompute_stale, self.keep = work, records, resume, recompute_stale, keep
-        self.pinned, self.measuring = pinned, measuring
+        self.pinned, self.measuring, self.only = pinned, measuring, only
         self.work.mkdir(parents=True, exist_ok=True)
         self.records.mkdir(parents=True, exist_ok=True)
         self.hashes: dict[Path, str | None] = {}  # directory -> SHA-256 of its weights, as found by this process
@@ -191,8 +192,8 @@ class Steps:
                 elsewhere = machine_of(stored) != THIS_MACHINE
                 print(f"reusing {path}{' (measured on ' + ', '.join(machine_of(stored)) + ')' if elsewhere else ''}", flush=True)
                 return stored
-        if not self.measuring:
-            print(f"{name}: not measured yet, and not measured now (--stored-only)", flush=True)
+        if not self.measuring or (self.only is not None and name not in self.only):
+            print(f"{name}: not measured yet, and not measured now ({'--only' if self.measuring else '--stored-only'})", flush=True)
             return None
         for artifact in inputs:
             self.ensure(artifact)
@@ -273,10 +274,10 @@ class ModelResults:
 
 
 def measure_model(name: str, config: Config, work: Path, records: Path, resume: bool, recompute_stale: bool, keep: bool,
-                  pinned: frozenset[str], measuring: bool = True) -> tuple[ModelResults, set[str]]:
+                  pinned: frozenset[str], measuring: bool = True, only: frozenset[str] | None = None) -> tuple[ModelResults, set[str]]:
     """The model's results, and the compared steps measured on this machine."""
     spec = None if name == EMBEDDED_MODEL_NAME else name  # the embedded model: MODEL omitted
-    steps = Steps(work / Path(name).name, records / Path(name).name, resume, recompute_stale, keep, pinned, measuring)
+    steps = Steps(work / Path(name).name, records / Path(name).name, resume, recompute_stale, keep, pinned, measuring, only)
     location = model_location(spec)
     dense = steps.source("dense", location, (spec,) if spec else ())
     settings = Settings(model=spec, nsamples=config.nsamples, seqlen=config.seqlen, eval_data="wiki", out_of_domain="code",
@@ -419,12 +420,13 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
                                                                   config.nsamples, config.seqlen, usage["peak_rss_mib"] * MiB,
                                                                   refines=report["refine"] is not None)))
     dtype_rows = []
-    if {"wanda", "wanda-bf16"} <= set(results.prune) and {"wanda", "wanda-bf16", "vllm-pruned"} <= evaluated:
+    if {"wanda", "wanda-bf16"} <= set(results.prune):
         fp32, bf16 = results.prune["wanda"], results.prune["wanda-bf16"]
+        compared = ("wanda", "wanda-bf16", "vllm-pruned")  # float32, bfloat16, float32 rounded to bfloat16
+        dtype_perplexity = {data: tuple(perplexity(evals[key][data]) for key in compared) for data in EVAL_DATA} \
+            if set(compared) <= evaluated else {}
         dtype_rows.append(DtypeRow(name, (machines.of(fp32), machines.of(bf16)), fp32["report"]["forward_seconds"],
-                                   bf16["report"]["forward_seconds"], **{
-            f"{data}_{column}": perplexity(evals[key][data]) for data in EVAL_DATA
-            for key, column in (("wanda", "fp32"), ("wanda-bf16", "bf16"), ("vllm-pruned", "fp32_rounded"))}))
+                                   bf16["report"]["forward_seconds"], dtype_perplexity))
     export_rows = []
     for key, (result, source_bytes) in results.exports.items():
         kind, label = key.split("-", 1)
@@ -510,11 +512,16 @@ def main() -> None:
                         help="with --resume: measure again the steps whose stored result was measured otherwise, instead of stopping")
     parser.add_argument("--stored-only", action="store_true",
                         help="measure nothing: write the page from the results stored in --records, naming the steps not measured yet")
+    parser.add_argument("--only", help="comma-separated steps (e.g. wanda,wanda-bf16, dense.eval-wiki): measure only these, "
+                        "when not stored; the page shows the others from stored results")
     args = parser.parse_args()
     if args.recompute_stale and not args.resume:
         parser.error("--recompute-stale goes with --resume")
     if args.stored_only and args.recompute_stale:
         parser.error("--stored-only measures nothing: it does not go with --recompute-stale")
+    if args.stored_only and args.only:
+        parser.error("--stored-only measures nothing: it does not go with --only")
+    only = frozenset(step.strip() for step in args.only.split(",") if step.strip()) if args.only else None
     models = [name.strip() for name in args.models.split(",") if name.strip()]
     for problem in filter(None, map(missing_model, models)):
         sys.exit(problem)
@@ -534,7 +541,7 @@ def main() -> None:
         # --stored-only: a stale result is one not measured yet, as a missing one is.
         model_results, measured = measure_model(name, config, args.work, args.records, args.resume or args.stored_only,
                                                 args.recompute_stale or args.stored_only, args.keep, frozenset(measured_here),
-                                                measuring=not args.stored_only)
+                                                measuring=not args.stored_only, only=only)
         results.insert(0, model_results)
         measured_here |= measured
 

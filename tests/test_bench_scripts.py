@@ -1,5 +1,6 @@
 """The benchmark scripts' bookkeeping: recipes spelled out, --resume refusing results measured otherwise, masks compared."""
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -294,10 +295,8 @@ def synthetic_page(large_machine: str = "M1") -> Page:
 
     prune_rows = tuple(prune(shape, recipe, dtype, factor) for shape, factor in ((SMALL, 1), (LARGE, 12))
                        for recipe, dtype in (("wanda + permutation", "float32"), ("sparsegpt", "float32"), ("wanda + permutation", "bfloat16")))
-    dtype_rows = (DtypeRow("small", ("M1", "M1"), 30.0, 20.0, wiki_fp32=60.0, wiki_bf16=60.3, wiki_fp32_rounded=66.0, code_fp32=9.0, code_bf16=9.5,
-                           code_fp32_rounded=9.0),
-                  DtypeRow("large", ("M1", large_machine), 360.0, 150.0, wiki_fp32=40.0, wiki_bf16=40.1, wiki_fp32_rounded=40.0, code_fp32=4.0, code_bf16=4.02,
-                           code_fp32_rounded=4.0))
+    dtype_rows = (DtypeRow("small", ("M1", "M1"), 30.0, 20.0, {"wiki": (60.0, 60.3, 66.0), "code": (9.0, 9.5, 9.0)}),
+                  DtypeRow("large", ("M1", large_machine), 360.0, 150.0, {"wiki": (40.0, 40.1, 40.0), "code": (4.0, 4.02, 4.0)}))
     exports = tuple(ExportRow(shape.name, "M1", "vllm", "dense", "--dtype bfloat16", 10.0 * factor, 900.0, "vLLM greedy passed", True,
                               scale_page.export_goal("vllm", shape.checkpoint_bytes, 0.5 * GB * factor),
                               {"wiki": (20.0, 20.5), "code": (5.0, 5.0)}) for shape, factor in ((SMALL, 1), (LARGE, 11)))
@@ -434,6 +433,7 @@ def test_scale_page_from_stored_results_leaves_out_the_rows_not_measured_yet(tmp
         return {data: record(perplexity={"perplexity": value}) for data in scale_page.EVAL_DATA}
 
     wanda = record(mask_seconds=3.0, forward_seconds=60.0, total_seconds=66.0, refine=None)
+    wanda_bf16 = record(mask_seconds=3.0, forward_seconds=20.0, total_seconds=26.0, refine=None)
     partial = scale.ModelResults(SMALL, {"dense": evaluation(20.0), "wanda": evaluation(140.0), "sparsegpt": {}}, {"wanda": wanda},
                                  {}, None)
     config = scale.Config(64, 512, 1024, 16, {}, {})
@@ -446,9 +446,20 @@ def test_scale_page_from_stored_results_leaves_out_the_rows_not_measured_yet(tmp
     assert "**Not measured yet** (a run with `--resume` measures them; tables leave them out): small: prune wanda-bf16; " in text
     assert "| small | M1 | wanda + permutation | float32 | 20.00 → 140.00 |" in text
 
+    # Both prunes but not their evaluations (--only wanda,wanda-bf16): the speed-up is shown, the perplexity said missing.
+    both_prunes = dataclasses.replace(partial, prune={"wanda": wanda, "wanda-bf16": wanda_bf16})
+    page = scale.build_page([both_prunes], config, "python bench/scale.py --stored-only", synthetic_page().machine,
+                            synthetic_page().settings, 1.0)
+    assert [(row.speedup, row.perplexity) for row in page.dtype] == [(3.0, {})]
+    assert "| small | M1 | 60.0 | 20.0 | 3.00× | met | not evaluated yet | | not checked | | not evaluated yet |" \
+        in scale_page.render(page)
+
     nothing_stored = scale.Steps(tmp_path, tmp_path / "records", resume=True, recompute_stale=True, keep=False, measuring=False)
     assert nothing_stored.run("serve", {}, scale.SERVE_SOURCES, lambda: pytest.fail("measured with measuring=False")) is None
     assert nothing_stored.produce("wanda", tmp_path / "wanda", {}, scale.PRUNE_SOURCES, ["prune"], "prune_report.json") == (None, None)
+    only_wanda = scale.Steps(tmp_path, tmp_path / "only", resume=True, recompute_stale=True, keep=False, only=frozenset({"wanda"}))
+    assert only_wanda.run("serve", {}, scale.SERVE_SOURCES, lambda: pytest.fail("measured without being named by --only")) is None
+    assert only_wanda.run("wanda", {}, scale.PRUNE_SOURCES, lambda: {"report": {}})["report"] == {}
 
 
 def test_scale_steps_make_a_removed_input_again_before_measuring_what_reads_it(tmp_path):
