@@ -409,13 +409,14 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
                 if key not in evaluated and f"{name}: prune {key}" not in missing and f"{name}: export {key}" not in missing]
     prune_rows = []
     for key, (recipe, dtype) in RECIPES.items():
-        if key not in results.prune or not {"dense", key} <= evaluated:
+        if key not in results.prune:
             continue
         result = results.prune[key]
         report, usage = result["report"], result["usage"]
+        prune_perplexity = {data: (perplexity(evals["dense"][data]), perplexity(evals[key][data])) for data in EVAL_DATA} \
+            if {"dense", key} <= evaluated else {}
         prune_rows.append(PruneRow(
-            name, machines.of(result), recipe_label(recipe), dtype, perplexity(evals["dense"]["wiki"]), perplexity(evals[key]["wiki"]),
-            perplexity(evals["dense"]["code"]), perplexity(evals[key]["code"]), report["mask_seconds"], report["forward_seconds"],
+            name, machines.of(result), recipe_label(recipe), dtype, prune_perplexity, report["mask_seconds"], report["forward_seconds"],
             report["total_seconds"], usage["seconds"], prune_goal(shape, dtype, statistic_bytes(recipe.method, shape.block_inputs),
                                                                   config.nsamples, config.seqlen, usage["peak_rss_mib"] * MiB,
                                                                   refines=report["refine"] is not None)))

@@ -164,10 +164,7 @@ class PruneRow:
     machine: str  # the label of the machine that measured it (Page.machines)
     recipe: str  # as the doc names it
     dtype: str
-    wiki_dense: float
-    wiki: float
-    code_dense: float
-    code: float
+    perplexity: dict[str, tuple[float, float]]  # data -> (dense, pruned), both evaluated in float32; {}: not evaluated yet
     mask_seconds: float  # from prune_report.json
     forward_seconds: float
     total_seconds: float
@@ -310,7 +307,7 @@ def render(page: Page) -> str:
         f"Written by `{page.command}` ({page.seconds / 60:.0f} min for the steps this invocation measured); "
         "the numbers with every option and the code's provenance are in the JSON beside this page.",
         "",
-        *([f"**Not measured yet** (a run with `--resume` measures them; tables leave them out): {'; '.join(page.missing)}.", ""]
+        *([f"**Not measured yet** (a run with `--resume` measures them; tables leave them out, or say not evaluated yet): {'; '.join(page.missing)}.", ""]
           if page.missing else []),
         f"This invocation's machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']:.0f} GB of memory, no GPU; "
         f"ATen kernels {machine['cpu_capability']}; torch {machine['torch']}, transformers {machine['transformers']}, "
@@ -347,9 +344,10 @@ def render(page: Page) -> str:
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in page.prune:
+        perplexity = " | ".join(f"{dense:.2f} → {pruned:.2f} | {pruned / dense:.2f}" for dense, pruned in
+                                (row.perplexity[data] for data in EVAL_DATA)) if row.perplexity else "not evaluated yet | | |"
         lines.append(
-            f"| {row.model} | {row.machine} | {row.recipe} | {row.dtype} | {row.wiki_dense:.2f} → {row.wiki:.2f} | {row.wiki / row.wiki_dense:.2f} | "
-            f"{row.code_dense:.2f} → {row.code:.2f} | {row.code / row.code_dense:.2f} | {row.mask_seconds:.1f} | "
+            f"| {row.model} | {row.machine} | {row.recipe} | {row.dtype} | {perplexity} | {row.mask_seconds:.1f} | "
             f"{row.forward_seconds:.1f} | {row.total_seconds:.1f} | {row.process_seconds:.0f} | {row.memory.measured / GB:.2f} GB | "
             f"{row.memory.limit / GB:.2f} GB | {row.memory.verdict()} |")
     lines += [

@@ -291,7 +291,7 @@ def synthetic_page(large_machine: str = "M1") -> Page:
     def prune(shape, recipe, dtype, factor):
         memory = scale_page.prune_goal(shape, dtype, ("InputNorms", 1000), 64, 512, 2.0 * GB * factor)
         machine = large_machine if shape is LARGE and (recipe == "sparsegpt" or dtype == "bfloat16") else "M1"
-        return PruneRow(shape.name, machine, recipe, dtype, 20.0, 60.0, 5.0, 9.0, 3.0 * factor, 30.0 * factor, 50.0 * factor, 60.0 * factor, memory)
+        return PruneRow(shape.name, machine, recipe, dtype, {"wiki": (20.0, 60.0), "code": (5.0, 9.0)}, 3.0 * factor, 30.0 * factor, 50.0 * factor, 60.0 * factor, memory)
 
     prune_rows = tuple(prune(shape, recipe, dtype, factor) for shape, factor in ((SMALL, 1), (LARGE, 12))
                        for recipe, dtype in (("wanda + permutation", "float32"), ("sparsegpt", "float32"), ("wanda + permutation", "bfloat16")))
@@ -438,12 +438,12 @@ def test_scale_page_from_stored_results_leaves_out_the_rows_not_measured_yet(tmp
                                  {}, None)
     config = scale.Config(64, 512, 1024, 16, {}, {})
     page = scale.build_page([partial], config, "python bench/scale.py --stored-only", synthetic_page().machine, synthetic_page().settings, 1.0)
-    assert [(row.recipe, row.wiki) for row in page.prune] == [("wanda + permutation", 140.0)]
+    assert [(row.recipe, row.perplexity["wiki"]) for row in page.prune] == [("wanda + permutation", (20.0, 140.0))]
     assert page.dtype == () and page.exports == () and page.serve == () and page.serve_notes == ()
     assert page.missing == ("small: prune wanda-bf16", "small: prune sparsegpt", "small: prune sparsegpt-refine",
                             "small: export vllm-dense", "small: export vllm-pruned", "small: export onnx-pruned", "small: serve")
     text = scale_page.render(page)
-    assert "**Not measured yet** (a run with `--resume` measures them; tables leave them out): small: prune wanda-bf16; " in text
+    assert "**Not measured yet** (a run with `--resume` measures them; tables leave them out, or say not evaluated yet): small: prune wanda-bf16; " in text
     assert "| small | M1 | wanda + permutation | float32 | 20.00 → 140.00 |" in text
 
     # Both prunes but not their evaluations (--only wanda,wanda-bf16): the speed-up is shown, the perplexity said missing.
@@ -451,6 +451,9 @@ def test_scale_page_from_stored_results_leaves_out_the_rows_not_measured_yet(tmp
     page = scale.build_page([both_prunes], config, "python bench/scale.py --stored-only", synthetic_page().machine,
                             synthetic_page().settings, 1.0)
     assert [(row.speedup, row.perplexity) for row in page.dtype] == [(3.0, {})]
+    assert [(row.dtype, row.perplexity) for row in page.prune] == [("float32", {"wiki": (20.0, 140.0), "code": (20.0, 140.0)}),
+                                                                  ("bfloat16", {})]  # its speed and memory, not evaluated yet
+    assert "| small | M1 | wanda + permutation | bfloat16 | not evaluated yet | | | | 3.0 | 20.0 | 26.0 | 70 |" in scale_page.render(page)
     assert "| small | M1 | 60.0 | 20.0 | 3.00× | met | not evaluated yet | | not checked | | not evaluated yet |" \
         in scale_page.render(page)
 
