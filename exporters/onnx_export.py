@@ -26,10 +26,11 @@ from exporters.verify import (
 )
 from wanda_serve.artifacts import atomic_output_dir, package_versions
 from wanda_serve.contract import GREEDY_TOKENS, MANIFEST_NAME, PROMPTS, EvalOptions
+from wanda_serve.data import evaluation_ids, load_corpus
 from wanda_serve.engine import block_linears
 from wanda_serve.errors import WandaServeError
-from wanda_serve.jobs import Evaluation
-from wanda_serve.models import DTYPES, load_model
+from wanda_serve.evaluate import perplexity, torch_logits_fn
+from wanda_serve.models import DTYPES, check_context, load_model
 
 GRAPH_NAME = "model.onnx"
 QUANTIZATIONS = {"int8": 8, "int4": 4}  # weight bits
@@ -261,7 +262,6 @@ def export_onnx(job: OnnxExport) -> dict:
         # One copy of the weights at a time: the model (loaded in its own dtype, cast in place), then the
         # graph that shares its weights, then onnxruntime's session, each freed before the next.
         loaded = load_model(job.model, "auto")
-        evaluation = Evaluation(job.evaluation, loaded, torch.device("cpu"), job.progress) if job.evaluation else None
         model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
         del loaded
         model.set_attn_implementation("eager")  # exports to plain MatMul/Softmax that every runtime has
@@ -270,8 +270,16 @@ def export_onnx(job: OnnxExport) -> dict:
         cast_parameters(model, DTYPES[job.dtype])
         torch_reference = TorchReference.of(model, tokenizer)
         reference = {"dtype": job.dtype, "greedy": torch_reference.greedy}
-        if evaluation:
-            reference["perplexity"] = evaluation.perplexity(model)
+        if job.evaluation:
+            check_context(model, "--eval-seqlen", job.evaluation.seqlen)
+            corpus = load_corpus(job.evaluation.data)
+            ids = evaluation_ids(corpus, tokenizer)
+
+            def measure(logits_fn) -> dict:
+                result = perplexity(logits_fn, ids, job.evaluation.seqlen, job.evaluation.max_windows, job.progress, corpus.name)
+                return {"data": corpus.name, **result.to_dict()}
+
+            reference["perplexity"] = measure(torch_logits_fn(model))
         zeros_before = source_zeros(model)
         architecture, config, generation_config = type(model).__name__, model.config, model.generation_config
 
@@ -297,9 +305,9 @@ def export_onnx(job: OnnxExport) -> dict:
             quantize_graph(tmp / GRAPH_NAME, tmp / name, QUANTIZATIONS[kind])
             variants[name] = {"dtype": f"{kind} weights", "check": compare_with_torch(
                 OnnxCausalLM(tmp / name, provider="cpu"), torch_reference, tokenizer)}
-        if evaluation:
+        if job.evaluation:
             for name in variants:
-                variants[name]["perplexity"] = evaluation.measure(OnnxCausalLM(tmp / name, provider="cpu").logits_fn())
+                variants[name]["perplexity"] = measure(OnnxCausalLM(tmp / name, provider="cpu").logits_fn())
 
         tokenizer.save_pretrained(tmp)
         generation_config.save_pretrained(tmp)
