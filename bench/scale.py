@@ -192,7 +192,8 @@ class Steps:
                 elsewhere = machine_of(stored) != THIS_MACHINE
                 print(f"reusing {path}{' (measured on ' + ', '.join(machine_of(stored)) + ')' if elsewhere else ''}", flush=True)
                 return stored
-        if not self.measuring or (self.only is not None and name not in self.only):
+        # `force`: an input made again for a step measured now, named by --only or not
+        if not self.measuring or (self.only is not None and name not in self.only and not force):
             print(f"{name}: not measured yet, and not measured now ({'--only' if self.measuring else '--stored-only'})", flush=True)
             return None
         for artifact in inputs:

@@ -486,6 +486,14 @@ def test_scale_steps_make_a_removed_input_again_before_measuring_what_reads_it(t
     steps.run("wanda.eval-wiki", {"eval": {}}, scale.EVAL_SOURCES, lambda: {"report": {}}, inputs=(reused,))
     assert made == [1, 1] and out.is_dir()  # made again for the step that reads it
 
+    only_eval = scale.Steps(tmp_path, tmp_path / "records", resume=True, recompute_stale=True, keep=False,
+                            only=frozenset({"wanda.eval-code"}))
+    only_eval.command = prune
+    stored, _ = only_eval.produce("wanda", out, {"prune": {}}, scale.PRUNE_SOURCES, ["prune"], "prune_report.json")
+    only_eval.discard(out)
+    only_eval.run("wanda.eval-code", {"eval": {}}, scale.EVAL_SOURCES, lambda: {"report": {}}, inputs=(stored,))
+    assert made == [1, 1, 1] and out.is_dir()  # --only names the evaluation; its input is made again all the same
+
 
 def test_scale_says_in_one_line_how_to_install_a_missing_model(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDA_SERVE_CACHE", str(tmp_path))  # nothing converted yet
