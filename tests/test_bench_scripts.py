@@ -453,9 +453,9 @@ def test_scale_page_from_stored_results_leaves_out_the_rows_not_measured_yet(tmp
     assert [(row.speedup, row.perplexity) for row in page.dtype] == [(3.0, {})]
     assert [(row.dtype, row.perplexity) for row in page.prune] == [("float32", {"wiki": (20.0, 140.0), "code": (20.0, 140.0)}),
                                                                   ("bfloat16", {})]  # its speed and memory, not evaluated yet
-    assert "| small | M1 | wanda + permutation | bfloat16 | not evaluated yet | | | | 3.0 | 20.0 | 26.0 | 70 |" in scale_page.render(page)
-    assert "| small | M1 | 60.0 | 20.0 | 3.00× | met | not evaluated yet | | not checked | | not evaluated yet |" \
-        in scale_page.render(page)
+    text = scale_page.render(page)
+    assert "| small | M1 | wanda + permutation | bfloat16 | not evaluated yet | | | | 3.0 | 20.0 | 26.0 | 70 |" in text
+    assert "| small | M1 | 60.0 | 20.0 | 3.00× | met | not evaluated yet | | not checked | | not evaluated yet |" in text
 
     nothing_stored = scale.Steps(tmp_path, tmp_path / "records", resume=True, recompute_stale=True, keep=False, measuring=False)
     assert nothing_stored.run("serve", {}, scale.SERVE_SOURCES, lambda: pytest.fail("measured with measuring=False")) is None
