@@ -382,8 +382,7 @@ def render(rows: list[dict], command: str, settings: Settings, now: dict) -> str
         f"Command: `{command}`; {measuring:.0f} min of measuring for the rows below, over one or more invocations "
         "(`--resume` goes on from the rows this page's JSON holds).",
         "",
-        *([f"**Incomplete: {len(rows) - 1} of {len(TABLE_ORDER) - 1} recipes measured.** Not yet measured: "
-           + ", ".join(missing) + ". `--resume` measures them.", ""] if missing else []),
+        *incomplete_banner(len(rows) - 1, missing, "recipes"),
         f"Machine: {now['cpu']} ({now['cpu_id']}), {os.cpu_count()} cores, ATen kernels {now['cpu_capability']}, device `{settings.device}`; "
         + ", ".join(f"{k} {v}" for k, v in rows[0]["eval"]["versions"].items())
         + f". Code version {now['code_version']} (a hash of wanda_serve/{{{','.join(NUMERIC_SOURCES)}}}); every row was measured "
@@ -428,6 +427,14 @@ def _wiki(row: dict) -> float:
 
 def _label(recipe: Recipe) -> str:
     return f"{recipe.method} {' '.join(recipe.flags)} {recipe.structure}"
+
+
+def incomplete_banner(measured: int, missing, noun: str) -> list[str]:
+    """The lines that open a benchmark page written before all of its `noun` were measured; none when it is complete."""
+    if not missing:
+        return []
+    return [f"**Incomplete: {measured} of {measured + len(missing)} {noun} measured.** Not yet measured: "
+            f"{', '.join(missing)}. `--resume` measures them.", ""]
 
 
 def goal_verdict(ratio: float, goal: float, moonshot: float) -> str:

@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from prune_methods import (  # noqa: E402
     BEST_RECIPE, DEFAULT_RECIPE, MACHINE_KEYS, NUMERIC_SOURCES, SPARSEGPT, Machines, Recipe, argv, code_version, cpu_features,
-    differences, goal_verdict, provenance, stored_result, wanda_serve, weights_sha256,
+    differences, goal_verdict, incomplete_banner, provenance, stored_result, wanda_serve, weights_sha256,
 )
 
 from wanda_serve.contract import RECOVER_REPORT_NAME  # noqa: E402
@@ -186,14 +186,12 @@ def render(rows: list[dict], machines: dict[str, str], command: str, seconds: fl
     (--stored-only); `missing`: the runs not measured yet."""
     teacher = rows[0]
     took = "" if seconds is None else f" in {seconds / 60:.0f} minutes"
-    incomplete = [f"**Incomplete: {len(rows)} of {len(rows) + len(missing)} runs measured.** Not yet measured: "
-                  f"{', '.join(missing)}. `--resume` measures them.", ""] if missing else []
     lines = [
         "# Recovery: perplexity against the distillation budget",
         "",
         f"Written by `{command}`{took}; raw numbers in {out.with_suffix('.json').name}.",
         "",
-        *incomplete,
+        *incomplete_banner(len(rows), missing, "runs"),
         f"Embedded SmolLM2-135M-Instruct, dense teacher: wiki {teacher['wiki_teacher']:.2f}, news {teacher['news_teacher']:.2f}. "
         "Training text: the Wikipedia calibration region; wiki is its held-out region (in domain), news the held-out half "
         "of the Lee news corpus (out of domain). 0 tokens: the pruned model before recovery.",

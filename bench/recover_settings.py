@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prune_methods import Machines  # noqa: E402
+from prune_methods import Machines, incomplete_banner  # noqa: E402
 from recover import (  # noqa: E402
     RECIPES, prune_options, pruned_hashes, recover, run_provenance, runs_from_one_pruned_model, stored_as_expected,
 )
@@ -104,14 +104,12 @@ def render(rows: list[dict], machines: dict[str, str], command: str, tokens: int
     """The table; rows[0] is recover's default, which every other row is compared with. `missing`: the settings
     not measured yet (--stored-only)."""
     default, best = rows[0], min(rows, key=lambda r: r["validation"])
-    incomplete = [f"**Incomplete: {len(rows)} of {len(rows) + len(missing)} settings measured.** Not yet measured: "
-                  f"{', '.join(missing)}. `--resume` measures them.", ""] if missing else []
     lines = [
         "# Recovery settings, chosen on calibration text",
         "",
         f"Written by `{command}`; raw numbers in the JSON beside this page.",
         "",
-        *incomplete,
+        *incomplete_banner(len(rows), missing, "settings"),
         f"The default recipe's pruned SmolLM2 recovered on {tokens} tokens of the first {1 - VALIDATION_SHARE:.0%} of the "
         f"Wikipedia calibration region; validation perplexity on its last {VALIDATION_SHARE:.0%} (never on the held-out "
         "evaluation region), in windows of 1024 tokens. Batch: windows of `seqlen` tokens per optimizer step, so a smaller "
