@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prune_methods import DEFAULT_RECIPE, Settings, argv, provenance, wanda_serve, weights_sha256  # noqa: E402
+from prune_methods import DEFAULT_RECIPE, Settings, argv, provenance, wanda_serve, weights_sha256, write_json  # noqa: E402
 
 from wanda_serve.jobs import PruneJob  # noqa: E402
 from wanda_serve.models import resolve_model  # noqa: E402
@@ -120,7 +120,7 @@ def main() -> None:
     if args.from_json:
         result = json.loads(args.out.with_suffix(".json").read_text())
         result["other_machines"] = other_machines(args.machines, result["machine"])
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out.with_suffix(".json"), result)
         args.out.write_text(render(result))
         return
 
@@ -158,7 +158,7 @@ def main() -> None:
         "other_machines": other_machines(args.machines, machine),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out.with_suffix(".json"), result)
     args.out.write_text(render(result))
     print(args.out.read_text())
 

@@ -56,7 +56,8 @@ from edge_runtimes import (  # noqa: E402
 )
 from export_checks import export_checks  # noqa: E402
 from prune_methods import (  # noqa: E402
-    DEFAULT_RECIPE, NUMERIC_SOURCES, Settings, argv, cpu_name, provenance, stored_result, wanda_serve, weights_sha256, write_page,
+    DEFAULT_RECIPE, NUMERIC_SOURCES, Settings, argv, cpu_name, provenance, stored_result, wanda_serve, weights_sha256, write_json,
+    write_page,
 )
 
 from exporters.verify import release_memory  # noqa: E402
@@ -99,7 +100,7 @@ class Store:
             if stored is not None:
                 print(f"{name}: what it made is gone or changed: measuring it again", flush=True)
         record = {"step": name, **expected, **measure()}
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(path, record)
         return record
 
 

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prune_methods import DEFAULT_RECIPE, Settings, argv, provenance, wanda_serve  # noqa: E402
+from prune_methods import DEFAULT_RECIPE, Settings, argv, provenance, wanda_serve, write_json  # noqa: E402
 
 from wanda_serve.contract import MANIFEST_NAME, VLLM_PYTHON_ENV, vllm_python  # noqa: E402
 
@@ -67,7 +67,7 @@ def main() -> None:
     command = shlex.join([*([f"{VLLM_PYTHON_ENV}={vllm_env}"] if vllm_env else []), "python", "bench/exports.py", *sys.argv[1:]])
     result = {"command": command, "machine": machine, "prune_options": prune_options, "exports": exports}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out.with_suffix(".json"), result)
     args.out.write_text(render(result))
     print(args.out.read_text())
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -48,6 +47,9 @@ from deploy.sparse24 import (
 )
 from wanda_serve.engine import find_decoder_blocks, find_linears
 from wanda_serve.structure import Structure, prune_mask
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prune_methods import write_json  # noqa: E402
 
 SHAPES = {  # model -> layer -> (out, in)
     "LLaMA-2-7B": {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)},
@@ -359,7 +361,7 @@ def main() -> None:
     } | measure(setup, getattr(torch, args.dtype), args.repeats)
     result["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out.with_suffix(".json"), result)
     args.out.write_text(render(result))
     print(args.out.read_text())
     print(f"{result['seconds']:.0f} s")

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prune_methods import cpu_name  # noqa: E402
+from prune_methods import cpu_name, write_json  # noqa: E402
 
 from exporters.onnx_runtime import OnnxCausalLM  # noqa: E402
 from wanda_serve.models import resolve_model  # noqa: E402
@@ -118,7 +118,7 @@ def main() -> None:
         rows.append({"model": name, "runtime": variant, "perplexity": ppl, "bytes": size,
                      "prefill_ms": prefill_s * 1000, "decode_tokens_per_s": args.new_tokens / max(decode_s, 1e-9),
                      "export_seconds": manifest["export_seconds"]})
-    args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "manifests": {k: v[1] for k, v in manifests.items()}}, indent=2) + "\n")
+    write_json(args.out.with_suffix(".json"), {"rows": rows, "manifests": {k: v[1] for k, v in manifests.items()}})
     args.out.write_text(render(rows, args, manifests))
     print(args.out.read_text())
 

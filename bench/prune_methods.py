@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from wanda_serve.artifacts import write_file_atomically
 from wanda_serve.jobs import PruneJob
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "wanda_serve"
@@ -261,10 +262,16 @@ def differences(stored: dict, expected: dict, ignore: tuple[str, ...] = ()) -> l
             for key in dict.fromkeys([*new, *old]) if key not in ignore and (key in old, old.get(key)) != (key in new, new.get(key))]
 
 
+def write_json(path: Path, data) -> None:
+    """A stored result or a page's numbers, written whole or not at all: an interrupted run leaves the old file or
+    none, never one that --resume cannot read."""
+    write_file_atomically(path, json.dumps(data, indent=2) + "\n", overwrite=True, option="record")
+
+
 def write_page(out: Path, page, render) -> None:
     """A benchmark's page: its typed data (a dataclass) as OUT.json and render(page) as OUT, which is also printed."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dataclasses.asdict(page), indent=2) + "\n")
+    write_json(out.with_suffix(".json"), dataclasses.asdict(page))
     out.write_text(render(page))
     print(out.read_text())
 
@@ -368,7 +375,7 @@ def write_table(out: Path, results: dict[str, dict], command: str, settings: Set
     """The page and its JSON from the rows measured so far, by name, in table order (dense first)."""
     rows = [results[name] for name in TABLE_ORDER if name in results]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(out.with_suffix(".json"), rows)
     out.write_text(render(rows, command, settings, now))
 
 

@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from prune_methods import (  # noqa: E402
     BEST_RECIPE, DEFAULT_RECIPE, MACHINE_KEYS, NUMERIC_SOURCES, SPARSEGPT, Machines, Recipe, argv, code_version, cpu_features,
-    differences, goal_verdict, incomplete_banner, provenance, stored_result, wanda_serve, weights_sha256,
+    differences, goal_verdict, incomplete_banner, provenance, stored_result, wanda_serve, weights_sha256, write_json,
 )
 
 from wanda_serve.contract import RECOVER_REPORT_NAME  # noqa: E402
@@ -99,7 +99,7 @@ def pruned_model(recipe: str, work: Path) -> tuple[Path, str]:
     if not (pruned / "prune_report.json").is_file() or not record.is_file() or json.loads(record.read_text()) != expected:
         record.unlink(missing_ok=True)
         wanda_serve("prune", "--out", str(pruned), *argv(expected["options"]), "--no-eval", "--overwrite")
-        record.write_text(json.dumps(expected, indent=2) + "\n")
+        write_json(record, expected)
     return pruned, weights_sha256(pruned)[:16]
 
 
@@ -151,7 +151,7 @@ def runs_from_one_pruned_model(recipe: str, work: Path, expected: dict[Path, dic
         record = stored_result(path, path.stem, wanted, recompute_stale, any_machine=True) if resume else None
         if record is None:
             record = wanted | {"cpu_features": cpu_features(), "report": measure(pruned, path.stem)}
-            path.write_text(json.dumps(record, indent=2) + "\n")
+            write_json(path, record)
         records.append(record)
     return records
 
@@ -304,8 +304,7 @@ def main() -> None:
     if not rows:
         sys.exit(f"Error: --stored-only needs at least one recipe's first run stored in {args.records}")
     command = shlex.join(["python", "bench/recover.py", *sys.argv[1:]])
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machines": machines.legend(), "rows": rows,
-                                                         "missing": missing}, indent=2) + "\n")
+    write_json(args.out.with_suffix(".json"), {"command": command, "machines": machines.legend(), "rows": rows, "missing": missing})
     plot(rows, args.out.with_suffix(".png"))
     args.out.write_text(render(rows, machines.legend(), command, None if args.stored_only else time.time() - started, args.out,
                                tuple(missing)))

@@ -19,14 +19,13 @@ row names the machine that trained it; times are compared only within one machin
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prune_methods import Machines, incomplete_banner  # noqa: E402
+from prune_methods import Machines, incomplete_banner, write_json  # noqa: E402
 from recover import (  # noqa: E402
     RECIPES, prune_options, pruned_hashes, recover, run_provenance, runs_from_one_pruned_model, stored_as_expected,
 )
@@ -184,8 +183,8 @@ def main() -> None:
                      "validation": validation["after"]["perplexity"], "train_seconds": report["train_seconds"],
                      "tokens_per_second": report["tokens_per_second"]})
     command = shlex.join(["python", "bench/recover_settings.py", *sys.argv[1:]])
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machines": machines.legend(), "rows": rows,
-                                                         "missing": list(missing)}, indent=2) + "\n")
+    write_json(args.out.with_suffix(".json"), {"command": command, "machines": machines.legend(), "rows": rows,
+                                                "missing": list(missing)})
     args.out.write_text(render(rows, machines.legend(), command, args.tokens, missing))
 
 

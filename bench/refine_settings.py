@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import sys
 import time
@@ -29,6 +28,9 @@ from wanda_serve.engine import (Refine, block_statistics, capture_block_inputs, 
 from wanda_serve.methods import get_method
 from wanda_serve.models import load_model
 from wanda_serve.structure import Structure
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prune_methods import write_json  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -90,7 +92,7 @@ def main() -> None:
         cells[lowest] = f"**{cells[lowest]}**" if refined[lowest] < unrefined else cells[lowest]
         lines.append("| " + " | ".join([str(row["block"]), f"{unrefined:.3g}", *cells]) + " |")
     args.out.write_text("\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    write_json(args.out.with_suffix(".json"), {"command": command, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ from export_checks import export_checks  # noqa: E402
 from exports import vllm_version  # noqa: E402
 from prune_methods import (  # noqa: E402
     BEST_RECIPE, DEFAULT_RECIPE, NUMERIC_SOURCES, SPARSEGPT, Machines, Recipe, Settings, argv, cpu_features, cpu_name,
-    machine_of, provenance, stored_result, weights_sha256, write_page,
+    machine_of, provenance, stored_result, weights_sha256, write_json, write_page,
 )
 from scale_page import (  # noqa: E402
     EVAL_DATA, GB, MiB, DtypeRow, ExportRow, ModelShape, Page, PruneRow, ServeRow, checkpoint_bytes, export_goal, growth_rows,
@@ -200,7 +200,7 @@ class Steps:
             self.ensure(artifact)
         # expected() again: an input made anew may have new weights
         record = {"step": name, **expected(), "cpu_features": cpu_features(), **measure()}
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(path, record)
         if compared:
             self.measured_here.add(name)
         return record

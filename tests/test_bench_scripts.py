@@ -108,6 +108,24 @@ def test_resume_reuses_a_result_measured_the_same_way(tmp_path):
     assert stored_result(tmp_path / "missing.json", RECIPE.name, expected(Settings()), recompute_stale=False) is None
 
 
+def test_a_record_interrupted_while_written_leaves_the_stored_one_for_resume(tmp_path, monkeypatch):
+    path = stored(tmp_path, RECIPE, Settings(), PROVENANCE)
+    before = path.read_text()
+
+    def half_then_interrupt(self, text, *args, **kwargs):
+        with open(self, "w") as stream:
+            stream.write(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        prune_methods.write_json(path, {"name": "measured anew", "rows": list(range(100))})
+    monkeypatch.undo()
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert stored_result(path, RECIPE.name, expected(Settings()), recompute_stale=False)["name"] == RECIPE.name
+
+
 def test_resume_refuses_a_result_measured_with_other_options(tmp_path):
     path = stored(tmp_path, RECIPE, Settings(nsamples=16), PROVENANCE)
     with pytest.raises(SystemExit) as refused:
