@@ -3,7 +3,7 @@
 The Wikipedia calibration region is split once, at a paragraph boundary: its first 90% is the
 training text, its last 10% the validation text; the held-out evaluation region that
 docs/recover_benchmark.md reports on is not read. For each setting of --settings (learning rate, batch
-size, window length, temperature, AdamW's beta2), the default recipe's pruned model (bench/recover.py's, the same
+size, window length, temperature, AdamW's beta2, embeddings, warm-up), the default recipe's pruned model (bench/recover.py's, the same
 bytes) is recovered on the training text with `wanda-serve recover --data train.txt --eval-data valid.txt` at one budget, and
 the validation perplexity is recorded with the training speed. Writes a Markdown table and its JSON.
 
@@ -35,13 +35,13 @@ from wanda_serve.recover import RecoverJob  # noqa: E402
 
 RECIPE = "wanda-permute-2of4"  # the default recipe, as bench/recover.py names it
 VALIDATION_SHARE = 0.10
-SHARED = {"--warmup": "0.05", "--seed": "0", "--out-of-domain": "none", "--eval-seqlen": "1024", "--no-reference": None}
+SHARED = {"--seed": "0", "--out-of-domain": "none", "--eval-seqlen": "1024", "--no-reference": None}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One row: LR:BATCH[:SEQLEN[:TEMPERATURE[:BETA2[:EMBEDDINGS]]]] on the command line, EMBEDDINGS `trained` or
-    `frozen`; omitted or empty fields are recover's defaults."""
+    """One row: LR:BATCH[:SEQLEN[:TEMPERATURE[:BETA2[:EMBEDDINGS[:WARMUP]]]]] on the command line, EMBEDDINGS `trained`
+    or `frozen`, WARMUP the warm-up's share of the steps; omitted or empty fields are recover's defaults."""
 
     lr: str
     batch: int
@@ -49,15 +49,16 @@ class Setting:
     temperature: float = RecoverJob.temperature
     beta2: float = RecoverJob.adam_beta2
     train_embeddings: bool = RecoverJob.train_embeddings
+    warmup: float = RecoverJob.warmup
 
     @classmethod
     def parse(cls, text: str) -> Setting:
         lr, batch, *rest = text.split(":")
-        seqlen, temperature, beta2, embeddings = (rest + [None] * 4)[:4]
+        seqlen, temperature, beta2, embeddings, warmup = (rest + [None] * 5)[:5]
         if embeddings not in (None, "", "trained", "frozen"):
             raise ValueError(f"{text}: EMBEDDINGS is trained or frozen, got {embeddings}")
         return cls(lr, int(batch), int(seqlen or cls.seqlen), float(temperature or cls.temperature), float(beta2 or cls.beta2),
-                   embeddings == "trained" if embeddings else cls.train_embeddings)
+                   embeddings == "trained" if embeddings else cls.train_embeddings, float(warmup or cls.warmup))
 
     @property
     def embeddings(self) -> str:
@@ -69,7 +70,8 @@ class Setting:
         extra = (f"-seqlen{self.seqlen}" * (self.seqlen != RecoverJob.seqlen)
                  + f"-t{self.temperature:g}" * (self.temperature != RecoverJob.temperature)
                  + f"-beta2{self.beta2:g}" * (self.beta2 != RecoverJob.adam_beta2)
-                 + f"-embeddings-{self.embeddings}" * (self.train_embeddings != RecoverJob.train_embeddings))
+                 + f"-embeddings-{self.embeddings}" * (self.train_embeddings != RecoverJob.train_embeddings)
+                 + f"-warmup{self.warmup:g}" * (self.warmup != RecoverJob.warmup))
         return f"lr{self.lr}-batch{self.batch}{extra}"
 
 
@@ -90,7 +92,8 @@ def split_calibration(work: Path) -> tuple[Path, Path]:
 def recover_options(tokens: int, setting: Setting, train: Path, valid: Path) -> dict[str, str | None]:
     return {"--tokens": str(tokens), "--lr": setting.lr, "--batch-size": str(setting.batch), "--data": str(train),
             "--eval-data": str(valid), "--seqlen": str(setting.seqlen), "--temperature": str(setting.temperature),
-            "--adam-beta2": str(setting.beta2), f"--{'train' if setting.train_embeddings else 'freeze'}-embeddings": None, **SHARED}
+            "--adam-beta2": str(setting.beta2), f"--{'train' if setting.train_embeddings else 'freeze'}-embeddings": None,
+            "--warmup": str(setting.warmup), **SHARED}
 
 
 def expected_record(options: dict[str, str | None]) -> dict:
@@ -114,18 +117,19 @@ def render(rows: list[dict], machines: dict[str, str], command: str, tokens: int
         "evaluation region), in windows of 1024 tokens. Batch: windows of `seqlen` tokens per optimizer step, so a smaller "
         "batch of the same windows takes more steps. Temperature: of both distributions in the KL. "
         "Beta2: AdamW's second-moment decay. Embeddings: the token embeddings and the output head trained with the "
-        "rest, or frozen at the teacher's values. "
+        "rest, or frozen at the teacher's values. Warm-up: the share of the steps over which the learning rate rises "
+        "before its cosine decay. "
         "The first row is recover's default. Machine: where the setting trained:",
         "",
         *(f"- {label}: {description}" for label, description in machines.items()),
         "",
-        "| lr | batch | seqlen | temperature | beta2 | embeddings | machine | steps | validation perplexity | vs default | train s "
+        "| lr | batch | seqlen | temperature | beta2 | embeddings | warm-up | machine | steps | validation perplexity | vs default | train s "
         "| tokens/s |",
-        "|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mark = " **(best)**" if r is best else ""
-        lines.append(f"| {r['lr']} | {r['batch']} | {r['seqlen']} | {r['temperature']:g} | {r['beta2']:g} | {r['embeddings']} | "
+        lines.append(f"| {r['lr']} | {r['batch']} | {r['seqlen']} | {r['temperature']:g} | {r['beta2']:g} | {r['embeddings']} | {r['warmup']:g} | "
                      f"{r['machine']} | {r['steps']} | "
                      f"{r['validation']:.2f}{mark} | {r['validation'] / default['validation'] - 1:+.1%} | "
                      f"{r['train_seconds']:.0f} | {r['tokens_per_second']:.0f} |")
@@ -138,7 +142,7 @@ def render(rows: list[dict], machines: dict[str, str], command: str, tokens: int
 
 def describe(row: dict) -> str:
     return (f"lr {row['lr']}, batch {row['batch']}, seqlen {row['seqlen']}, temperature {row['temperature']:g}, beta2 {row['beta2']:g}, "
-            f"embeddings {row['embeddings']}")
+            f"embeddings {row['embeddings']}, warm-up {row['warmup']:g}")
 
 
 def main() -> None:
@@ -147,7 +151,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100_000, help="the budget the settings are chosen for")
     parser.add_argument("--settings", default="3e-4:4,3e-4:4::::trained,3e-4:1,3e-4:4:::0.95,3e-4:1:::0.95,3e-4:1:128::0.95,"
                                               "3e-4:1:128::0.95:trained,1e-3:4,1e-3:1,1e-4:1,3e-4:1:1024,3e-4:2:512,3e-4:4:256:2",
-                        help="LR:BATCH[:SEQLEN[:TEMPERATURE[:BETA2[:EMBEDDINGS]]]], comma-separated; the first is recover's default")
+                        help="LR:BATCH[:SEQLEN[:TEMPERATURE[:BETA2[:EMBEDDINGS[:WARMUP]]]]], comma-separated; the first is recover's default")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-recover-settings"), help="the split text, recovered models")
     parser.add_argument("--records", type=Path, default=Path("docs/recover_settings"), help="each setting's stored result")
     parser.add_argument("--pruned-work", type=Path, default=Path("runs/bench-recover"), help="where bench/recover.py prunes")

@@ -560,6 +560,11 @@ def test_recover_settings_reuse_a_stored_result_only_when_measured_the_same_way(
     options = recover_settings.recover_options(100_000, trained, train, valid)
     assert "--train-embeddings" in options and "--freeze-embeddings" not in options
     assert "--freeze-embeddings" in recover_settings.recover_options(100_000, recover_settings.Setting.parse("3e-4:1"), train, valid)
+    # the warm-up at recover's default stays out of the name and is recorded as results stored before it was a field were
+    assert recover_settings.recover_options(100_000, recover_settings.Setting.parse("3e-4:1"), train, valid)["--warmup"] == "0.05"
+    longer = recover_settings.Setting.parse("3e-4:1:128::0.95::0.2")
+    assert longer.name == "lr3e-4-batch1-seqlen128-beta20.95-warmup0.2" and not longer.train_embeddings
+    assert recover_settings.recover_options(100_000, longer, train, valid)["--warmup"] == "0.2"
 
 
 def test_recover_settings_page_from_stored_results_names_the_settings_it_lacks(tmp_path, monkeypatch):
@@ -583,7 +588,7 @@ def test_recover_settings_page_from_stored_results_names_the_settings_it_lacks(t
     recover_settings.main()
     text = out.read_text()
     assert "**Incomplete: 2 of 3 settings measured.** Not yet measured: lr3e-4-batch1-1000." in text
-    assert "| 1e-3 | 4 | 256 | 1 | 0.999 | frozen | M1 | 3 | 38.00 **(best)** | -5.0% | 10 | 100 |" in text
+    assert "| 1e-3 | 4 | 256 | 1 | 0.999 | frozen | 0.05 | M1 | 3 | 38.00 **(best)** | -5.0% | 10 | 100 |" in text
     assert "Best so far: lr 1e-3, batch 4" in text
     assert json.loads(out.with_suffix(".json").read_text())["missing"] == ["lr3e-4-batch1-1000"]
     store("3e-4:4", 40.0, pruned_sha256="bbbb")  # the default recovered other pruned weights than the rest
