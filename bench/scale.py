@@ -61,7 +61,7 @@ from prune_methods import (  # noqa: E402
     machine_of, provenance, stored_result, weights_sha256, write_json, write_page,
 )
 from scale_page import (  # noqa: E402
-    EVAL_DATA, GB, MiB, DtypeRow, ExportRow, ModelShape, Page, PruneRow, ServeRow, checkpoint_bytes, export_goal, growth_rows,
+    EVAL_DATA, GB, MiB, BestRow, DtypeRow, ExportRow, ModelShape, Page, PruneRow, ServeRow, checkpoint_bytes, export_goal, growth_rows,
     prune_goal, render, statistic_bytes,
 )
 
@@ -397,8 +397,8 @@ def perplexity(result: dict) -> float:
     return result["report"]["perplexity"]["perplexity"]
 
 
-def model_rows(results: ModelResults, config: Config, machines: Machines) -> tuple[list[PruneRow], list[DtypeRow], list[ExportRow],
-                                                                                 list[ServeRow], str | None, list[str]]:
+def model_rows(results: ModelResults, config: Config, machines: Machines) -> tuple[list[PruneRow], list[DtypeRow], list[BestRow],
+                                                                                 list[ExportRow], list[ServeRow], str | None, list[str]]:
     """The model's rows, from the results there are; the note on its serving (None: not served yet); what is missing."""
     shape, evals = results.shape, results.evals
     name = shape.name
@@ -421,6 +421,13 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
             report["total_seconds"], usage["seconds"], prune_goal(shape, dtype, statistic_bytes(recipe.method, shape.block_inputs),
                                                                   config.nsamples, config.seqlen, usage["peak_rss_mib"] * MiB,
                                                                   refines=report["refine"] is not None)))
+    best_rows = []
+    if {"sparsegpt", "sparsegpt-refine"} <= set(results.prune):
+        reference, best = results.prune["sparsegpt"], results.prune["sparsegpt-refine"]
+        best_perplexity = {data: (perplexity(evals["sparsegpt"][data]), perplexity(evals["sparsegpt-refine"][data]))
+                           for data in EVAL_DATA} if {"sparsegpt", "sparsegpt-refine"} <= evaluated else {}
+        best_rows.append(BestRow(name, (machines.of(reference), machines.of(best)),
+                                 (reference["report"]["total_seconds"], best["report"]["total_seconds"]), best_perplexity))
     dtype_rows = []
     if {"wanda", "wanda-bf16"} <= set(results.prune):
         fp32, bf16 = results.prune["wanda"], results.prune["wanda-bf16"]
@@ -443,7 +450,7 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
                                      usage["subprocess_peak_rss_mib"], check.text, check.passed,
                                      export_goal(kind, source_bytes, usage["peak_rss_mib"] * MiB), export_perplexity))
     if results.serve is None:
-        return prune_rows, dtype_rows, export_rows, [], None, [*missing, f"{name}: serve"]
+        return prune_rows, dtype_rows, best_rows, export_rows, [], None, [*missing, f"{name}: serve"]
     bench = results.serve["report"]
     serve_rows = []
     for index, concurrency in enumerate(bench["concurrency"]):
@@ -453,7 +460,7 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
             serve_rows.append(ServeRow(name, machines.of(results.serve), concurrency, label, level["output_throughput"],
                                        level["median_ttft_ms"], level["median_tpot_ms"], level["median_e2el_ms"], level["completed"],
                                        level["failed"], ratio))
-    return prune_rows, dtype_rows, export_rows, serve_rows, serve_note(name, bench), missing
+    return prune_rows, dtype_rows, best_rows, export_rows, serve_rows, serve_note(name, bench), missing
 
 
 def serve_note(name: str, bench: dict) -> str:
@@ -469,18 +476,19 @@ def serve_note(name: str, bench: dict) -> str:
 
 
 def build_page(all_results: list[ModelResults], config: Config, command: str, machine: dict, settings: dict, seconds: float) -> Page:
-    prune, dtype, exports, serve, notes, missing = [], [], [], [], [], []
+    prune, dtype, best, exports, serve, notes, missing = [], [], [], [], [], [], []
     machines = Machines()
     for results in all_results:
-        p, d, e, s, note, m = model_rows(results, config, machines)
+        p, d, b, e, s, note, m = model_rows(results, config, machines)
         prune += p
         dtype += d
+        best += b
         exports += e
         serve += s
         notes += [note] if note else []
         missing += m
     models = tuple(results.shape for results in all_results)
-    return Page(command, seconds, machine, machines.legend(), settings, models, tuple(prune), tuple(dtype), tuple(exports), tuple(serve),
+    return Page(command, seconds, machine, machines.legend(), settings, models, tuple(prune), tuple(dtype), tuple(best), tuple(exports), tuple(serve),
                 tuple(notes), growth_rows(models, tuple(prune), tuple(exports), tuple(serve)), tuple(missing))
 
 

@@ -270,7 +270,7 @@ def test_mask_difference_counts_decoder_weights_pruned_in_one_model_and_kept_in_
 # bench/scale.py: the goal arithmetic, the page from synthetic rows, and its steps' --resume.
 import scale  # noqa: E402
 import scale_page  # noqa: E402
-from scale_page import GB, DtypeRow, ExportRow, MemoryGoal, ModelShape, Page, PruneRow, ServeRow  # noqa: E402
+from scale_page import GB, BestRow, DtypeRow, ExportRow, MemoryGoal, ModelShape, Page, PruneRow, ServeRow  # noqa: E402
 
 SMALL = ModelShape("small", 100_000_000, 10, 5_000_000, (1000, 1000, 4000), 1000, 4000, 400_000_000)
 LARGE = ModelShape("large", 1_000_000_000, 20, 40_000_000, (2000, 2000, 8000), 2000, 8000, 4_000_000_000)
@@ -315,6 +315,8 @@ def synthetic_page(large_machine: str = "M1") -> Page:
                        for recipe, dtype in (("wanda + permutation", "float32"), ("sparsegpt", "float32"), ("wanda + permutation", "bfloat16")))
     dtype_rows = (DtypeRow("small", ("M1", "M1"), 30.0, 20.0, {"wiki": (60.0, 60.3, 66.0), "code": (9.0, 9.5, 9.0)}),
                   DtypeRow("large", ("M1", large_machine), 360.0, 150.0, {"wiki": (40.0, 40.1, 40.0), "code": (4.0, 4.02, 4.0)}))
+    best_rows = (BestRow("small", ("M1", "M1"), (100.0, 250.0), {"wiki": (80.0, 52.0), "code": (10.0, 9.0)}),
+                 BestRow("large", (large_machine, "M1"), (1000.0, 4000.0), {}))
     exports = tuple(ExportRow(shape.name, "M1", "vllm", "dense", "--dtype bfloat16", 10.0 * factor, 900.0, "vLLM greedy passed", True,
                               scale_page.export_goal("vllm", shape.checkpoint_bytes, 0.5 * GB * factor),
                               {"wiki": (20.0, 20.5), "code": (5.0, 5.0)}) for shape, factor in ((SMALL, 1), (LARGE, 11)))
@@ -326,7 +328,8 @@ def synthetic_page(large_machine: str = "M1") -> Page:
     settings = {"nsamples": 64, "seqlen": 512, "seed": 0, "eval_seqlen": 1024, "eval_windows_text": "the first 16 windows",
                 "prune_command": "wanda-serve prune [MODEL] --method wanda", "serve": {}}
     machines = {"M1": "Some CPU (family 6 model 1), ATen kernels AVX512", "M2": "Other CPU (family 6 model 2), ATen kernels AVX2"}
-    return Page("python bench/scale.py --models small,large", 600.0, machine, machines, settings, models, prune_rows, dtype_rows, exports, serve,
+    return Page("python bench/scale.py --models small,large", 600.0, machine, machines, settings, models, prune_rows, dtype_rows, best_rows, exports,
+                serve,
                 ("- small: vLLM 0.32.0", "- large: vLLM 0.32.0"), scale_page.growth_rows(models, prune_rows, exports, serve))
 
 
@@ -346,7 +349,7 @@ def test_scale_page_renders_every_section_goal_and_the_command():
     text = scale_page.render(synthetic_page())
     assert text.startswith("# Ten times larger: small and large end to end\n")
     assert "Written by `python bench/scale.py --models small,large` (10 min" in text
-    for heading in ("## Models", "## Pruning at 2:4", "## bfloat16 against float32", "## Exports", "## Serving on vLLM",
+    for heading in ("## Models", "## Pruning at 2:4", "## The best recipe against SparseGPT", "## bfloat16 against float32", "## Exports", "## Serving on vLLM",
                     "## Growth from small to large"):
         assert f"\n{heading}" in text
     assert "| small | M1 | wanda + permutation | float32 | 20.00 → 60.00 | 3.00 | 5.00 → 9.00 | 1.80 | 3.0 | 30.0 | 50.0 | 60 |" in text
@@ -356,6 +359,8 @@ def test_scale_page_renders_every_section_goal_and_the_command():
     assert "| large | M1 | 360.0 | 150.0 | 2.40× | met | 40.00 → 40.10 | +0.2% | met | 40.00 (+0.0%) | 4.00 → 4.02 | +0.5% | met | " \
            "4.00 (+0.0%) |" in text
     assert "| vLLM greedy passed | yes | wiki 20.00 → 20.50, code 5.00 → 5.00 |" in text
+    assert "| small | M1 | 80.00 → 52.00 | 0.65 | **met**, and the moonshot | 10.00 → 9.00 | 0.90 | 100.0 → 250.0 | 2.50 | yes |" in text
+    assert "| large | M1 | not evaluated yet | | not checked | | | 1000.0 → 4000.0 | 4.00 | **no** |" in text
     assert "- M1: Some CPU (family 6 model 1), ATen kernels AVX512\n" in text
     large_prune = scale_page.prune_goal(LARGE, "float32", ("InputNorms", 1000), 64, 512, 24.0 * GB)
     assert f"missed by {(24.0 * GB - large_prune.limit) / GB:.2f} GB" in text  # the large model's prune goal, by how much
@@ -382,6 +387,7 @@ def test_scale_page_takes_no_ratio_between_two_machines():
     assert "| prune sparsegpt (float32): total | 50 s | 600 s | M1, M2 | not compared: two machines | |" in text
     assert "| large | M1, M2 | 360.0 | 150.0 | not compared: two machines | not checked | 40.00 → 40.10 |" in text
     assert "- M2: Other CPU (family 6 model 2), ATen kernels AVX2\n" in text
+    assert "| large | M2, M1 | not evaluated yet | | not checked | | | 1000.0 → 4000.0 | not compared: two machines | not checked |" in text
 
 
 def test_scale_steps_reuse_only_results_measured_with_the_same_inputs(tmp_path):
