@@ -422,10 +422,11 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
                                                                   config.nsamples, config.seqlen, usage["peak_rss_mib"] * MiB,
                                                                   refines=report["refine"] is not None)))
     best_rows = []
-    if {"sparsegpt", "sparsegpt-refine"} <= set(results.prune):
-        reference, best = results.prune["sparsegpt"], results.prune["sparsegpt-refine"]
-        best_perplexity = {data: (perplexity(evals["sparsegpt"][data]), perplexity(evals["sparsegpt-refine"][data]))
-                           for data in EVAL_DATA} if {"sparsegpt", "sparsegpt-refine"} <= evaluated else {}
+    compared = ("sparsegpt", "sparsegpt-refine")  # SparseGPT, the best recipe
+    if set(compared) <= set(results.prune):
+        reference, best = (results.prune[key] for key in compared)
+        best_perplexity = {data: tuple(perplexity(evals[key][data]) for key in compared) for data in EVAL_DATA} \
+            if set(compared) <= evaluated else {}
         best_rows.append(BestRow(name, (machines.of(reference), machines.of(best)),
                                  (reference["report"]["total_seconds"], best["report"]["total_seconds"]), best_perplexity))
     dtype_rows = []

@@ -159,6 +159,13 @@ def _counted(values: tuple[int, ...]) -> list[tuple[int, int]]:
 # The page's rows.
 
 
+def one_machine_ratio(numerator: float, denominator: float, machines: tuple[str, str]) -> float | None:
+    """numerator / denominator, or None where two machines measured them: the ratio would mix the machines' speeds."""
+    if machines[0] != machines[1]:
+        return None
+    return numerator / denominator if denominator else float("nan")
+
+
 @dataclass(frozen=True)
 class PruneRow:
     model: str
@@ -186,9 +193,7 @@ class DtypeRow:
 
     @property
     def speedup(self) -> float | None:
-        """None where two machines measured the two prunes: their seconds do not compare."""
-        same_machine = self.machines[0] == self.machines[1]
-        return self.forward_seconds_fp32 / self.forward_seconds_bf16 if same_machine else None
+        return one_machine_ratio(self.forward_seconds_fp32, self.forward_seconds_bf16, self.machines)
 
     def perplexity_change(self, data: str) -> float:
         fp32, bf16, _ = self.perplexity[data]
@@ -207,8 +212,7 @@ class BestRow:
 
     @property
     def time_ratio(self) -> float | None:
-        """None where two machines measured the two prunes: their seconds do not compare."""
-        return self.total_seconds[1] / self.total_seconds[0] if self.machines[0] == self.machines[1] else None
+        return one_machine_ratio(self.total_seconds[1], self.total_seconds[0], self.machines)
 
 
 @dataclass(frozen=True)
@@ -251,10 +255,7 @@ class GrowthRow:
 
     @property
     def factor(self) -> float | None:
-        """None where two machines measured the two costs: their ratio would mix the machines' speeds."""
-        if self.machines[0] != self.machines[1]:
-            return None
-        return self.large / self.small if self.small else float("nan")
+        return one_machine_ratio(self.large, self.small, self.machines)
 
 
 @dataclass(frozen=True)
