@@ -56,8 +56,8 @@ from edge_runtimes import (  # noqa: E402
 )
 from export_checks import export_checks  # noqa: E402
 from prune_methods import (  # noqa: E402
-    DEFAULT_RECIPE, NUMERIC_SOURCES, Settings, argv, cpu_name, provenance, stored_result, wanda_serve, weights_sha256, write_json,
-    write_page,
+    DEFAULT_RECIPE, NUMERIC_SOURCES, Settings, argv, cpu_name, provenance, run_benchmark, stored_result, wanda_serve, weights_sha256,
+    write_json, write_page,
 )
 
 from exporters.verify import release_memory  # noqa: E402
@@ -306,4 +306,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -300,6 +301,15 @@ def reusable(stored: dict | None, label: str, expected: dict, recompute_stale: b
              "Use --recompute-stale to measure it again, or run without --resume.")
 
 
+def run_benchmark(main: Callable[[], None]) -> None:
+    """A benchmark script's entry point. Each result is stored as soon as it is measured, so Ctrl-C ends the run with
+    one line instead of a traceback (the `wanda-serve` step it cut short says its own), and --resume goes on from there."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("Error: interrupted; the results measured so far are stored: run the same command with --resume to go on")
+
+
 def wanda_serve(*args: str, env: dict[str, str] | None = None) -> None:
     """Run `wanda-serve ARGS` in its own process, with `env` added to this one's environment."""
     env = env or {}
@@ -499,4 +509,4 @@ def goal_lines(rows: list[dict]) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

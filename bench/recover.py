@@ -42,7 +42,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from prune_methods import (  # noqa: E402
     BEST_RECIPE, DEFAULT_RECIPE, MACHINE_KEYS, NUMERIC_SOURCES, SPARSEGPT, Machines, Recipe, argv, code_version, cpu_features,
-    differences, goal_verdict, incomplete_banner, provenance, stored_result, wanda_serve, weights_sha256, write_json,
+    differences, goal_verdict, incomplete_banner, provenance, run_benchmark, stored_result, wanda_serve, weights_sha256,
+    write_json,
 )
 
 from wanda_serve.contract import RECOVER_REPORT_NAME  # noqa: E402
@@ -311,4 +312,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prune_methods import Machines, incomplete_banner, write_json  # noqa: E402
+from prune_methods import Machines, incomplete_banner, run_benchmark, write_json  # noqa: E402
 from recover import (  # noqa: E402
     RECIPES, prune_options, pruned_hashes, recover, run_provenance, runs_from_one_pruned_model, stored_as_expected,
 )
@@ -193,4 +193,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

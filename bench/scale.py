@@ -58,7 +58,7 @@ from export_checks import export_checks  # noqa: E402
 from exports import vllm_version  # noqa: E402
 from prune_methods import (  # noqa: E402
     BEST_RECIPE, DEFAULT_RECIPE, NUMERIC_SOURCES, SPARSEGPT, Machines, Recipe, Settings, argv, cpu_features, cpu_name,
-    machine_of, provenance, stored_result, weights_sha256, write_json, write_page,
+    machine_of, provenance, run_benchmark, stored_result, weights_sha256, write_json, write_page,
 )
 from scale_page import (  # noqa: E402
     EVAL_DATA, GB, MiB, BestRow, DtypeRow, ExportRow, ModelShape, Page, PruneRow, ServeRow, checkpoint_bytes, export_goal, growth_rows,
@@ -568,4 +568,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

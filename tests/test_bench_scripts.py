@@ -3,7 +3,10 @@
 import dataclasses
 import json
 import shutil
+import signal
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -124,6 +127,31 @@ def test_a_record_interrupted_while_written_leaves_the_stored_one_for_resume(tmp
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     assert stored_result(path, RECIPE.name, expected(Settings()), recompute_stale=False)["name"] == RECIPE.name
+
+
+def test_ctrl_c_ends_a_benchmark_with_one_line_that_says_how_to_go_on(tmp_path):
+    script = tmp_path / "benchmark.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(BENCH)!r})
+        from prune_methods import run_benchmark
+
+        def main():
+            print("measuring", flush=True)
+            time.sleep(120)
+
+        run_benchmark(main)
+    """))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "measuring\n"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert stderr.splitlines() == ["Error: interrupted; the results measured so far are stored: run the same command with --resume to go on"]
+    # every benchmark that stores its results for --resume ends this way
+    resumable = [path.name for path in BENCH.glob("*.py") if '"--resume"' in path.read_text()]
+    assert len(resumable) >= 5
+    assert [name for name in resumable if not (BENCH / name).read_text().endswith('if __name__ == "__main__":\n    run_benchmark(main)\n')] == []
 
 
 def test_resume_refuses_a_result_measured_with_other_options(tmp_path):
