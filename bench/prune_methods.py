@@ -310,11 +310,24 @@ def run_benchmark(main: Callable[[], None]) -> None:
         sys.exit("Error: interrupted; the results measured so far are stored: run the same command with --resume to go on")
 
 
+def run_to_its_end(command: list[str], **popen) -> int:
+    """Run `command` and return its exit code. Ctrl-C reaches the child too, and a `wanda-serve` child then saves its
+    checkpoint and clears its partial output: this waits for that, where subprocess.run kills the child 0.25 s later."""
+    with subprocess.Popen(command, **popen) as process:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            process.wait()
+            raise
+
+
 def wanda_serve(*args: str, env: dict[str, str] | None = None) -> None:
     """Run `wanda-serve ARGS` in its own process, with `env` added to this one's environment."""
     env = env or {}
     print("$", shlex.join([*(f"{k}={v}" for k, v in env.items()), "wanda-serve", *args]), flush=True)
-    subprocess.run([sys.executable, "-m", "wanda_serve", *args], check=True, env=os.environ | env)
+    command = [sys.executable, "-m", "wanda_serve", *args]
+    if code := run_to_its_end(command, env=os.environ | env):
+        raise subprocess.CalledProcessError(code, command)
 
 
 def measure(recipe: Recipe | None, settings: Settings, work: Path, keep: bool) -> dict:

@@ -58,7 +58,7 @@ from export_checks import export_checks  # noqa: E402
 from exports import vllm_version  # noqa: E402
 from prune_methods import (  # noqa: E402
     BEST_RECIPE, DEFAULT_RECIPE, NUMERIC_SOURCES, SPARSEGPT, Machines, Recipe, Settings, argv, cpu_features, cpu_name,
-    machine_of, provenance, run_benchmark, stored_result, weights_sha256, write_json, write_page,
+    machine_of, provenance, run_benchmark, run_to_its_end, stored_result, weights_sha256, write_json, write_page,
 )
 from scale_page import (  # noqa: E402
     EVAL_DATA, GB, MiB, BestRow, DtypeRow, ExportRow, ModelShape, Page, PruneRow, ServeRow, checkpoint_bytes, export_goal, growth_rows,
@@ -120,10 +120,10 @@ def measured_cli(*args: str) -> Usage:
     with tempfile.TemporaryDirectory() as scratch:
         usage_path = Path(scratch) / "usage.json"
         started = time.perf_counter()
-        run = subprocess.run([sys.executable, "-c", MEASURED_CLI, str(usage_path), *args])
+        code = run_to_its_end([sys.executable, "-c", MEASURED_CLI, str(usage_path), *args])
         seconds = time.perf_counter() - started
-        if run.returncode != 0:
-            sys.exit(f"error: `{shlex.join(['wanda-serve', *args])}` failed with exit code {run.returncode} (its output is above)")
+        if code != 0:
+            sys.exit(f"error: `{shlex.join(['wanda-serve', *args])}` failed with exit code {code} (its output is above)")
         usage = json.loads(usage_path.read_text())
     return Usage(seconds, usage["self_kib"] / 1024, usage["children_kib"] / 1024)
 

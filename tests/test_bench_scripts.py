@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -129,25 +130,36 @@ def test_a_record_interrupted_while_written_leaves_the_stored_one_for_resume(tmp
     assert stored_result(path, RECIPE.name, expected(Settings()), recompute_stale=False)["name"] == RECIPE.name
 
 
-def test_ctrl_c_ends_a_benchmark_with_one_line_that_says_how_to_go_on(tmp_path):
+def test_ctrl_c_lets_the_running_step_save_its_checkpoint_then_ends_the_benchmark_with_one_line(tmp_path):
+    saved = tmp_path / "checkpoint"
+    step = textwrap.dedent(f"""
+        import pathlib, signal, sys, time
+        def save_and_stop(*_):
+            time.sleep(1)  # longer than subprocess.run would wait before killing it
+            pathlib.Path({str(saved)!r}).write_text("saved")
+            sys.exit("Error: interrupted; checkpoint saved")
+        signal.signal(signal.SIGINT, save_and_stop)
+        print("measuring", flush=True)
+        time.sleep(120)
+    """)
     script = tmp_path / "benchmark.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, time
+        import sys
         sys.path.insert(0, {str(BENCH)!r})
-        from prune_methods import run_benchmark
+        from prune_methods import run_benchmark, run_to_its_end
 
-        def main():
-            print("measuring", flush=True)
-            time.sleep(120)
-
-        run_benchmark(main)
+        run_benchmark(lambda: run_to_its_end([sys.executable, "-c", {step!r}]))
     """))
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C in a terminal signals the whole process group: the benchmark and its step
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     assert process.stdout.readline() == "measuring\n"
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1
-    assert stderr.splitlines() == ["Error: interrupted; the results measured so far are stored: run the same command with --resume to go on"]
+    assert stderr.splitlines() == ["Error: interrupted; checkpoint saved",
+                                   "Error: interrupted; the results measured so far are stored: run the same command with --resume to go on"]
+    assert saved.read_text() == "saved"
     # every benchmark that stores its results for --resume ends this way
     resumable = [path.name for path in BENCH.glob("*.py") if '"--resume"' in path.read_text()]
     assert len(resumable) >= 5
