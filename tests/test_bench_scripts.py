@@ -888,6 +888,8 @@ def test_recover_prunes_with_the_pruning_benchmarks_recipes():
     import recover
 
     assert recover.RECIPES[recover.DEFAULT] == prune_methods.DEFAULT_RECIPE
+    # each recipe's one-shot perplexity is a row of docs/prune_benchmark.md
+    assert all(recipe in RECIPES for recipe in recover.RECIPES.values())
     assert recover.prune_options(prune_methods.BEST_RECIPE) == {
         "--method": "sparsegpt", "--structure": "2:4", "--no-permute": None, "--refine=10": None, **recover.PRUNE_SHARED}
 
