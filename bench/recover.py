@@ -303,7 +303,9 @@ def main() -> None:
             measured = list(zip(runs, runs_from_one_pruned_model(
                 recipe, args.work, expected, lambda pruned, name: recover(pruned, args.work / name, options[name]),
                 args.resume, args.recompute_stale)))
-        rows += [row(run, record, measured[0][1]["report"], machines) for run, record in measured]
+        # The first budget's run measured the reference; the table and the plot go by tokens, base runs first.
+        rows += sorted((row(run, record, measured[0][1]["report"], machines) for run, record in measured),
+                       key=lambda r: (r["variant"] != "base", r["tokens"]))
     if not rows:
         sys.exit(f"Error: --stored-only needs at least one recipe's first run stored in {args.records}")
     command = shlex.join(["python", "bench/recover.py", *sys.argv[1:]])

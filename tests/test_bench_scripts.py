@@ -846,6 +846,19 @@ def test_recover_goal_judges_each_recipe_at_the_goal_budget_in_and_out_of_domain
     assert recover.goal_lines(rows[:1])[2] == "- No recipe was measured at 100000 tokens; the goal is not judged."
 
 
+def store_recover_run(records: Path, recipe: str, tokens: int, wiki: float, reference: bool = False, pruned_sha256: str = "aaaa") -> None:
+    """A bench/recover.py base run's record, as a run measured with today's code stores it."""
+    import recover
+
+    run = recover.Run(recipe, "base", tokens, reference)
+    perplexity = {"after": {"perplexity": wiki}, "before": {"perplexity": 140.0}, "teacher": {"perplexity": 20.0}}
+    record = {"options": {"prune": recover.prune_options(recover.RECIPES[recipe]), "recover": recover.recover_options(run, None)},
+              "provenance": recover.run_provenance() | {"pruned_sha256": pruned_sha256},
+              "report": {"perplexity": {"wiki": perplexity, "news": perplexity}, "tokens": tokens, "train_seconds": 10.0,
+                         "tokens_per_second": 100.0, "memory": {"peak_rss_mib": 5000.0}, "mask_check": {"passed": True}}}
+    (records / f"{run.name}.json").write_text(json.dumps(record))
+
+
 def test_recover_page_from_stored_results_names_the_runs_it_lacks(tmp_path, monkeypatch):
     import recover
 
@@ -853,13 +866,7 @@ def test_recover_page_from_stored_results_names_the_runs_it_lacks(tmp_path, monk
     records.mkdir()
 
     def store(recipe, tokens, wiki, reference=False, pruned_sha256="aaaa"):
-        run = recover.Run(recipe, "base", tokens, reference)
-        perplexity = {"after": {"perplexity": wiki}, "before": {"perplexity": 140.0}, "teacher": {"perplexity": 20.0}}
-        record = {"options": {"prune": recover.prune_options(recover.RECIPES[recipe]), "recover": recover.recover_options(run, None)},
-                  "provenance": recover.run_provenance() | {"pruned_sha256": pruned_sha256},
-                  "report": {"perplexity": {"wiki": perplexity, "news": perplexity}, "tokens": tokens, "train_seconds": 10.0,
-                             "tokens_per_second": 100.0, "memory": {"peak_rss_mib": 5000.0}, "mask_check": {"passed": True}}}
-        (records / f"{run.name}.json").write_text(json.dumps(record))
+        store_recover_run(records, recipe, tokens, wiki, reference, pruned_sha256)
 
     store("wanda-permute-2of4", 1000, 60.0, reference=True)
     store("wanda-permute-2of4", 3000, 45.0, pruned_sha256="bbbb")  # from other pruned weights than the reference's: not shown
@@ -883,6 +890,21 @@ def test_recover_page_from_stored_results_names_the_runs_it_lacks(tmp_path, monk
     with pytest.raises(SystemExit):
         recover.main()
 
+
+
+def test_recover_page_goes_by_tokens_whichever_budget_measured_the_reference(tmp_path, monkeypatch):
+    import recover
+
+    records, out = tmp_path / "records", tmp_path / "page.md"
+    records.mkdir()
+    store_recover_run(records, "wanda-permute-2of4", 3000, 45.0, reference=True)  # measured first, alone
+    store_recover_run(records, "wanda-permute-2of4", 1000, 60.0)  # added later, from the same pruned weights
+    monkeypatch.setattr(sys, "argv", ["recover.py", "--out", str(out), "--recipes", "wanda-permute-2of4", "--budgets", "3000,1000",
+                                      "--variants", "", "--records", str(records), "--stored-only"])
+    recover.main()
+    table = [line for line in out.read_text().splitlines() if line.startswith("| wanda-permute-2of4 |")]
+    assert [line.split("|")[3].strip() for line in table] == ["0", "1000", "3000"]
+    assert [row["tokens"] for row in json.loads(out.with_suffix(".json").read_text())["rows"]] == [1000, 3000]
 
 def test_recover_prunes_with_the_pruning_benchmarks_recipes():
     import recover
