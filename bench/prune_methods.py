@@ -88,6 +88,7 @@ RECIPES = (
 )
 DEFAULT_RECIPE = Recipe("wanda", "2:4", ("--permute",))  # what `wanda-serve prune` does without options: --recipe fast
 BEST_RECIPE = Recipe("sparsegpt", "2:4", ("--no-permute", REFINE))  # --recipe best
+REFINED_DEFAULT = Recipe("wanda", "2:4", ("--permute", REFINE))  # the default's masks refined: a start for recovery
 SPARSEGPT = Recipe("sparsegpt", "2:4", ("--no-permute",))  # the one-shot reference of the quality goal
 # The one-shot quality goal at 2:4: wiki perplexity at most this share of SparseGPT's (the moonshot: the
 # second), at most TIME_LIMIT x its total time; and block order may cost the fast default at most

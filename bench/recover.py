@@ -42,7 +42,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from prune_methods import (  # noqa: E402
-    BEST_RECIPE, DEFAULT_RECIPE, MACHINE_KEYS, NUMERIC_SOURCES, REFINE, SPARSEGPT, Machines, Recipe, argv, code_version, cpu_features,
+    BEST_RECIPE, DEFAULT_RECIPE, MACHINE_KEYS, NUMERIC_SOURCES, REFINED_DEFAULT, SPARSEGPT, Machines, Recipe, argv, code_version, cpu_features,
     differences, goal_verdict, incomplete_banner, provenance, run_benchmark, stored_result, wanda_serve, weights_sha256,
     write_json,
 )
@@ -51,7 +51,7 @@ from wanda_serve.contract import RECOVER_REPORT_NAME  # noqa: E402
 
 # The recipes as the pruning benchmark defines them, under the names their stored results carry.
 RECIPES = {"wanda-permute-2of4": DEFAULT_RECIPE, "sparsegpt-2of4": SPARSEGPT, "sparsegpt-refine-2of4": BEST_RECIPE,
-           "wanda-permute-refine-2of4": Recipe(DEFAULT_RECIPE.method, DEFAULT_RECIPE.structure, (*DEFAULT_RECIPE.flags, REFINE))}
+           "wanda-permute-refine-2of4": REFINED_DEFAULT}
 DEFAULT = "wanda-permute-2of4"  # the goal's recipe: what `wanda-serve prune` does without options
 PRUNE_SHARED = {"--calib": "wiki", "--nsamples": "64", "--seqlen": "512", "--seed": "0", "--dtype": "float32"}
 VARIANTS = {"base": {}, "squarehead": {"--hidden-weight": "1.0"}, "bf16": {"--dtype": "bfloat16"},

@@ -891,7 +891,6 @@ def test_recover_page_from_stored_results_names_the_runs_it_lacks(tmp_path, monk
         recover.main()
 
 
-
 def test_recover_page_goes_by_tokens_whichever_budget_measured_the_reference(tmp_path, monkeypatch):
     import recover
 
@@ -905,6 +904,7 @@ def test_recover_page_goes_by_tokens_whichever_budget_measured_the_reference(tmp
     table = [line for line in out.read_text().splitlines() if line.startswith("| wanda-permute-2of4 |")]
     assert [line.split("|")[3].strip() for line in table] == ["0", "1000", "3000"]
     assert [row["tokens"] for row in json.loads(out.with_suffix(".json").read_text())["rows"]] == [1000, 3000]
+
 
 def test_recover_prunes_with_the_pruning_benchmarks_recipes():
     import recover
