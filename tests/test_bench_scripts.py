@@ -488,18 +488,62 @@ def test_scale_steps_reuse_a_result_of_another_machine_unless_the_other_model_me
     assert steps(pinned=frozenset({"sparsegpt"})).run("sparsegpt", {"prune": {}}, scale.PRUNE_SOURCES, measure) == again
 
 
-def test_scale_page_from_stored_results_leaves_out_the_rows_not_measured_yet(tmp_path):
-    def record(**report):
-        return {"report": report, "usage": {"seconds": 70.0, "peak_rss_mib": 1500.0, "subprocess_peak_rss_mib": 0.0},
-                "provenance": {"cpu": "Some CPU", "cpu_id": "family 6 model 1", "cpu_capability": "AVX512"}}
+def test_scale_steps_keep_a_result_replaced_by_another_machines_while_it_stays_valid(tmp_path):
+    measured = []
 
-    def evaluation(value):
-        return {data: record(perplexity={"perplexity": value}) for data in scale_page.EVAL_DATA}
+    def measure():
+        measured.append(1)
+        return {"report": {"value": len(measured)}, "weights_sha256": str(len(measured)) * 64}
+
+    def steps(pinned=frozenset()):  # pinned: the other model's result of that step is this machine's
+        return scale.Steps(tmp_path, tmp_path / "records", resume=True, recompute_stale=False, keep=False, pinned=pinned)
+
+    def stored_as_measured_on(cpu: str, name: str) -> dict:
+        path = tmp_path / "records" / f"{name}.json"
+        record = json.loads(path.read_text())
+        record["provenance"] |= {"cpu": cpu, "cpu_id": f"{cpu} id", "cpu_capability": "AVX512"}
+        path.write_text(json.dumps(record))
+        return record
+
+    def expected(**options) -> dict:
+        return {"options": {"prune": options}, "provenance": scale.provenance(scale.PRUNE_SOURCES)}
+
+    steps().run("wanda", {"prune": {}}, scale.PRUNE_SOURCES, measure)
+    amx = stored_as_measured_on("AMX CPU", "wanda")
+    here = steps(pinned=frozenset({"wanda"}))
+    new = here.run("wanda", {"prune": {}}, scale.PRUNE_SOURCES, measure)
+    assert measured == [1, 1] and here.kept["wanda"] == [amx] and len(list((tmp_path / "records" / "kept").iterdir())) == 1
+    later = steps()
+    assert later.run("wanda", {"prune": {}}, scale.PRUNE_SOURCES, measure) == new and later.kept["wanda"] == [amx]
+    assert later.valid_kept("wanda", expected(**{"--seed": "1"})) == []  # measured otherwise: not shown
+
+    # Measured again on a machine whose result is kept: that one is dropped, the one it replaces kept.
+    stored_as_measured_on("Third CPU", "wanda")
+    kept_amx = next((tmp_path / "records" / "kept").iterdir())
+    here_again = json.loads(kept_amx.read_text())
+    here_again["provenance"] |= dict(zip(prune_methods.MACHINE_KEYS, scale.THIS_MACHINE))
+    kept_amx.write_text(json.dumps(here_again))  # as if this machine's result had been kept
+    steps(pinned=frozenset({"wanda"})).run("wanda", {"prune": {}}, scale.PRUNE_SOURCES, measure)
+    assert len(measured) == 3 and [record["provenance"]["cpu"] for record in steps().valid_kept("wanda", expected())] == ["Third CPU"]
+    # A kept result of other code is not shown.
+    kept = next((tmp_path / "records" / "kept").iterdir())
+    kept.write_text(json.dumps(json.loads(kept.read_text()) | {"provenance": {"code_version": "0" * 16}}))
+    assert steps().valid_kept("wanda", expected()) == []
+
+
+def test_scale_page_from_stored_results_leaves_out_the_rows_not_measured_yet(tmp_path):
+    def record(weights="a" * 64, **report):
+        return {"report": report, "usage": {"seconds": 70.0, "peak_rss_mib": 1500.0, "subprocess_peak_rss_mib": 0.0},
+                "provenance": {"cpu": "Some CPU", "cpu_id": "family 6 model 1", "cpu_capability": "AVX512"}, "weights_sha256": weights}
+
+    def evaluation(key, value, weights="a" * 64):  # of the weights of `key` with this SHA-256
+        return {data: record(perplexity={"perplexity": value}) | {"provenance": {f"weights of {key}": weights[:16]}}
+                for data in scale_page.EVAL_DATA}
 
     wanda = record(mask_seconds=3.0, forward_seconds=60.0, total_seconds=66.0, refine=None)
-    wanda_bf16 = record(mask_seconds=3.0, forward_seconds=20.0, total_seconds=26.0, refine=None)
-    partial = scale.ModelResults(SMALL, {"dense": evaluation(20.0), "wanda": evaluation(140.0), "sparsegpt": {}}, {"wanda": wanda},
-                                 {}, None)
+    wanda_bf16 = record("b" * 64, mask_seconds=3.0, forward_seconds=20.0, total_seconds=26.0, refine=None)
+    partial = scale.ModelResults(SMALL, {"dense": evaluation("dense", 20.0), "wanda": evaluation("wanda", 140.0), "sparsegpt": {}},
+                                 {"wanda": wanda}, {}, None)
     config = scale.Config(64, 512, 1024, 16, {}, {})
     page = scale.build_page([partial], config, "python bench/scale.py --stored-only", synthetic_page().machine, synthetic_page().settings, 1.0)
     assert [(row.recipe, row.perplexity["wiki"]) for row in page.prune] == [("wanda + permutation", (20.0, 140.0))]
@@ -527,6 +571,42 @@ def test_scale_page_from_stored_results_leaves_out_the_rows_not_measured_yet(tmp
     only_wanda = scale.Steps(tmp_path, tmp_path / "only", resume=True, recompute_stale=True, keep=False, only=frozenset({"wanda"}))
     assert only_wanda.run("serve", {}, scale.SERVE_SOURCES, lambda: pytest.fail("measured without being named by --only")) is None
     assert only_wanda.run("wanda", {}, scale.PRUNE_SOURCES, lambda: {"report": {}})["report"] == {}
+
+
+def test_scale_page_shows_kept_results_pairs_them_by_machine_and_finds_perplexity_by_weights():
+    def record(cpu, weights="", **report):
+        return {"report": report, "usage": {"seconds": 70.0, "peak_rss_mib": 1500.0, "subprocess_peak_rss_mib": 0.0},
+                "provenance": {"cpu": cpu, "cpu_id": f"{cpu} id", "cpu_capability": "AVX512"}, "weights_sha256": weights}
+
+    def evaluation(key, value, weights):
+        return {data: record("Any CPU", perplexity={"perplexity": value}) | {"provenance": {f"weights of {key}": weights[:16]}}
+                for data in scale_page.EVAL_DATA}
+
+    def prune(cpu, weights, forward):
+        return record(cpu, weights, mask_seconds=3.0, forward_seconds=forward, total_seconds=forward + 5, refine=None)
+
+    # wanda pruned again on an AVX2 machine (its weights evaluated now); the AMX machine's float32 and bfloat16 prunes
+    # kept, with the evaluation of the AMX float32 weights.
+    amx_fp32 = evaluation("wanda", 140.0, "a" * 64)
+    results = scale.ModelResults(
+        SMALL, {"dense": evaluation("dense", 20.0, "d" * 64), "wanda": evaluation("wanda", 150.0, "c" * 64)},
+        {"wanda": prune("AVX2 CPU", "c" * 64, 100.0), "wanda-bf16": prune("AMX CPU", "b" * 64, 20.0)}, {}, None,
+        kept={"wanda": [prune("AMX CPU", "a" * 64, 60.0)], **{f"wanda.eval-{data}": [amx_fp32[data]] for data in scale_page.EVAL_DATA}})
+    page = scale.build_page([results], scale.Config(64, 512, 1024, 16, {}, {}), "python bench/scale.py --stored-only",
+                            synthetic_page().machine, synthetic_page().settings, 1.0)
+    legend = {label: description.split(" (")[0] for label, description in page.machines.items()}
+    assert [(legend[row.machine], row.dtype, row.forward_seconds, row.perplexity.get("wiki")) for row in page.prune] == [
+        ("AVX2 CPU", "float32", 100.0, (20.0, 150.0)), ("AMX CPU", "float32", 60.0, (20.0, 140.0)), ("AMX CPU", "bfloat16", 20.0, None)]
+    assert [([legend[label] for label in row.machines], row.speedup, row.perplexity) for row in page.dtype] == [
+        (["AMX CPU", "AMX CPU"], 3.0, {})]  # the bfloat16 weights are not evaluated
+
+    # Growth: from the first machine that measured both models, wherever each model's stored result is.
+    prune_rows = synthetic_page(large_machine="M2").prune
+    large_on_m1 = [dataclasses.replace(row, machine="M1", total_seconds=row.total_seconds * 2) for row in prune_rows
+                   if row.model == "large" and row.recipe == "sparsegpt"]
+    growth = {row.cost: row for row in scale_page.growth_rows((SMALL, LARGE), (*large_on_m1, *prune_rows), (), ())}
+    assert growth["prune sparsegpt (float32): total"].machines == ("M1", "M1")
+    assert growth["prune sparsegpt (float32): total"].factor == 24.0
 
 
 def test_scale_steps_make_a_removed_input_again_before_measuring_what_reads_it(tmp_path):
