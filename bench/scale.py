@@ -29,8 +29,8 @@ only between results of one machine (a growth factor, bfloat16's speed-up): the 
 measured first, and where its result of a step is this machine's, the first model's is measured on
 this machine too if it is not. A result replaced by another machine's, or by one of other input
 weights (a step that reads a pruned model another machine made again), is kept in RECORDS/kept/ and
-shown beside it while it stays valid otherwise. Pruned models and exports (in --work) are removed once the steps that read them are
-done (--keep keeps them); a resumed run makes one again only if a step that reads it must be
+shown beside it while it stays valid otherwise. Pruned models and exports (in --work) are removed
+once the steps that read them are done (--keep keeps them); a resumed run makes one again only if a step that reads it must be
 measured, and its weights' hash then decides whether the stored results of that step stand.
 """
 
@@ -247,8 +247,8 @@ class Steps:
         if stored is None or differences(stored, measured, self.ignored_when_kept(record)):
             return
         if self.identity(stored) != self.identity(record):
-            identity = hashlib.sha256(self.identity(stored).encode()).hexdigest()[:12]
-            write_json(self.records / KEPT_DIR / f"{name}@{identity}.json", stored)
+            digest = hashlib.sha256(self.identity(stored).encode()).hexdigest()[:12]
+            write_json(self.records / KEPT_DIR / f"{name}@{digest}.json", stored)
             self.kept[name] = [*self.kept.get(name, []), stored]
 
     def produce(self, name: str, out: Path, options: dict[str, dict], sources: tuple[str, ...], command: list[str],
@@ -472,13 +472,16 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
                 found[data] = matching[0]
         return found if set(found) == set(EVAL_DATA) else {}
 
+    def side_by_side(*found: dict[str, float]) -> dict[str, tuple[float, ...]]:
+        """data -> the perplexities of each, in order; {}: one of them is not evaluated on every text."""
+        return {data: tuple(each[data] for each in found) for data in EVAL_DATA} if all(found) else {}
+
     dense = {data: perplexity(evals["dense"][data]) for data in EVAL_DATA} if "dense" in evaluated else {}
     prune_rows = []
     for key, (recipe, dtype) in RECIPES.items():
         for result in records(key, results.prune.get(key)):
             report, usage = result["report"], result["usage"]
-            pruned = perplexities(key, result["weights_sha256"])
-            prune_perplexity = {data: (dense[data], pruned[data]) for data in EVAL_DATA} if dense and pruned else {}
+            prune_perplexity = side_by_side(dense, perplexities(key, result["weights_sha256"]))
             prune_rows.append(PruneRow(
                 name, machines.of(result), recipe_label(recipe), dtype, prune_perplexity, report["mask_seconds"],
                 report["forward_seconds"], report["total_seconds"], usage["seconds"],
@@ -488,8 +491,7 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
     compared = ("sparsegpt", "sparsegpt-refine")  # SparseGPT, the best recipe
     if set(compared) <= set(results.prune):
         reference, best = (results.prune[key] for key in compared)
-        both = [perplexities(key, results.prune[key]["weights_sha256"]) for key in compared]
-        best_perplexity = {data: (both[0][data], both[1][data]) for data in EVAL_DATA} if all(both) else {}
+        best_perplexity = side_by_side(*(perplexities(key, result["weights_sha256"]) for key, result in zip(compared, (reference, best))))
         best_rows.append(BestRow(name, (machines.of(reference), machines.of(best)),
                                  (reference["report"]["total_seconds"], best["report"]["total_seconds"]), best_perplexity))
     # float32 against bfloat16: a pair from each machine that pruned both; else the two stored results, not compared
@@ -503,9 +505,8 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
         # rounded: the float32 model's vLLM export, its weights rounded to bfloat16
         rounded = next((export for export in exports_of["vllm-pruned"]
                         if export["provenance"].get(f"weights of {EXPORTED}") == fp32["weights_sha256"][:16]), {})
-        found = (perplexities("wanda", fp32["weights_sha256"]), perplexities("wanda-bf16", bf16["weights_sha256"]),
-                 perplexities("vllm-pruned", rounded.get("weights_sha256")))
-        dtype_perplexity = {data: tuple(each[data] for each in found) for data in EVAL_DATA} if all(found) else {}
+        dtype_perplexity = side_by_side(perplexities("wanda", fp32["weights_sha256"]), perplexities("wanda-bf16", bf16["weights_sha256"]),
+                                        perplexities("vllm-pruned", rounded.get("weights_sha256")))
         dtype_rows.append(DtypeRow(name, (machines.of(fp32), machines.of(bf16)), fp32["report"]["forward_seconds"],
                                    bf16["report"]["forward_seconds"], dtype_perplexity))
     export_rows = []
@@ -519,8 +520,7 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
             options = result["options"][f"export {kind}"]
             check = export_checks(kind, manifest)
             source = perplexities(EXPORTED, result["provenance"].get(f"weights of {EXPORTED}")) if label == "pruned" else dense
-            export = perplexities(key, result.get("weights_sha256"))
-            export_perplexity = {data: (source[data], export[data]) for data in EVAL_DATA} if source and export else {}
+            export_perplexity = side_by_side(source, perplexities(key, result.get("weights_sha256")))
             source_label = "dense" if label == "dense" else f"{recipe_label(RECIPES[EXPORTED][0])} 2:4"
             export_rows.append(ExportRow(name, machines.of(result), kind, source_label, shlex.join(argv(options)), usage["seconds"],
                                          usage["subprocess_peak_rss_mib"], check.text, check.passed,
