@@ -31,7 +31,10 @@ this machine too if it is not. A result replaced by another machine's, or by one
 weights (a step that reads a pruned model another machine made again), is kept in RECORDS/kept/ and
 shown beside it while it stays valid otherwise. Pruned models and exports (in --work) are removed
 once the steps that read them are done (--keep keeps them); a resumed run makes one again only if a step that reads it must be
-measured, and its weights' hash then decides whether the stored results of that step stand.
+measured, and its weights' hash then decides whether the stored results of that step stand. A prune
+longer than a session (SparseGPT with refinement on the 1.5B model, on 2 cores) goes on from the last
+checkpoint an attempt killed with its session left in --work (`prune --resume`), when the same command
+runs on the same machine; its seconds count each attempt up to that checkpoint.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ from scale_page import (  # noqa: E402
 )
 
 from wanda_serve.artifacts import cache_dir, package_version  # noqa: E402
-from wanda_serve.checkpoint import checkpoint_dir  # noqa: E402
+from wanda_serve.checkpoint import STATE_NAME, checkpoint_dir  # noqa: E402
 from wanda_serve.contract import MANIFEST_NAME, PRUNE_REPORT_NAME, RESULTS_NAME, VLLM_PYTHON_ENV, vllm_python  # noqa: E402
 from wanda_serve.models import EMBEDDED_MODEL_NAME, LARGE_MODEL_NAME, PACKAGED_MODELS  # noqa: E402
 
@@ -252,21 +255,46 @@ class Steps:
             self.kept[name] = [*self.kept.get(name, []), stored]
 
     def produce(self, name: str, out: Path, options: dict[str, dict], sources: tuple[str, ...], command: list[str],
-                report_name: str, inputs: tuple[Artifact, ...] = (), extra: dict | None = None) -> tuple[Artifact | None, dict | None]:
+                report_name: str, inputs: tuple[Artifact, ...] = (), extra: dict | None = None,
+                resumable: bool = False) -> tuple[Artifact | None, dict | None]:
         """A step that writes a model directory later steps read: the directory as an Artifact, and the step's result
-        (None, None: not measured yet)."""
+        (None, None: not measured yet). `resumable`: a prune, which goes on from the checkpoint an earlier attempt
+        left (an attempt killed with its session); else a step is measured whole, from the start."""
         def measure() -> dict:
-            # A prune killed with an earlier session left its checkpoint: a step is measured whole, from the start.
-            shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
-            result = self.command(command, out / report_name)
+            earlier = self.earlier_attempts(name, out, command) if resumable else []
+            if not earlier:
+                shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+            result = self.command([*command, *(["--resume"] if earlier else [])], out / report_name)
+            self.attempts_path(name).unlink(missing_ok=True)
             self.hashes.pop(out, None)
-            return result | {"weights_sha256": self.sha256(out), "weights_bytes": checkpoint_bytes(out)}
+            resumed = {"resumed": {"attempts": len(earlier), "seconds_before": sum(earlier)}} if earlier else {}
+            return result | resumed | {"weights_sha256": self.sha256(out), "weights_bytes": checkpoint_bytes(out)}
 
         record = self.run(name, options, sources, measure, inputs, extra)
         if record is None:
             return None, None
         remake = lambda: self.run(name, options, sources, measure, inputs, extra, force=True)  # noqa: E731
         return Artifact(name, out, (str(out),), record["weights_sha256"], record["weights_bytes"], remake), record
+
+    def attempts_path(self, name: str) -> Path:
+        return self.work / f"{name}.attempts.json"
+
+    def earlier_attempts(self, name: str, out: Path, command: list[str]) -> list[float]:
+        """Before an attempt at a prune step: the seconds of the earlier attempts its checkpoint goes on from, each
+        from its start to the last checkpoint it saved (0 if it saved none; what it did after is done again); []
+        when there is none to go on from: another command, another machine, or no checkpoint. Records this attempt
+        in WORK/NAME.attempts.json first, for it may be killed too."""
+        path, state = self.attempts_path(name), checkpoint_dir(out) / STATE_NAME
+        ledger = json.loads(path.read_text()) if path.is_file() else {}
+        if not (state.is_file() and ledger.get("command") == command and ledger.get("machine") == list(THIS_MACHINE)):
+            ledger = {"command": command, "machine": list(THIS_MACHINE), "attempts": []}
+        elif ledger["attempts"][-1]["seconds"] is None:  # the attempt that was killed
+            last = ledger["attempts"][-1]
+            last["seconds"] = max(0.0, state.stat().st_mtime - last["started"])
+        earlier = [attempt["seconds"] for attempt in ledger["attempts"]]
+        ledger["attempts"].append({"started": time.time(), "seconds": None})
+        write_json(path, ledger)
+        return earlier
 
     def ensure(self, artifact: Artifact) -> None:
         """Make sure the artifact's directory holds the weights its step recorded; measure that step again if not."""
@@ -352,7 +380,8 @@ def measure_model(name: str, config: Config, work: Path, records: Path, resume: 
         options = dataclasses.replace(settings, dtype=dtype).prune_options(recipe)
         out = steps.work / key
         command = ["prune", *dense.cli_args, *argv(options), "--no-eval", "--overwrite", "--out", str(out)]
-        pruned[key], record = steps.produce(key, out, {"prune": options}, PRUNE_SOURCES, command, PRUNE_REPORT_NAME, (dense,))
+        pruned[key], record = steps.produce(key, out, {"prune": options}, PRUNE_SOURCES, command, PRUNE_REPORT_NAME, (dense,),
+                                            resumable=True)
         if record is not None:
             prune[key] = record
         evals[key] = evaluate(pruned[key])
@@ -444,6 +473,11 @@ def perplexity(result: dict) -> float:
     return result["report"]["perplexity"]["perplexity"]
 
 
+def prune_seconds(result: dict) -> float:
+    """A prune step's seconds from loading to saving; a resumed one's with its earlier attempts' (Steps.produce)."""
+    return result["report"]["total_seconds"] + result.get("resumed", {}).get("seconds_before", 0.0)
+
+
 def model_rows(results: ModelResults, config: Config, machines: Machines) -> tuple[list[PruneRow], list[DtypeRow], list[BestRow],
                                                                                  list[ExportRow], list[ServeRow], str | None, list[str]]:
     """The model's rows, from the results there are, kept ones included; the note on its serving (None: not served
@@ -482,18 +516,19 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
         for result in records(key, results.prune.get(key)):
             report, usage = result["report"], result["usage"]
             prune_perplexity = side_by_side(dense, perplexities(key, result["weights_sha256"]))
+            resumed = result.get("resumed", {"attempts": 0, "seconds_before": 0.0})
             prune_rows.append(PruneRow(
                 name, machines.of(result), recipe_label(recipe), dtype, prune_perplexity, report["mask_seconds"],
-                report["forward_seconds"], report["total_seconds"], usage["seconds"],
+                report["forward_seconds"], prune_seconds(result), usage["seconds"] + resumed["seconds_before"],
                 prune_goal(shape, dtype, statistic_bytes(recipe.method, shape.block_inputs), config.nsamples, config.seqlen,
-                           usage["peak_rss_mib"] * MiB, refines=report["refine"] is not None)))
+                           usage["peak_rss_mib"] * MiB, refines=report["refine"] is not None), resumed["attempts"]))
     best_rows = []
     compared = ("sparsegpt", "sparsegpt-refine")  # SparseGPT, the best recipe
     if set(compared) <= set(results.prune):
         reference, best = (results.prune[key] for key in compared)
         best_perplexity = side_by_side(*(perplexities(key, result["weights_sha256"]) for key, result in zip(compared, (reference, best))))
         best_rows.append(BestRow(name, (machines.of(reference), machines.of(best)),
-                                 (reference["report"]["total_seconds"], best["report"]["total_seconds"]), best_perplexity))
+                                 (prune_seconds(reference), prune_seconds(best)), best_perplexity))
     # float32 against bfloat16: a pair from each machine that pruned both; else the two stored results, not compared
     fp32_results, bf16_results = records("wanda", results.prune.get("wanda")), records("wanda-bf16", results.prune.get("wanda-bf16"))
     pairs = [(fp32, bf16) for fp32 in fp32_results for bf16 in bf16_results if machine_of(fp32) == machine_of(bf16)]

@@ -16,6 +16,7 @@ from wanda_serve.methods import get_method
 GB = 10**9
 MiB = 2**20
 EVAL_DATA = ("wiki", "code")  # in the calibration domain, and held-out Python code
+RESUMED_MARK = "†"  # after the seconds of a prune resumed from a checkpoint
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PRUNE_ALLOWANCE = 1 * GB  # above weights, one float32 block with its statistics, and the calibration activations
 EXPORT_FACTORS = {"vllm": 1.0, "onnx": 1.5}  # times the source checkpoint's bytes,
@@ -178,6 +179,7 @@ class PruneRow:
     total_seconds: float
     process_seconds: float  # the whole process, start-up included
     memory: MemoryGoal
+    resumed_attempts: int = 0  # earlier attempts, killed with their session, whose checkpoint this prune went on from
 
 
 @dataclass(frozen=True)
@@ -374,10 +376,14 @@ def render(page: Page) -> str:
                                 (row.perplexity[data] for data in EVAL_DATA)) if row.perplexity else "not evaluated yet | | |"
         lines.append(
             f"| {row.model} | {row.machine} | {row.recipe} | {row.dtype} | {perplexity} | {row.mask_seconds:.1f} | "
-            f"{row.forward_seconds:.1f} | {row.total_seconds:.1f} | {row.process_seconds:.0f} | {row.memory.measured / GB:.2f} GB | "
-            f"{row.memory.limit / GB:.2f} GB | {row.memory.verdict()} |")
+            f"{row.forward_seconds:.1f} | {row.total_seconds:.1f}{RESUMED_MARK * bool(row.resumed_attempts)} | "
+            f"{row.process_seconds:.0f} | {row.memory.measured / GB:.2f} GB | {row.memory.limit / GB:.2f} GB | {row.memory.verdict()} |")
     lines += [
         "",
+        *([f"{RESUMED_MARK}: resumed from a checkpoint: the prune went on from where an earlier attempt, killed with its "
+           "working session, last saved one; each attempt counts from its start to that checkpoint (the work after it was "
+           "done again), and the peak RSS is the last attempt's, which loaded the whole model and pruned at least one "
+           "block.", ""] if any(row.resumed_attempts for row in page.prune) else []),
         "Goal: peak RSS ≤ the weights at the load dtype + one decoder block in float32 with its statistics + the "
         "calibration activations + 1 GB; for a refined recipe also refinement's own state, which the issue's goal "
         "(written before refinement existed) does not count. The 1 GB holds everything the other terms leave out: the runtime (Python with "

@@ -414,6 +414,11 @@ def test_scale_page_renders_every_section_goal_and_the_command():
     assert "Parameters grow 10.0× (100M → 1,000M)." in text
     assert "| prune wanda + permutation (float32): total | 50 s | 600 s | M1 | 12.0× | 1.20 |" in text
     assert "| small | M1 | 1 | pruned | 100.0 | 0.990 | 50 | 10.0 | 400 | 8 / 0 |" in text
+    assert scale_page.RESUMED_MARK not in text  # no prune went on from a checkpoint
+    page = synthetic_page()
+    resumed = dataclasses.replace(page, prune=(dataclasses.replace(page.prune[0], resumed_attempts=1), *page.prune[1:]))
+    text = scale_page.render(resumed)
+    assert "| 3.0 | 30.0 | 50.0† | 60 |" in text and "\n†: resumed from a checkpoint" in text
 
 
 def test_scale_page_takes_no_ratio_between_two_machines():
@@ -637,6 +642,56 @@ def test_scale_steps_make_a_removed_input_again_before_measuring_what_reads_it(t
     only_eval.discard(out)
     only_eval.run("wanda.eval-code", {"eval": {}}, scale.EVAL_SOURCES, lambda: {"report": {}}, inputs=(stored,))
     assert made == [1, 1, 1] and out.is_dir()  # --only names the evaluation; its input is made again all the same
+
+
+def test_scale_prune_step_goes_on_from_the_checkpoint_of_an_attempt_killed_with_its_session(tmp_path):
+    out = tmp_path / "sparsegpt-refine"
+    state = scale.checkpoint_dir(out) / scale.STATE_NAME
+    commands, fates, checkpoint_found = [], ["checkpoint, then killed", "killed", "done", "done"], []
+
+    def prune(args, report):  # stands in for `wanda-serve prune`, which the session's end may kill after a checkpoint
+        commands.append(args)
+        checkpoint_found.append(state.is_file())
+        fate = fates.pop(0)
+        if fate == "checkpoint, then killed":  # started 1000 s ago, saved a checkpoint 100 s later
+            ledger_path = steps.attempts_path("sparsegpt-refine")
+            ledger = json.loads(ledger_path.read_text())
+            started = ledger["attempts"][-1]["started"] = ledger["attempts"][-1]["started"] - 1000
+            ledger_path.write_text(json.dumps(ledger))
+            state.parent.mkdir(parents=True, exist_ok=True)
+            state.write_text("{}")
+            os.utime(state, (started + 100, started + 100))
+        if fate != "done":
+            raise SystemExit("killed")
+        shutil.rmtree(state.parent, ignore_errors=True)  # a finished prune removes its checkpoints
+        out.mkdir(exist_ok=True)
+        save_file({"w": torch.zeros(2)}, out / "model.safetensors")
+        return {"report": {"total_seconds": 50.0}, "usage": {"seconds": 60.0}}
+
+    def produce(steps, method):
+        return steps.produce("sparsegpt-refine", out, {"prune": {"--method": method}}, scale.PRUNE_SOURCES,
+                             ["prune", "--method", method], "prune_report.json", resumable=True)
+
+    steps = scale.Steps(tmp_path, tmp_path / "records", resume=True, recompute_stale=False, keep=False)
+    steps.command = prune
+    for _ in range(2):
+        with pytest.raises(SystemExit):
+            produce(steps, "sparsegpt")
+    assert commands[0][-1] != "--resume" and commands[1][-1] == "--resume"
+    _, record = produce(steps, "sparsegpt")
+    assert commands[2][-1] == "--resume" and record["resumed"]["attempts"] == 2
+    # the first attempt up to its checkpoint; the second saved none, so its work was done again
+    assert record["resumed"]["seconds_before"] == pytest.approx(100.0)
+    assert scale.prune_seconds(record) == pytest.approx(150.0)
+    assert not steps.attempts_path("sparsegpt-refine").exists()
+
+    # Other options do not go on from a checkpoint they did not make: the prune starts afresh, the checkpoint removed.
+    state.parent.mkdir(parents=True)
+    state.write_text("{}")
+    other = scale.Steps(tmp_path, tmp_path / "other", resume=True, recompute_stale=False, keep=False)
+    other.command = prune
+    _, record = produce(other, "wanda")
+    assert commands[3][-1] != "--resume" and "resumed" not in record and not checkpoint_found[3]
 
 
 def test_scale_says_in_one_line_how_to_install_a_missing_model(tmp_path, monkeypatch):
