@@ -267,8 +267,9 @@ class Steps:
             result = self.command([*command, *(["--resume"] if earlier else [])], out / report_name)
             self.attempts_path(name).unlink(missing_ok=True)
             self.hashes.pop(out, None)
-            resumed = {"resumed": {"attempts": len(earlier), "seconds_before": sum(earlier)}} if earlier else {}
-            return result | resumed | {"weights_sha256": self.sha256(out), "weights_bytes": checkpoint_bytes(out)}
+            if earlier:
+                result["resumed"] = {"attempts": len(earlier), "seconds_before": sum(earlier)}
+            return result | {"weights_sha256": self.sha256(out), "weights_bytes": checkpoint_bytes(out)}
 
         record = self.run(name, options, sources, measure, inputs, extra)
         if record is None:
@@ -473,9 +474,14 @@ def perplexity(result: dict) -> float:
     return result["report"]["perplexity"]["perplexity"]
 
 
+def resumed(result: dict) -> dict:
+    """A prune step's earlier attempts, killed with their sessions, that its checkpoint went on from (Steps.produce)."""
+    return result.get("resumed", {"attempts": 0, "seconds_before": 0.0})
+
+
 def prune_seconds(result: dict) -> float:
-    """A prune step's seconds from loading to saving; a resumed one's with its earlier attempts' (Steps.produce)."""
-    return result["report"]["total_seconds"] + result.get("resumed", {}).get("seconds_before", 0.0)
+    """A prune step's seconds from loading to saving; a resumed one's with its earlier attempts'."""
+    return result["report"]["total_seconds"] + resumed(result)["seconds_before"]
 
 
 def model_rows(results: ModelResults, config: Config, machines: Machines) -> tuple[list[PruneRow], list[DtypeRow], list[BestRow],
@@ -516,12 +522,12 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
         for result in records(key, results.prune.get(key)):
             report, usage = result["report"], result["usage"]
             prune_perplexity = side_by_side(dense, perplexities(key, result["weights_sha256"]))
-            resumed = result.get("resumed", {"attempts": 0, "seconds_before": 0.0})
+            earlier = resumed(result)
             prune_rows.append(PruneRow(
                 name, machines.of(result), recipe_label(recipe), dtype, prune_perplexity, report["mask_seconds"],
-                report["forward_seconds"], prune_seconds(result), usage["seconds"] + resumed["seconds_before"],
+                report["forward_seconds"], prune_seconds(result), usage["seconds"] + earlier["seconds_before"],
                 prune_goal(shape, dtype, statistic_bytes(recipe.method, shape.block_inputs), config.nsamples, config.seqlen,
-                           usage["peak_rss_mib"] * MiB, refines=report["refine"] is not None), resumed["attempts"]))
+                           usage["peak_rss_mib"] * MiB, refines=report["refine"] is not None), earlier["attempts"]))
     best_rows = []
     compared = ("sparsegpt", "sparsegpt-refine")  # SparseGPT, the best recipe
     if set(compared) <= set(results.prune):
