@@ -29,12 +29,14 @@ only between results of one machine (a growth factor, bfloat16's speed-up): the 
 measured first, and where its result of a step is this machine's, the first model's is measured on
 this machine too if it is not. A result replaced by another machine's, or by one of other input
 weights (a step that reads a pruned model another machine made again), is kept in RECORDS/kept/ and
-shown beside it while it stays valid otherwise. Pruned models and exports (in --work) are removed
-once the steps that read them are done (--keep keeps them); a resumed run makes one again only if a step that reads it must be
-measured, and its weights' hash then decides whether the stored results of that step stand. A prune
-longer than a session (SparseGPT with refinement on the 1.5B model, on 2 cores) goes on from the last
-checkpoint an attempt killed with its session left in --work (`prune --resume`), when the same command
-runs on the same machine; its seconds count each attempt up to that checkpoint.
+shown beside it while it stays valid otherwise; so is a stored result not measured again, and not
+replaced, after its input was made again (--only names the prune and not what reads it). Pruned
+models and exports (in --work) are removed once the steps that read them are done (--keep keeps
+them); a resumed run makes one again only if a step that reads it must be measured, and its
+weights' hash then decides whether the stored results of that step stand. A prune longer than a
+session (SparseGPT with refinement on the 1.5B model, on 2 cores) goes on from the last checkpoint
+an attempt killed with its session left in --work (`prune --resume`), when the same command runs on
+the same machine; its seconds count each attempt up to that checkpoint.
 """
 
 from __future__ import annotations
@@ -193,8 +195,7 @@ class Steps:
         path = self.records / f"{name}.json"
 
         def expected() -> dict:
-            reads = {f"weights of {artifact.name}": artifact.sha256[:16] for artifact in inputs}
-            return {"options": options, "provenance": provenance(sources) | (extra or {}) | reads}
+            return self.expected(options, sources, {artifact.name: artifact.sha256 for artifact in inputs}, extra)
 
         self.kept[name] = self.valid_kept(name, expected())
         # `force`: an input made again for a step measured now, named by --only or not
@@ -211,6 +212,7 @@ class Steps:
                 return stored
         if not may_measure:
             print(f"{name}: not measured yet, and not measured now ({'--only' if self.measuring else '--stored-only'})", flush=True)
+            self.keep_stored(name, expected())
             return None
         for artifact in inputs:
             self.ensure(artifact)
@@ -221,6 +223,35 @@ class Steps:
         if compared:
             self.measured_here.add(name)
         return record
+
+    def skip(self, name: str, options: dict[str, dict], sources: tuple[str, ...], inputs: tuple[str, ...],
+             extra: dict | None = None) -> None:
+        """A step not measured now because a step it reads (`inputs`, by name) is not: its results of other input
+        weights, stored or kept, still show."""
+        expected = self.expected(options, sources, dict.fromkeys(inputs), extra)
+        self.kept[name] = self.valid_kept(name, expected)
+        self.keep_stored(name, expected)
+
+    @staticmethod
+    def expected(options: dict[str, dict], sources: tuple[str, ...], inputs: dict[str, str | None], extra: dict | None) -> dict:
+        """What a step's result records of how it was measured: `inputs` maps each step it reads to its weights'
+        SHA-256 (None: not made now)."""
+        reads = {f"weights of {name}": sha256 and sha256[:16] for name, sha256 in inputs.items()}
+        return {"options": options, "provenance": provenance(sources) | (extra or {}) | reads}
+
+    def keep_stored(self, name: str, expected: dict) -> None:
+        """For a step not measured now: its stored result, measured on input weights made again since (by another
+        machine, for the steps it measured), still shows as a kept one while it is valid in every other respect."""
+        path = self.records / f"{name}.json"
+        stored = json.loads(path.read_text()) if path.is_file() else None
+        if self.kept_beside(stored, expected):
+            self.kept[name] = [*self.kept[name], stored]
+
+    def kept_beside(self, stored: dict | None, record: dict) -> bool:
+        """`stored` is valid as `record` is but measured on another machine or on other input weights: the page
+        shows it beside `record`."""
+        return (stored is not None and not differences(stored, record, self.ignored_when_kept(record))
+                and self.identity(stored) != self.identity(record))
 
     @staticmethod
     def ignored_when_kept(expected: dict) -> tuple[str, ...]:
@@ -246,10 +277,7 @@ class Steps:
                 path.unlink()
         path = self.records / f"{name}.json"
         stored = json.loads(path.read_text()) if path.is_file() else None
-        measured = {"options": record["options"], "provenance": record["provenance"]}
-        if stored is None or differences(stored, measured, self.ignored_when_kept(record)):
-            return
-        if self.identity(stored) != self.identity(record):
+        if self.kept_beside(stored, {"options": record["options"], "provenance": record["provenance"]}):
             digest = hashlib.sha256(self.identity(stored).encode()).hexdigest()[:12]
             write_json(self.records / KEPT_DIR / f"{name}@{digest}.json", stored)
             self.kept[name] = [*self.kept.get(name, []), stored]
@@ -345,7 +373,7 @@ class ModelResults:
     shape: ModelShape
     evals: dict[str, dict[str, dict]]  # "dense", a recipe, "vllm-dense" or "vllm-pruned" -> data -> eval step result
     prune: dict[str, dict]  # recipe -> prune step result
-    exports: dict[str, tuple[dict, int]]  # "vllm-dense", "vllm-pruned", "onnx-pruned" -> (step result, source bytes)
+    exports: dict[str, dict]  # "vllm-dense", "vllm-pruned", "onnx-pruned" -> step result
     serve: dict | None  # the bench step's result
     kept: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # step -> results kept (Steps), still valid
 
@@ -360,20 +388,24 @@ def measure_model(name: str, config: Config, work: Path, records: Path, resume: 
     settings = Settings(model=spec, nsamples=config.nsamples, seqlen=config.seqlen, eval_data="wiki", out_of_domain="code",
                         eval_seqlen=config.eval_seqlen, eval_windows=config.eval_windows)
 
-    def evaluate(artifact: Artifact | None) -> dict[str, dict]:
+    def evaluate(name: str, artifact: Artifact | None) -> dict[str, dict]:
+        """The perplexity of the weights step `name` made (`artifact`; None: not made now) on each held-out text."""
         results = {}
         (steps.work / "eval").mkdir(exist_ok=True)
-        for data in EVAL_DATA if artifact is not None else ():
+        for data in EVAL_DATA:
             options = settings.eval_options(data)
-            path = steps.work / "eval" / f"{artifact.name}-{data}.json"  # what `eval --json` writes
+            if artifact is None:
+                steps.skip(f"{name}.eval-{data}", {"eval": options}, EVAL_SOURCES, (name,))
+                continue
+            path = steps.work / "eval" / f"{name}-{data}.json"  # what `eval --json` writes
             command = ["eval", *artifact.cli_args, *argv(options), "--json", str(path), "--overwrite"]
-            result = steps.run(f"{artifact.name}.eval-{data}", {"eval": options}, EVAL_SOURCES,
+            result = steps.run(f"{name}.eval-{data}", {"eval": options}, EVAL_SOURCES,
                                lambda command=command, path=path: steps.command(command, path), inputs=(artifact,), compared=False)
             if result is not None:
                 results[data] = result
         return results
 
-    evals = {"dense": evaluate(dense)}
+    evals = {"dense": evaluate("dense", dense)}
     prune, pruned = {}, {}
 
     def prune_with(key: str) -> None:
@@ -385,43 +417,49 @@ def measure_model(name: str, config: Config, work: Path, records: Path, resume: 
                                             resumable=True)
         if record is not None:
             prune[key] = record
-        evals[key] = evaluate(pruned[key])
+        evals[key] = evaluate(key, pruned[key])
 
     # The exported model's chain first (prune, exports, serving): its pruned weights live only in --work, so a later
     # session on another machine makes them again; the other recipes are independent steps measured after it.
     prune_with(EXPORTED)
     exports, vllm_dirs = {}, {}
-    for label, source in (("dense", dense), ("pruned", pruned[EXPORTED])):
+    # A step whose input is not made now (not measured yet, or left out by --only) is skipped: its results of other
+    # input weights still show.
+    for label, source_name, source in (("dense", "dense", dense), ("pruned", EXPORTED, pruned[EXPORTED])):
+        step = f"vllm-{label}"
+        options, extra = {"export vllm": {"--dtype": "bfloat16", "--max-shard-size": "4GB"}}, {"vllm": config.versions["vllm"]}
         if source is None:
             vllm_dirs[label] = None
-            continue
-        options = {"--dtype": "bfloat16", "--max-shard-size": "4GB"}
-        out = steps.work / f"vllm-{label}"
-        command = ["export", "vllm", *source.cli_args, *argv(options), "--out", str(out), "--overwrite"]
-        vllm_dirs[label], record = steps.produce(f"vllm-{label}", out, {"export vllm": options}, VLLM_EXPORT_SOURCES, command,
-                                                 MANIFEST_NAME, (source,), {"vllm": config.versions["vllm"]})
-        if record is not None:
-            exports[f"vllm-{label}"] = (record, source.weights_bytes)
-        evals[f"vllm-{label}"] = evaluate(vllm_dirs[label])
-    if (source := pruned[EXPORTED]) is not None:
-        onnx_options = {"--dtype": "float32", "--quantize": "int4"}
+            steps.skip(step, options, VLLM_EXPORT_SOURCES, (source_name,), extra)
+        else:
+            out = steps.work / step
+            command = ["export", "vllm", *source.cli_args, *argv(options["export vllm"]), "--out", str(out), "--overwrite"]
+            vllm_dirs[label], record = steps.produce(step, out, options, VLLM_EXPORT_SOURCES, command, MANIFEST_NAME, (source,), extra)
+            if record is not None:
+                exports[step] = record
+        evals[step] = evaluate(step, vllm_dirs[label])
+    onnx_options = {"export onnx": {"--dtype": "float32", "--quantize": "int4"}}
+    onnx_extra = {name: version for name, version in config.versions.items() if name.startswith("onnx")}
+    if (source := pruned[EXPORTED]) is None:
+        steps.skip("onnx-pruned", onnx_options, ONNX_EXPORT_SOURCES, (EXPORTED,), onnx_extra)
+    else:
         onnx_out = steps.work / "onnx-pruned"
-        onnx_command = ["export", "onnx", *source.cli_args, *argv(onnx_options), "--out", str(onnx_out), "--overwrite"]
-        onnx = steps.run("onnx-pruned", {"export onnx": onnx_options}, ONNX_EXPORT_SOURCES,
-                         lambda: steps.command(onnx_command, onnx_out / MANIFEST_NAME), (source,),
-                         {name: version for name, version in config.versions.items() if name.startswith("onnx")})
+        onnx_command = ["export", "onnx", *source.cli_args, *argv(onnx_options["export onnx"]), "--out", str(onnx_out), "--overwrite"]
+        onnx = steps.run("onnx-pruned", onnx_options, ONNX_EXPORT_SOURCES, lambda: steps.command(onnx_command, onnx_out / MANIFEST_NAME),
+                         (source,), onnx_extra)
         if onnx is not None:
-            exports["onnx-pruned"] = (onnx, source.weights_bytes)
+            exports["onnx-pruned"] = onnx
         steps.discard(onnx_out, source.path)
 
-    serve = None
-    if None not in vllm_dirs.values():
+    serve, serve_options, serve_extra = None, {"bench": config.serve}, {"vllm": config.versions["vllm"]}
+    if None in vllm_dirs.values():
+        steps.skip("serve", serve_options, SERVE_SOURCES, ("vllm-dense", "vllm-pruned"), serve_extra)
+    else:
         serve_out = steps.work / "serve"
         serve_command = ["bench", "--dense", str(vllm_dirs["dense"].path), "--pruned", str(vllm_dirs["pruned"].path),
                          *argv(config.serve), "--out", str(serve_out), "--overwrite"]
-        serve = steps.run("serve", {"bench": config.serve}, SERVE_SOURCES,
-                          lambda: steps.command(serve_command, serve_out / RESULTS_NAME), (vllm_dirs["dense"], vllm_dirs["pruned"]),
-                          {"vllm": config.versions["vllm"]})
+        serve = steps.run("serve", serve_options, SERVE_SOURCES, lambda: steps.command(serve_command, serve_out / RESULTS_NAME),
+                          (vllm_dirs["dense"], vllm_dirs["pruned"]), serve_extra)
     steps.discard(*(artifact.path for artifact in vllm_dirs.values() if artifact is not None))
     for key in RECIPES:
         if key != EXPORTED:
@@ -490,16 +528,18 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
     yet); what is missing."""
     shape, evals = results.shape, results.evals
     name = shape.name
+
+    def records(step: str, current: dict | None) -> list[dict]:
+        """The step's stored result first, then those kept from other machines or other input weights."""
+        return [*([current] if current is not None else []), *results.kept.get(step, [])]
+
+    # Missing: what a run with --resume measures (results kept from other machines or input weights still show).
     evaluated = {key for key, by_data in evals.items() if set(by_data) == set(EVAL_DATA)}
     exported = ("vllm-dense", "vllm-pruned", "onnx-pruned")
     missing = [f"{name}: {'prune' if key in RECIPES else 'export'} {key}" for key in (*RECIPES, *exported)
                if key not in results.prune and key not in results.exports]
     missing += [f"{name}: perplexity of {key}" for key in ("dense", *RECIPES, *exported[:2])
                 if key not in evaluated and f"{name}: prune {key}" not in missing and f"{name}: export {key}" not in missing]
-
-    def records(step: str, current: dict | None) -> list[dict]:
-        """The step's stored result first, then those kept from other machines or other input weights."""
-        return [*([current] if current is not None else []), *results.kept.get(step, [])]
 
     def perplexities(key: str, weights: str | None) -> dict[str, float]:
         """The perplexity of `key`'s weights with this SHA-256 (or its first 16 digits) on each held-out text; {}:
@@ -540,7 +580,7 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
     pairs = [(fp32, bf16) for fp32 in fp32_results for bf16 in bf16_results if machine_of(fp32) == machine_of(bf16)]
     if not pairs and fp32_results and bf16_results:
         pairs = [(fp32_results[0], bf16_results[0])]
-    exports_of = {key: records(key, results.exports[key][0] if key in results.exports else None) for key in exported}
+    exports_of = {key: records(key, results.exports.get(key)) for key in exported}
     dtype_rows = []
     for fp32, bf16 in pairs:
         # rounded: the float32 model's vLLM export, its weights rounded to bfloat16
@@ -552,11 +592,10 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
                                    bf16["report"]["forward_seconds"], dtype_perplexity))
     export_rows = []
     for key, found in exports_of.items():
-        if key not in results.exports:
-            continue
-        source_bytes = results.exports[key][1]  # the same for every machine's weights: the same tensors
         kind, label = key.split("-", 1)
         for result in found:
+            # the same for every machine's weights: the same tensors
+            source_bytes = shape.checkpoint_bytes if label == "dense" else records(EXPORTED, results.prune.get(EXPORTED))[0]["weights_bytes"]
             manifest, usage = result["report"], result["usage"]
             options = result["options"][f"export {kind}"]
             check = export_checks(kind, manifest)
@@ -567,9 +606,12 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
                                          usage["subprocess_peak_rss_mib"], check.text, check.passed,
                                          export_goal(kind, source_bytes, usage["peak_rss_mib"] * MiB), export_perplexity))
     if results.serve is None:
-        return prune_rows, dtype_rows, best_rows, export_rows, [], None, [*missing, f"{name}: serve"]
+        missing.append(f"{name}: serve")
+    served_results = records("serve", results.serve)
+    if not served_results:
+        return prune_rows, dtype_rows, best_rows, export_rows, [], None, missing
     serve_rows = []
-    for served in records("serve", results.serve):
+    for served in served_results:
         bench = served["report"]
         for index, concurrency in enumerate(bench["concurrency"]):
             for label, levels in bench["results"].items():
@@ -578,7 +620,7 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
                 serve_rows.append(ServeRow(name, machines.of(served), concurrency, label, level["output_throughput"],
                                            level["median_ttft_ms"], level["median_tpot_ms"], level["median_e2el_ms"], level["completed"],
                                            level["failed"], ratio))
-    return prune_rows, dtype_rows, best_rows, export_rows, serve_rows, serve_note(name, results.serve["report"]), missing
+    return prune_rows, dtype_rows, best_rows, export_rows, serve_rows, serve_note(name, served_results[0]["report"]), missing
 
 
 def serve_note(name: str, bench: dict) -> str:

@@ -536,6 +536,64 @@ def test_scale_steps_keep_a_result_replaced_by_another_machines_while_it_stays_v
     assert steps().valid_kept("wanda", expected()) == []
 
 
+def test_scale_steps_show_the_results_of_an_input_another_machine_made_again(tmp_path):
+    """A machine prunes wanda again for its own evaluations (--only): the export, its evaluations and serving, measured
+    on the other machine's weights and not measured here, still show as kept results; stale ones do not."""
+    def steps(only=None):
+        return scale.Steps(tmp_path, tmp_path / "records", resume=True, recompute_stale=True, keep=False, only=only)
+
+    def artifact(name, weights):  # a model directory named by the step that made it, holding these weights
+        directory = tmp_path / f"{name}-{weights}"
+        directory.mkdir(exist_ok=True)
+        save_file({"w": torch.full((2,), float(ord(weights)))}, directory / "model.safetensors")
+        return scale.Artifact(name, directory, (), scale.weights_sha256(directory), 0)
+
+    options, eval_options, extra = {"export vllm": {"--dtype": "bfloat16"}}, {"eval": {}}, {"vllm": "1"}
+    first = steps()
+    export = first.run("vllm-pruned", options, scale.VLLM_EXPORT_SOURCES, lambda: {"report": "export"}, (artifact("wanda", "a"),), extra)
+    evaluation = first.run("vllm-pruned.eval-wiki", eval_options, scale.EVAL_SOURCES, lambda: {"report": "eval"},
+                           (artifact("vllm-pruned", "v"),))
+
+    again = steps(only=frozenset({"wanda"}))  # wanda's weights are now "b": the export is not measured for them
+    assert again.run("vllm-pruned", options, scale.VLLM_EXPORT_SOURCES, lambda: pytest.fail("not named by --only"),
+                     (artifact("wanda", "b"),), extra) is None
+    again.skip("vllm-pruned.eval-wiki", eval_options, scale.EVAL_SOURCES, ("vllm-pruned",))  # no export made: no input
+    assert again.kept == {"vllm-pruned": [export], "vllm-pruned.eval-wiki": [evaluation]}
+    again.skip("vllm-pruned.eval-wiki", {"eval": {"--seqlen": "64"}}, scale.EVAL_SOURCES, ("vllm-pruned",))
+    assert again.kept["vllm-pruned.eval-wiki"] == []  # measured otherwise: not shown
+
+    # Measured for the new weights: the old result moves to kept/, and shows once.
+    measuring = steps(only=frozenset({"vllm-pruned"}))
+    new = measuring.run("vllm-pruned", options, scale.VLLM_EXPORT_SOURCES, lambda: {"report": "export b"}, (artifact("wanda", "b"),), extra)
+    assert new["report"] == "export b" and measuring.kept["vllm-pruned"] == [export]
+    assert [path.name.split("@")[0] for path in (tmp_path / "records" / "kept").iterdir()] == ["vllm-pruned"]
+    later = steps(only=frozenset())
+    assert later.run("vllm-pruned", options, scale.VLLM_EXPORT_SOURCES, lambda: pytest.fail("stored"), (artifact("wanda", "b"),),
+                     extra) == new and later.kept["vllm-pruned"] == [export]
+
+
+def test_scale_page_shows_exports_measured_only_on_earlier_weights():
+    def record(cpu, weights="", **report):
+        return {"report": report, "usage": {"seconds": 70.0, "peak_rss_mib": 1500.0, "subprocess_peak_rss_mib": 0.0},
+                "provenance": {"cpu": cpu, "cpu_id": f"{cpu} id", "cpu_capability": "AVX512"}, "weights_sha256": weights}
+
+    def prune(cpu, weights, forward):
+        return record(cpu, weights, mask_seconds=3.0, forward_seconds=forward, total_seconds=forward + 5, refine=None) | {
+            "weights_bytes": 300_000_000}
+
+    manifest = {"checks": {"transformers_reload_max_abs_logit_diff": 0, "vllm": {"status": "passed"}}, "zeros_kept": {"kept": 5, "source": 5}}
+    earlier_export = record("AVX2 CPU", "e" * 64, **manifest) | {"options": {"export vllm": {"--dtype": "bfloat16"}}}
+    earlier_export["provenance"]["weights of wanda"] = "a" * 16
+    results = scale.ModelResults(SMALL, {}, {"wanda": prune("AMX CPU", "b" * 64, 60.0)}, {}, None,
+                                 kept={"wanda": [prune("AVX2 CPU", "a" * 64, 100.0)], "vllm-pruned": [earlier_export]})
+    page = scale.build_page([results], scale.Config(64, 512, 1024, 16, {}, {}), "python bench/scale.py --stored-only",
+                            synthetic_page().machine, synthetic_page().settings, 1.0)
+    legend = {label: description.split(" (")[0] for label, description in page.machines.items()}
+    assert [(legend[row.machine], row.kind, row.source, row.passed, row.memory.limit) for row in page.exports] == [
+        ("AVX2 CPU", "vllm", "wanda + permutation 2:4", True, 300_000_000 + 0.8 * GB)]
+    assert "small: export vllm-pruned" in page.missing  # for this machine's weights: a run with --resume measures it
+
+
 def test_scale_page_from_stored_results_leaves_out_the_rows_not_measured_yet(tmp_path):
     def record(weights="a" * 64, **report):
         return {"report": report, "usage": {"seconds": 70.0, "peak_rss_mib": 1500.0, "subprocess_peak_rss_mib": 0.0},
