@@ -159,7 +159,8 @@ KEPT_DIR = "kept"  # under --records: results replaced by another machine's, or 
 class Steps:
     """One model's steps, each stored as RECORDS/NAME.json; what they make (models, exports) lies in WORK.
 
-    `pinned`: steps whose result the other model has from this machine; theirs are measured here too if need be.
+    `pinned`: steps measured on this machine if their stored result is another's: those whose result the other model
+    has from this machine, and those --measure-here names.
     Not `measuring`: only stored results are returned, and None for a step that would have to be measured.
     `only`: the steps measured if need be; the others, like all of them when not `measuring`, only from stored results.
 
@@ -684,7 +685,12 @@ def main() -> None:
                         help="measure nothing: write the page from the results stored in --records, naming the steps not measured yet")
     parser.add_argument("--only", help="comma-separated steps (e.g. wanda,wanda-bf16, dense.eval-wiki): measure only these, "
                         "when not stored; the page shows the others from stored results")
+    parser.add_argument("--measure-here", action="store_true",
+                        help="with --only: measure those steps on this machine where their stored result is another machine's "
+                        "(that one stays on the page beside it), e.g. to compare float32 with bfloat16 on one machine")
     args = parser.parse_args()
+    if args.measure_here and not args.only:
+        parser.error("--measure-here goes with --only")
     if args.recompute_stale and not args.resume:
         parser.error("--recompute-stale goes with --resume")
     if args.stored_only and args.recompute_stale:
@@ -710,7 +716,8 @@ def main() -> None:
     for name in reversed(models):
         # --stored-only: a stale result is one not measured yet, as a missing one is.
         model_results, measured = measure_model(name, config, args.work, args.records, args.resume or args.stored_only,
-                                                args.recompute_stale or args.stored_only, args.keep, frozenset(measured_here),
+                                                args.recompute_stale or args.stored_only, args.keep,
+                                                frozenset(measured_here | (only if args.measure_here else set())),
                                                 measuring=not args.stored_only, only=only)
         results.insert(0, model_results)
         measured_here |= measured
