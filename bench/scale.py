@@ -587,8 +587,9 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
         # rounded: the float32 model's vLLM export, its weights rounded to bfloat16
         rounded = next((export for export in exports_of["vllm-pruned"]
                         if export["provenance"].get(f"weights of {EXPORTED}") == fp32["weights_sha256"][:16]), {})
-        dtype_perplexity = side_by_side(perplexities("wanda", fp32["weights_sha256"]), perplexities("wanda-bf16", bf16["weights_sha256"]),
-                                        perplexities("vllm-pruned", rounded.get("weights_sha256")))
+        rounded_perplexity = perplexities("vllm-pruned", rounded.get("weights_sha256"))
+        dtype_perplexity = {data: (*pair, rounded_perplexity.get(data)) for data, pair in side_by_side(
+            perplexities("wanda", fp32["weights_sha256"]), perplexities("wanda-bf16", bf16["weights_sha256"])).items()}
         dtype_rows.append(DtypeRow(name, (machines.of(fp32), machines.of(bf16)), fp32["report"]["forward_seconds"],
                                    bf16["report"]["forward_seconds"], dtype_perplexity))
     export_rows = []

@@ -191,7 +191,8 @@ class DtypeRow:
     machines: tuple[str, str]  # that measured the float32 and the bfloat16 prune
     forward_seconds_fp32: float
     forward_seconds_bf16: float
-    perplexity: dict[str, tuple[float, float, float]]  # data -> (fp32, bf16, fp32 rounded); {}: not all evaluated yet
+    # data -> (fp32, bf16, fp32 rounded; None: no export of those weights evaluated); {}: fp32 or bf16 not evaluated yet
+    perplexity: dict[str, tuple[float, float, float | None]]
 
     @property
     def speedup(self) -> float | None:
@@ -452,7 +453,8 @@ def render(page: Page) -> str:
             within = "met" if abs(change) <= BF16_PERPLEXITY_GOAL else \
                 f"**missed by {(abs(change) - BF16_PERPLEXITY_GOAL) * 100:.1f} points**"
             fp32, bf16, rounded = row.perplexity[data]
-            cells.append(f"{fp32:.2f} → {bf16:.2f} | {change:+.1%} | {within} | {rounded:.2f} ({rounded / fp32 - 1:+.1%})")
+            rounded_cell = "not exported" if rounded is None else f"{rounded:.2f} ({rounded / fp32 - 1:+.1%})"
+            cells.append(f"{fp32:.2f} → {bf16:.2f} | {change:+.1%} | {within} | {rounded_cell}")
         lines.append(f"| {row.model} | {', '.join(dict.fromkeys(row.machines))} | {row.forward_seconds_fp32:.1f} | "
                      f"{row.forward_seconds_bf16:.1f} | {speed} | {' | '.join(cells)} |")
     lines += [
