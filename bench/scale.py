@@ -205,7 +205,8 @@ class Steps:
             stored = stored_result(path, name, expected(), self.recompute_stale, any_machine=True)
             elsewhere = stored is not None and machine_of(stored) != THIS_MACHINE
             if elsewhere and name in self.pinned and may_measure:
-                print(f"measuring {name} again on this machine, where the other model's {name} was measured", flush=True)
+                print(f"measuring {name} again on this machine (pinned: the other model's {name} is this machine's, "
+                      "or --measure-here names it)", flush=True)
             elif stored is not None:
                 print(f"reusing {path}{' (measured on ' + ', '.join(machine_of(stored)) + ')' if elsewhere else ''}", flush=True)
                 if compared and not elsewhere:
@@ -569,21 +570,22 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
                 report["forward_seconds"], prune_seconds(result), usage["seconds"] + earlier["seconds_before"],
                 prune_goal(shape, dtype, statistic_bytes(recipe.method, shape.block_inputs), config.nsamples, config.seqlen,
                            usage["peak_rss_mib"] * MiB, refines=report["refine"] is not None), earlier["attempts"]))
+    def pairs(first: str, second: str) -> list[tuple[dict, dict]]:
+        """Two recipes' prune results to compare: a pair from each machine that pruned both; else the two stored
+        results, shown but with no ratio of their costs."""
+        firsts, seconds = records(first, results.prune.get(first)), records(second, results.prune.get(second))
+        same_machine = [(a, b) for a in firsts for b in seconds if machine_of(a) == machine_of(b)]
+        return same_machine or ([(firsts[0], seconds[0])] if firsts and seconds else [])
+
     best_rows = []
     compared = ("sparsegpt", "sparsegpt-refine")  # SparseGPT, the best recipe
-    if set(compared) <= set(results.prune):
-        reference, best = (results.prune[key] for key in compared)
+    for reference, best in pairs(*compared):
         best_perplexity = side_by_side(*(perplexities(key, result["weights_sha256"]) for key, result in zip(compared, (reference, best))))
         best_rows.append(BestRow(name, (machines.of(reference), machines.of(best)),
                                  (prune_seconds(reference), prune_seconds(best)), best_perplexity))
-    # float32 against bfloat16: a pair from each machine that pruned both; else the two stored results, not compared
-    fp32_results, bf16_results = records("wanda", results.prune.get("wanda")), records("wanda-bf16", results.prune.get("wanda-bf16"))
-    pairs = [(fp32, bf16) for fp32 in fp32_results for bf16 in bf16_results if machine_of(fp32) == machine_of(bf16)]
-    if not pairs and fp32_results and bf16_results:
-        pairs = [(fp32_results[0], bf16_results[0])]
     exports_of = {key: records(key, results.exports.get(key)) for key in exported}
     dtype_rows = []
-    for fp32, bf16 in pairs:
+    for fp32, bf16 in pairs("wanda", "wanda-bf16"):  # float32 against bfloat16
         # rounded: the float32 model's vLLM export, its weights rounded to bfloat16
         rounded = next((export for export in exports_of["vllm-pruned"]
                         if export["provenance"].get(f"weights of {EXPORTED}") == fp32["weights_sha256"][:16]), {})

@@ -668,6 +668,13 @@ def test_scale_page_shows_kept_results_pairs_them_by_machine_and_finds_perplexit
     assert [row.perplexity for row in page.dtype] == [{"wiki": (140.0, 147.0, None), "code": (140.0, 147.0, None)}]
     assert "| 140.00 → 147.00 | +5.0% | **missed by 4.0 points** | not exported |" in scale_page.render(page)
 
+    # The best recipe measured again on the AMX machine, SparseGPT not: compared with SparseGPT on the machine that has both.
+    results.prune |= {"sparsegpt": prune("AVX2 CPU", "s" * 64, 100.0), "sparsegpt-refine": prune("AMX CPU", "r" * 64, 200.0)}
+    results.kept["sparsegpt-refine"] = [prune("AVX2 CPU", "q" * 64, 250.0)]
+    page = scale.build_page([results], config, "python bench/scale.py --stored-only", synthetic_page().machine, synthetic_page().settings, 1.0)
+    assert [([legend[label] for label in row.machines], row.total_seconds, row.time_ratio) for row in page.best] == [
+        (["AVX2 CPU", "AVX2 CPU"], (105.0, 255.0), 255.0 / 105.0)]
+
     # Growth: from the first machine that measured both models, wherever each model's stored result is.
     prune_rows = synthetic_page(large_machine="M2").prune
     large_on_m1 = [dataclasses.replace(row, machine="M1", total_seconds=row.total_seconds * 2) for row in prune_rows
