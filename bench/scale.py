@@ -570,6 +570,7 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
                 report["forward_seconds"], prune_seconds(result), usage["seconds"] + earlier["seconds_before"],
                 prune_goal(shape, dtype, statistic_bytes(recipe.method, shape.block_inputs), config.nsamples, config.seqlen,
                            usage["peak_rss_mib"] * MiB, refines=report["refine"] is not None), earlier["attempts"]))
+
     def pairs(first: str, second: str) -> list[tuple[dict, dict]]:
         """Two recipes' prune results to compare: a pair from each machine that pruned both; else the two stored
         results, shown but with no ratio of their costs."""
@@ -596,10 +597,12 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
                                    bf16["report"]["forward_seconds"], dtype_perplexity))
     export_rows = []
     for key, found in exports_of.items():
+        if not found:
+            continue
         kind, label = key.split("-", 1)
+        # the same for every machine's weights: the same tensors
+        source_bytes = shape.checkpoint_bytes if label == "dense" else records(EXPORTED, results.prune.get(EXPORTED))[0]["weights_bytes"]
         for result in found:
-            # the same for every machine's weights: the same tensors
-            source_bytes = shape.checkpoint_bytes if label == "dense" else records(EXPORTED, results.prune.get(EXPORTED))[0]["weights_bytes"]
             manifest, usage = result["report"], result["usage"]
             options = result["options"][f"export {kind}"]
             check = export_checks(kind, manifest)
