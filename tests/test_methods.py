@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from wanda_serve.errors import WandaServeError
-from wanda_serve.methods import METHODS, InputHessian, InputNorms, get_method, magnitude_scores, ria_scores, wanda_scores
+from wanda_serve.methods import (
+    METHODS, InputHessian, InputNorms, get_method, magnitude_scores, ria_scores, upper_cholesky_of_inverse_, wanda_scores,
+)
 from wanda_serve.structure import Structure, is_nm_valid
 
 
@@ -38,6 +40,30 @@ def test_hessian_is_twice_mean_outer_product():
     stat = collect(InputHessian, layer, [x])
     expected = 2 * (torch.outer(x[0, 0], x[0, 0]) + torch.outer(x[0, 1], x[0, 1])) / 2
     assert torch.allclose(stat.hessian, expected)
+
+
+def test_hessian_is_a_new_tensor_equal_to_the_formula_to_the_bit():
+    stat = InputHessian(5, torch.device("cpu"))
+    stat.add_batch(torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(0)))
+    hessian = stat.hessian
+    assert torch.equal(hessian, 2 * stat.xxt / stat.tokens)
+    hessian.add_(1)  # sparsegpt damps and factorizes it in place
+    assert torch.equal(stat.hessian, 2 * stat.xxt / stat.tokens)
+
+
+@pytest.mark.parametrize("size", [7, 1030, 2100])  # one strip of the in-place transpose, a strip and a bit, and three
+def test_in_place_inverse_factor_is_the_reference_chain_to_the_bit(size):
+    generator = torch.Generator().manual_seed(size)
+    x = torch.randn(2 * size, size, generator=generator) * torch.rand(size, generator=generator)
+    H = x.T @ x
+    H += 1e-3 * torch.randn(size, size, generator=generator)  # its triangles differ: the factorization reads the lower one
+    H.diagonal().add_(0.01 * float(H.diagonal().mean()))
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    memory = H.data_ptr()
+    factor = upper_cholesky_of_inverse_(H)
+    assert factor.data_ptr() == memory  # written into H, not a copy
+    assert factor.stride() == reference.stride()  # the layout decides the rounding of the products SparseGPT takes with it
+    assert torch.equal(factor, reference)
 
 
 def toy_layer_and_inputs():
