@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -53,6 +56,43 @@ CONFIGS = {
     ),
 }
 ARCHITECTURES = list(CONFIGS)
+
+# Prepended to the code peak_memory_above_start runs: status() reads /proc/self/status; start_peak() takes what
+# the process holds as the baseline and restarts the peak (VmHWM) from there; report_peak() prints the rise.
+PEAK_PRELUDE = textwrap.dedent("""
+    import json, re, sys
+    from pathlib import Path
+
+    def status(key):
+        return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+    def start_peak():
+        global BEFORE
+        BEFORE = status("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError as e:
+            print(json.dumps({"skip": f"cannot restart the peak RSS: {e}"}))
+            sys.exit()
+
+    def report_peak():
+        print(json.dumps({"above": status("VmHWM") - BEFORE}))
+""")
+
+
+def peak_memory_above_start(code: str, *args: str) -> int:
+    """Bytes the peak RSS of `code`, run in a fresh Python with `args`, rose above what it held at start_peak().
+    A fixed mmap threshold: freed tensors go back to the system, so the peak is what was alive at once."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to restart the peak")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run([sys.executable, "-c", PEAK_PRELUDE + textwrap.dedent(code), *args],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    return result["above"]
 
 
 def tiny_model(arch: str, seed: int = 0):

@@ -6,11 +6,7 @@ The real 1.5B model (22 data packages, 7 GB in float32) is tested only with WAND
 
 import dataclasses
 import hashlib
-import json
 import os
-import subprocess
-import sys
-import textwrap
 from importlib import metadata
 from pathlib import Path
 
@@ -19,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, peak_memory_above_start, tiny_model
 from wanda_serve import models
 from wanda_serve.cli import cli
 from wanda_serve.engine import capture_block_inputs, find_decoder_blocks, prune_model
@@ -150,30 +146,20 @@ def test_gemma3_blocks_are_calibrated_with_their_own_attention():
             assert torch.allclose(hidden, expected[index + 1], rtol=1e-4, atol=1e-3), index
 
 
-# Peak memory of one export in a fresh process, above what it held before (after a first export of a
-# tiny model has loaded every library). The weights are ~200 MB, large next to any library's noise.
-MEASURE = textwrap.dedent("""
-    import json, re, sys
-    from pathlib import Path
+# One export in a fresh process, after a first export of a tiny model has loaded every library. The weights
+# are ~200 MB, large next to any library's noise.
+MEASURE = """
     from exporters.onnx_export import OnnxExport, export_onnx
     from exporters.vllm_checkpoint import VllmExport, export_vllm
-
-    def status(key):
-        return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
     kind, tiny, source, out = sys.argv[1:5]
     run = {"vllm": lambda src, dst: export_vllm(VllmExport(Path(dst), src, dtype="float32", vllm_check=False)),
            "onnx": lambda src, dst: export_onnx(OnnxExport(Path(dst), src, progress=False))}[kind]
     run(tiny, out + "-warmup")
-    before = status("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from here
-    except OSError as e:
-        print(json.dumps({"skip": f"cannot restart the peak RSS: {e}"}))
-        sys.exit()
+    start_peak()
     run(source, out)
-    print(json.dumps({"before": before, "peak": status("VmHWM")}))
-""")
+    report_peak()
+"""
 
 
 @pytest.fixture(scope="module")
@@ -190,18 +176,9 @@ def model_of_200mb(tmp_path_factory, tiny_tokenizer):
     return path, sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs to restart the peak")
 @pytest.mark.parametrize("kind", ["vllm", "onnx"])
 def test_exports_hold_one_copy_of_the_weights(kind, model_of_200mb, tiny_model_dir, tmp_path):
     source, weight_bytes = model_of_200mb
-    # A fixed mmap threshold: freed tensors go back to the system, so the peak is what was alive at once.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "PYTHONPATH": str(Path(__file__).parents[1])}
-    run = subprocess.run([sys.executable, "-c", MEASURE, kind, str(tiny_model_dir), str(source), str(tmp_path / "out")],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    memory = json.loads(run.stdout.strip().splitlines()[-1])
-    if "skip" in memory:
-        pytest.skip(memory["skip"])
-    above = memory["peak"] - memory["before"]
+    above = peak_memory_above_start(MEASURE, kind, str(tiny_model_dir), str(source), str(tmp_path / "out"))
     # Two copies would be 2.0x; one copy plus the checks' activations and one tensor in flight stays well below 1.5x.
     assert above < 1.5 * weight_bytes, f"{kind} export peaked {above / weight_bytes:.2f}x the weights ({above / 1e6:.0f} MB)"
