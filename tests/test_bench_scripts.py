@@ -1189,3 +1189,19 @@ def test_determinism_keeps_another_machines_run_before_replacing_it_and_compares
     assert kept.name.startswith("amd-epyc-avx512-") and json.loads(kept.read_text())["machine"] == there
     assert [other["sha256"] for other in other_machines(machines, here)] == [{"reference": "a"}]
     assert other_machines(machines, there) == []  # a run is not compared with itself
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs to restart the peak")
+def test_export_memory_measures_every_step_of_a_real_export_and_the_peak_over_them(tiny_model_dir, tmp_path):
+    out = tmp_path / "memory.md"
+    run = subprocess.run([sys.executable, str(BENCH / "export_memory.py"), str(tiny_model_dir), "--no-vllm-check", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    page = json.loads(out.with_suffix(".json").read_text())
+    steps = {step["name"]: step for step in page["steps"]}
+    # every step export_vllm takes is wrapped, those inside another named under it (a renamed step fails here)
+    assert {"export_vllm", "export_vllm > load_model", "export_vllm > save_model", "export_vllm > _check_reload",
+            "export_vllm > _check_reload > torch_logits"} <= set(steps)
+    # an outer step's peak counts its inner steps'; the process's counts them all
+    assert steps["export_vllm"]["peak"] == max(step["peak"] for step in steps.values()) <= page["process_peak"]
+    assert "`load_model`" in out.read_text()
