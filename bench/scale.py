@@ -600,8 +600,12 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
         if not found:
             continue
         kind, label = key.split("-", 1)
+        pruned_sources = records(EXPORTED, results.prune.get(EXPORTED))
+        if label != "dense" and not pruned_sources:  # its prune's code changed since, and it is not measured again yet
+            missing.append(f"{name}: export {key} waits for prune {EXPORTED}, whose checkpoint's bytes its goal is a multiple of")
+            continue
         # the same for every machine's weights: the same tensors
-        source_bytes = shape.checkpoint_bytes if label == "dense" else records(EXPORTED, results.prune.get(EXPORTED))[0]["weights_bytes"]
+        source_bytes = shape.checkpoint_bytes if label == "dense" else pruned_sources[0]["weights_bytes"]
         for result in found:
             manifest, usage = result["report"], result["usage"]
             options = result["options"][f"export {kind}"]

@@ -593,6 +593,13 @@ def test_scale_page_shows_exports_measured_only_on_earlier_weights():
         ("AVX2 CPU", "vllm", "wanda + permutation 2:4", True, 300_000_000 + 0.8 * GB)]
     assert "small: export vllm-pruned" in page.missing  # for this machine's weights: a run with --resume measures it
 
+    # The export's prune not measured with today's code yet: its goal has no source size, so the row waits for it.
+    no_prune = dataclasses.replace(results, prune={}, kept={"vllm-pruned": [earlier_export]})
+    page = scale.build_page([no_prune], scale.Config(64, 512, 1024, 16, {}, {}), "python bench/scale.py --stored-only",
+                            synthetic_page().machine, synthetic_page().settings, 1.0)
+    assert page.exports == ()
+    assert "small: export vllm-pruned waits for prune wanda, whose checkpoint's bytes its goal is a multiple of" in page.missing
+
 
 def test_scale_page_from_stored_results_leaves_out_the_rows_not_measured_yet(tmp_path):
     def record(weights="a" * 64, **report):
