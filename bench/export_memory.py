@@ -44,7 +44,6 @@ def status(key: str) -> int:
 @dataclass
 class Step:
     name: str  # "outer > inner" for a step inside another
-    depth: int
     held_before: int
     peak: int = 0
     held_after: int = 0
@@ -90,7 +89,7 @@ class StepPeaks:
         CLEAR_REFS.write_text("5")
         held = status("VmRSS")
         # peak: at least what the step started with (the restarted VmHWM can miss a few pages the read itself added)
-        step = Step(" > ".join([s.name.split(" > ")[-1] for s, _ in self.open] + [name]), len(self.open), held, peak=held)
+        step = Step(f"{self.open[-1][0].name} > {name}" if self.open else name, held, peak=held)
         self.steps.append(step)
         self.open.append((step, time.perf_counter()))
 
@@ -114,7 +113,8 @@ def render(page: Page) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for step in page.steps:
-        name = "&nbsp;&nbsp;" * step.depth + f"`{step.name.split(' > ')[-1]}`"
+        *outer, own = step.name.split(" > ")
+        name = "&nbsp;&nbsp;" * len(outer) + f"`{own}`"
         lines.append(f"| {name} | {step.held_before / GB:.2f} | {step.peak / GB:.2f} | {(step.peak - step.held_before) / GB:+.2f} | "
                      f"{step.held_after / GB:.2f} | {step.seconds:.1f} |")
     lines += ["", f"Process peak, imports included: {page.process_peak / GB:.2f} GB. Its subprocesses' largest peak "

@@ -596,11 +596,11 @@ def model_rows(results: ModelResults, config: Config, machines: Machines) -> tup
         dtype_rows.append(DtypeRow(name, (machines.of(fp32), machines.of(bf16)), fp32["report"]["forward_seconds"],
                                    bf16["report"]["forward_seconds"], dtype_perplexity))
     export_rows = []
+    pruned_sources = records(EXPORTED, results.prune.get(EXPORTED))
     for key, found in exports_of.items():
         if not found:
             continue
         kind, label = key.split("-", 1)
-        pruned_sources = records(EXPORTED, results.prune.get(EXPORTED))
         if label != "dense" and not pruned_sources:  # its prune's code changed since, and it is not measured again yet
             missing.append(f"{name}: export {key} waits for prune {EXPORTED}, whose checkpoint's bytes its goal is a multiple of")
             continue
